@@ -1,0 +1,1 @@
+//! Assembler and disassembler for the conformance suite's eBPF assembly dialect.

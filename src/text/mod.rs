@@ -1,0 +1,1 @@
+//! Executable memory: code arena, program registry and text_poke.
