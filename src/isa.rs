@@ -857,7 +857,9 @@ fn decode_jmp(raw: &RawInsn, width: Width) -> Result<Insn, DecodeErrorKind> {
             match raw.src {
                 0 => Ok(Insn::Call { id: raw.imm as u32 }),
                 PSEUDO_CALL => Ok(Insn::CallLocal { off: raw.imm }),
-                2 => Err(DecodeErrorKind::Unsupported("kfunc calls (call with src=2)")),
+                2 => Err(DecodeErrorKind::Unsupported(
+                    "kfunc calls (call with src=2)",
+                )),
                 s => Err(DecodeErrorKind::BadField {
                     field: "src",
                     value: s as i64,
@@ -1026,7 +1028,7 @@ pub fn decode_one(slots: &[RawInsn]) -> Result<Insn, DecodeErrorKind> {
 
 /// Splits wire bytes into slots.
 pub fn raw_slots(bytes: &[u8]) -> Result<Vec<RawInsn>, DecodeError> {
-    if bytes.len() % INSN_SIZE != 0 {
+    if !bytes.len().is_multiple_of(INSN_SIZE) {
         return Err(DecodeError {
             index: bytes.len() / INSN_SIZE,
             kind: DecodeErrorKind::BadLength(bytes.len()),
@@ -1083,7 +1085,10 @@ impl Program {
             }
         }
         let last = insns.len() - 1;
-        if !matches!(insns[last], Insn::Exit | Insn::Ja { .. } | Insn::Ja32 { .. }) {
+        if !matches!(
+            insns[last],
+            Insn::Exit | Insn::Ja { .. } | Insn::Ja32 { .. }
+        ) {
             return Err(DecodeError {
                 index: slot_of[last],
                 kind: DecodeErrorKind::FallsOffEnd,
@@ -1102,8 +1107,7 @@ impl Program {
         let mut insns = Vec::with_capacity(slots.len());
         let mut pc = 0;
         while pc < slots.len() {
-            let insn =
-                decode_one(&slots[pc..]).map_err(|kind| DecodeError { index: pc, kind })?;
+            let insn = decode_one(&slots[pc..]).map_err(|kind| DecodeError { index: pc, kind })?;
             pc += insn.slots();
             insns.push(insn);
         }
@@ -1215,7 +1219,10 @@ mod tests {
             base: Reg::R10,
             off: -4,
         };
-        assert_eq!(encode_program(&[ldxsw]), [0x81, 0xa0, 0xfc, 0xff, 0, 0, 0, 0]);
+        assert_eq!(
+            encode_program(&[ldxsw]),
+            [0x81, 0xa0, 0xfc, 0xff, 0, 0, 0, 0]
+        );
         let acq = Insn::LoadAcquire {
             size: Size::DW,
             dst: Reg::R0,
@@ -1300,7 +1307,11 @@ mod tests {
             }
         }
         for kind in [Endian::Le, Endian::Be, Endian::Swap] {
-            all.push(Insn::Endian { kind, bits: 32, dst: r });
+            all.push(Insn::Endian {
+                kind,
+                bits: 32,
+                dst: r,
+            });
         }
         for insn in all {
             roundtrip(insn);
@@ -1329,7 +1340,10 @@ mod tests {
         assert_eq!(e.kind, DecodeErrorKind::TruncatedLddw);
         // ja +5 out of a 2-slot program
         let e = decode_err(&[0x0005_0005, 0x95]);
-        assert!(matches!(e.kind, DecodeErrorKind::JumpOutOfProgram { target: 6, .. }));
+        assert!(matches!(
+            e.kind,
+            DecodeErrorKind::JumpOutOfProgram { target: 6, .. }
+        ));
         // mov r10, 0
         let e = decode_err(&[0x0ab7, 0x95]);
         assert_eq!(e.kind, DecodeErrorKind::FramePointerWrite);

@@ -1,6 +1,14 @@
 //! livebpf: a userspace eBPF runtime whose JIT code can be traced and replaced while other threads
 //! run it. See `docs/ARCHITECTURE.md` for the layers.
 
+#[cfg(target_endian = "big")]
+compile_error!("livebpf supports little-endian hosts only (x86-64, arm64)");
+
 pub mod asm;
+pub mod cli;
+pub mod conformance;
+pub mod exec;
+pub mod helpers;
+pub mod interp;
 pub mod isa;
 pub mod text;
