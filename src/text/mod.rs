@@ -30,6 +30,7 @@
 //! ```
 
 mod arena;
+pub mod poke;
 mod registry;
 mod sync;
 
