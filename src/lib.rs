@@ -11,4 +11,5 @@ pub mod exec;
 pub mod helpers;
 pub mod interp;
 pub mod isa;
+pub mod reclaim;
 pub mod text;
