@@ -11,5 +11,6 @@ pub mod exec;
 pub mod helpers;
 pub mod interp;
 pub mod isa;
+pub mod jit;
 pub mod reclaim;
 pub mod text;

@@ -1,0 +1,1053 @@
+//! arm64 code generation for eBPF programs. Pure: it produces bytes on any host.
+//!
+//! # Image layout
+//!
+//! The prologue is the Linux arm64 BPF JIT's (`build_prologue`), so that the patch site has the
+//! same shape as an ftrace patch site and the same trampolines work for both:
+//!
+//! ```text
+//!  word   instruction                     offset constant
+//!  ----   -----------------------------   ---------------------------------------------------
+//!   0     bti jc            (bti only)    entry; BTI_INSNS = 1 with bti, 0 without
+//!  +0     mov x9, x30                     x9 = the caller's return address, for trampolines
+//!  +1     nop                             POKE_OFFSET = BTI_INSNS + 1: the patch site, becomes
+//!                                         `bl trampoline` / `b replacement` / `bl plt`
+//!  +2     paciasp           (pac only)    BODY_OFFSET = POKE_OFFSET + 1: where a trampoline
+//!         stp x29, x30, [sp, #-16]!        returns to (or calls) the program
+//!         mov x29, sp
+//!         stp x19, x20, [sp, #-16]!       callee-saved registers that hold eBPF state
+//!         stp x21, x22, [sp, #-16]!
+//!         stp x25, x26, [sp, #-16]!
+//!         mov x26, x5                     the RunContext
+//!         ldr x25, [x26, #stack_base]; add x25, x25, #TOTAL_STACK          eBPF r10
+//!         mov x7/x19/x20/x21/x22, xzr     r0, r6–r9 start at 0 as in the interpreter
+//!         bl body                         the main program is a subprogram too: exit = ret
+//!  epilogue:
+//!         mov x0, x7
+//!         sub sp, x29, #48                also unwinds every frame after a fault
+//!         ldp x25, x26 / x21, x22 / x19, x20 / x29, x30, [sp], #16
+//!         autiasp           (pac only)
+//!         ret
+//!  fault: mov x7, xzr; b epilogue
+//!  body:  one block per eBPF instruction
+//!  cold:  out-of-line slow paths of checked accesses (set the request, call the thunk)
+//!  thunk: saves live registers, calls runtime_call(ctx, x11, x10), restores them; 0 -> fault,
+//!         else returns to x12 with the result in x10 (`ret x12`: returns are not BTI-checked)
+//!  PLT:   [nop]                           so that the literal is 8-byte aligned
+//!         ldr x10, #8
+//!         br x10
+//!         .quad target                    starts as the shared dummy trampoline
+//! ```
+//!
+//! Images are allocated [`IMAGE_ALIGN`]-aligned, so the PLT literal (8-aligned relative to the
+//! image start) can be replaced with one single-copy-atomic 64-bit store.
+//!
+//! # Registers (the Linux JIT's mapping)
+//!
+//! | eBPF  | r0 | r1–r5 | r6–r9   | r10 | context | scratch                      |
+//! |-------|----|-------|---------|-----|---------|------------------------------|
+//! | arm64 | x7 | x0–x4 | x19–x22 | x25 | x26     | x9–x16 (x9: LR at entry)      |
+//!
+//! r1–r5 are the AAPCS64 argument registers, so helpers need no shuffling; r6–r9, r10 and the
+//! context live in callee-saved registers, which helpers preserve. Helper calls save x0–x4
+//! because the interpreter leaves r1–r5 unchanged. x29 is the entry frame's frame pointer for the
+//! whole run. sp stays 16-byte aligned (every push is a pair or 16-byte slot).
+//!
+//! # Calls, checks and division
+//!
+//! `bl` overwrites x30, so every call the body makes (helper, BPF-to-BPF, thunk) first saves x30:
+//! helper and local calls push it with the registers they preserve; the thunk is entered with
+//! `adr x12, back; b thunk` and leaves x30 alone. BPF-to-BPF calls check the depth against the
+//! context's `fp_limit`, push r6–r9, r10 and x30, and move r10 down by [`STACK_SIZE`].
+//!
+//! Checked accesses compute the address into x11 and compare it with the stack and the input
+//! inline (as the x86-64 backend does); accesses relative to r10 inside the current frame need
+//! no check. Anything else branches to a cold stub that asks [`crate::jit::runtime_call`], which
+//! scans the extra regions or records the interpreter's error.
+//!
+//! `udiv`/`sdiv` already give RFC 9669's results: x / 0 = 0, and MIN / -1 = MIN (no trap);
+//! `msub` then gives x % 0 = x and MIN % -1 = 0. No special cases are needed.
+//!
+//! # Atomics: LSE or exclusives
+//!
+//! [`Arm64Options::lse`] selects ARMv8.1 LSE instructions (`ldaddal`, `ldclral`, `ldeoral`,
+//! `ldsetal`, `swpal`, `casal`): one instruction, fair under contention. CPUs before ARMv8.1
+//! (Cortex-A53/A72, Raspberry Pi 3/4) lack them, so the JIT detects them at run time
+//! (`HWCAP_ATOMICS` from `getauxval`) and otherwise emits `ldaxr`/`stlxr` loops. Both forms are
+//! sequentially consistent, like the interpreter's `SeqCst` atomics (the same mapping Rust uses
+//! for `SeqCst` read-modify-writes: acquire-release LSE, or load-acquire/store-release
+//! exclusives). Load-acquire and store-release are `ldar*` and `stlr*`.
+
+use super::enc::{self, Cond, Gpr, LdSt, Logic, Lse, PairMode};
+use super::enc::{
+    FP, LR, SP, X0, X1, X2, X3, X4, X5, X7, X9, X10, X11, X12, X13, X14, X19, X20, X21, X22,
+    X25, X26, XZR,
+};
+use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
+use crate::helpers::Helpers;
+use crate::interp::{alu32, alu64};
+use crate::isa::{AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, Width};
+use crate::jit::{CTX_FP_LIMIT, CTX_MEM_BOUND, CTX_MEM_START, CTX_STACK_BASE, JitError, rt};
+
+/// Bytes per instruction.
+pub const INSN_BYTES: usize = 4;
+
+/// Words before `mov x9, x30`: the `bti jc` landing pad, when BTI is on.
+pub const fn bti_insns(bti: bool) -> usize {
+    if bti { 1 } else { 0 }
+}
+
+/// Word index of the patch site (the kernel's `POKE_OFFSET`).
+pub const fn poke_offset(bti: bool) -> usize {
+    bti_insns(bti) + 1
+}
+
+/// Word index of the instruction after the patch site, where a trampoline returns to.
+pub const fn body_offset(bti: bool) -> usize {
+    poke_offset(bti) + 1
+}
+
+/// Words of the return-address signing (`paciasp`), when PAC is on.
+pub const fn pac_insns(pac: bool) -> usize {
+    if pac { 1 } else { 0 }
+}
+
+/// [`bti_insns`] with the default options (BTI on).
+pub const BTI_INSNS: usize = bti_insns(true);
+/// [`poke_offset`] with the default options: `bti jc; mov x9, x30; nop`.
+pub const POKE_OFFSET: usize = BTI_INSNS + 1;
+/// [`body_offset`] with the default options.
+pub const BODY_OFFSET: usize = POKE_OFFSET + 1;
+
+/// Alignment of an image's start: the PLT literal's 8-byte alignment is relative to it.
+pub const IMAGE_ALIGN: usize = 16;
+/// Bytes of the PLT without its alignment nop: `ldr x10, #8; br x10; .quad target`.
+pub const PLT_BYTES: usize = 16;
+/// Offset of the literal within the PLT's last 16 bytes.
+pub const PLT_LITERAL_OFFSET: usize = 8;
+
+/// eBPF register → arm64 register.
+pub const REG_MAP: [Gpr; 11] = [X0_R0, X0, X1, X2, X3, X4, X19, X20, X21, X22, X25];
+const X0_R0: Gpr = X7;
+/// The run context.
+const CTX: Gpr = X26;
+/// eBPF r10.
+const BPF_FP: Gpr = X25;
+/// The request word for the thunk; its result.
+const TMP: Gpr = X10;
+/// The address of a checked access; the thunk's argument.
+const ADDR: Gpr = X11;
+/// Where the thunk returns to.
+const BACK: Gpr = X12;
+/// Scratch for immediates and intermediate values.
+const IMM: Gpr = X13;
+/// Second scratch.
+const IMM2: Gpr = X14;
+/// Status of a store-exclusive.
+const STATUS: Gpr = X9;
+/// The value of a store of an immediate (live across the access checks, which use x10–x14).
+const VAL: Gpr = Gpr::new(15);
+/// Holds the runtime function's address in the thunk (intra-procedure-call scratch).
+const X16: Gpr = Gpr::new(16);
+
+/// Bytes the prologue pushes after x29/x30 (three pairs), so `sub sp, x29, #SAVED_BYTES`
+/// restores sp in the epilogue.
+const SAVED_BYTES: u32 = 48;
+
+/// What [`generate`] needs besides the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arm64Options {
+    /// Emit bounds and alignment checks.
+    pub checked: bool,
+    /// Start with the `bti jc` landing pad (needed when the arena maps text with `PROT_BTI`;
+    /// a `hint` that does nothing on CPUs without BTI).
+    pub bti: bool,
+    /// Sign the return address (`paciasp` / `autiasp`; also hints, no-ops before ARMv8.3).
+    pub pac: bool,
+    /// Use LSE atomics (ARMv8.1) instead of exclusive loops.
+    pub lse: bool,
+    /// Address of the runtime function (`runtime_call`) the thunk calls.
+    pub runtime_fn: u64,
+    /// Initial PLT literal: the dummy trampoline's address.
+    pub plt_target: u64,
+}
+
+/// Generated code and the offsets a loader and the poker need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Arm64Code {
+    /// The image, little-endian instruction words (and the PLT literal).
+    pub code: Vec<u8>,
+    /// Byte offset of the patch site.
+    pub patch_site: usize,
+    /// Byte offset of the instruction after the patch site.
+    pub body: usize,
+    /// Byte offset of the PLT's `ldr x10, #8` (after its alignment nop).
+    pub plt: usize,
+    /// Byte offset of the PLT's 8-byte literal (a multiple of 8).
+    pub plt_literal: usize,
+    /// Byte offset of the code of each eBPF instruction (by instruction index).
+    pub insn_offsets: Vec<usize>,
+}
+
+fn map(r: Reg) -> Gpr {
+    REG_MAP[r.index()]
+}
+
+/// The register an instruction writes, if any.
+fn written_reg(insn: &Insn) -> Option<Reg> {
+    match *insn {
+        Insn::Alu { dst, .. }
+        | Insn::Neg { dst, .. }
+        | Insn::Endian { dst, .. }
+        | Insn::LoadImm64 { dst, .. }
+        | Insn::Load { dst, .. }
+        | Insn::LoadAcquire { dst, .. } => Some(dst),
+        Insn::Atomic { op, src, .. } => match op {
+            AtomicOp::FetchAdd
+            | AtomicOp::FetchOr
+            | AtomicOp::FetchAnd
+            | AtomicOp::FetchXor
+            | AtomicOp::Xchg => Some(src),
+            AtomicOp::CmpXchg => Some(Reg::R0),
+            AtomicOp::Add | AtomicOp::Or | AtomicOp::And | AtomicOp::Xor => None,
+        },
+        _ => None,
+    }
+}
+
+/// Rejects what a decoded program never contains but a hand-built one might, and that the code
+/// relies on: r10 is never written, atomics are 32 or 64 bits.
+fn validate(program: &Program) -> Result<(), JitError> {
+    let slots = program.slot_count();
+    if slots > rt::MAX_PC {
+        return Err(JitError::ProgramTooLarge {
+            slots,
+            max: rt::MAX_PC,
+        });
+    }
+    for (i, insn) in program.insns().iter().enumerate() {
+        let pc = program.slot_of(i);
+        if written_reg(insn) == Some(Reg::R10) {
+            return Err(JitError::FramePointerWrite { pc });
+        }
+        if let Insn::Atomic { size, .. } = insn
+            && !matches!(size, Size::W | Size::DW)
+        {
+            return Err(JitError::InvalidInstruction {
+                pc,
+                reason: "atomic read-modify-write needs size W or DW",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A position in the code, bound once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Label(usize);
+
+/// How a branch refers to its label.
+#[derive(Clone, Copy, Debug)]
+enum Fix {
+    B,
+    Bl,
+    BCond(Cond),
+    Cbz(bool, Gpr),
+    Cbnz(bool, Gpr),
+    Adr(Gpr),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Fixup {
+    at: usize,
+    label: Label,
+    fix: Fix,
+    /// The eBPF slot the branch belongs to (for the error message).
+    pc: usize,
+}
+
+/// Instruction words with labels and branch fixups.
+#[derive(Default)]
+struct Emitter {
+    words: Vec<u32>,
+    labels: Vec<Option<usize>>,
+    fixups: Vec<Fixup>,
+    pc: usize,
+}
+
+impl Emitter {
+    fn emit(&mut self, word: u32) {
+        self.words.push(word);
+    }
+
+    fn emit_all(&mut self, words: &[u32]) {
+        self.words.extend_from_slice(words);
+    }
+
+    fn new_label(&mut self) -> Label {
+        self.labels.push(None);
+        Label(self.labels.len() - 1)
+    }
+
+    fn bind(&mut self, l: Label) {
+        self.labels[l.0] = Some(self.words.len());
+    }
+
+    fn branch(&mut self, fix: Fix, label: Label) {
+        self.fixups.push(Fixup {
+            at: self.words.len(),
+            label,
+            fix,
+            pc: self.pc,
+        });
+        // Placeholder; `finish` writes the real word.
+        self.emit(enc::UDF);
+    }
+
+    fn finish(mut self) -> Result<Vec<u32>, JitError> {
+        for f in std::mem::take(&mut self.fixups) {
+            let target = self.labels[f.label.0].ok_or(JitError::InvalidInstruction {
+                pc: f.pc,
+                reason: "branch to an unbound label (a JIT bug; please report it)",
+            })?;
+            let off = (target as i64 - f.at as i64) * INSN_BYTES as i64;
+            let word = match f.fix {
+                Fix::B => enc::b(off),
+                Fix::Bl => enc::bl(off),
+                Fix::BCond(c) => enc::b_cond(c, off),
+                Fix::Cbz(sf, r) => enc::cbz(sf, r, off),
+                Fix::Cbnz(sf, r) => enc::cbnz(sf, r, off),
+                Fix::Adr(r) => enc::adr(r, off),
+            };
+            self.words[f.at] = word.ok_or(JitError::InvalidInstruction {
+                pc: f.pc,
+                reason: "a branch of the generated arm64 code exceeds its ±1 MiB range; split the program into smaller ones",
+            })?;
+        }
+        Ok(self.words)
+    }
+}
+
+/// An out-of-line slow path: set the request, call the thunk, continue at `back`.
+struct Cold {
+    entry: Label,
+    back: Label,
+    info: u32,
+}
+
+/// Generates the image for `program` (see the module documentation for its layout).
+pub fn generate(
+    program: &Program,
+    helpers: &Helpers,
+    opts: &Arm64Options,
+) -> Result<Arm64Code, JitError> {
+    validate(program)?;
+    let mut e = Emitter::default();
+    let insn_labels = (0..program.insns().len())
+        .map(|_| e.new_label())
+        .collect();
+    let mut g = Gen {
+        fault: e.new_label(),
+        thunk: e.new_label(),
+        e,
+        program,
+        helpers,
+        opts: *opts,
+        insn_labels,
+        cold: Vec::new(),
+        thunk_used: false,
+        insn_offsets: Vec::with_capacity(program.insns().len()),
+    };
+    g.prologue();
+    for (i, insn) in program.insns().iter().enumerate() {
+        g.e.pc = program.slot_of(i);
+        let label = g.insn_labels[i];
+        g.e.bind(label);
+        g.insn_offsets.push(g.e.words.len() * INSN_BYTES);
+        g.insn(i, *insn)?;
+    }
+    g.cold_paths();
+    let Gen {
+        e, insn_offsets, ..
+    } = g;
+    let mut words = e.finish()?;
+    // PLT: the literal must be 8-byte aligned relative to the (16-aligned) image start.
+    if words.len() % 2 == 1 {
+        words.push(enc::NOP);
+    }
+    let plt = words.len() * INSN_BYTES;
+    words.push(enc::ldr_literal(true, X10, 8).expect("in range"));
+    words.push(enc::br(X10));
+    words.push(opts.plt_target as u32);
+    words.push((opts.plt_target >> 32) as u32);
+    let code = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    Ok(Arm64Code {
+        code,
+        patch_site: poke_offset(opts.bti) * INSN_BYTES,
+        body: body_offset(opts.bti) * INSN_BYTES,
+        plt,
+        plt_literal: plt + PLT_LITERAL_OFFSET,
+        insn_offsets,
+    })
+}
+
+struct Gen<'a> {
+    e: Emitter,
+    program: &'a Program,
+    helpers: &'a Helpers,
+    opts: Arm64Options,
+    insn_labels: Vec<Label>,
+    fault: Label,
+    thunk: Label,
+    cold: Vec<Cold>,
+    /// Whether inline runtime calls need the thunk.
+    thunk_used: bool,
+    insn_offsets: Vec<usize>,
+}
+
+impl Gen<'_> {
+    fn prologue(&mut self) {
+        let e = &mut self.e;
+        let epilogue = e.new_label();
+        let body = e.new_label();
+        if self.opts.bti {
+            e.emit(enc::BTI_JC);
+        }
+        e.emit(enc::mov_reg(true, X9, LR));
+        e.emit(enc::NOP);
+        if self.opts.pac {
+            e.emit(enc::PACIASP);
+        }
+        e.emit(push_pair(FP, LR));
+        e.emit(enc::mov_sp(FP, SP));
+        for (a, b) in [(X19, X20), (X21, X22), (X25, X26)] {
+            e.emit(push_pair(a, b));
+        }
+        e.emit(enc::mov_reg(true, CTX, X5));
+        e.emit(ldr_ctx(BPF_FP, CTX_STACK_BASE));
+        e.emit(enc::add_imm(true, BPF_FP, BPF_FP, TOTAL_STACK as u32).expect("4096 encodes"));
+        for r in [X7, X19, X20, X21, X22] {
+            e.emit(enc::mov_reg(true, r, XZR));
+        }
+        e.branch(Fix::Bl, body);
+
+        e.bind(epilogue);
+        e.emit(enc::mov_reg(true, X0, X7));
+        e.emit(enc::sub_imm(true, SP, FP, SAVED_BYTES).expect("small"));
+        for (a, b) in [(X25, X26), (X21, X22), (X19, X20), (FP, LR)] {
+            e.emit(pop_pair(a, b));
+        }
+        if self.opts.pac {
+            e.emit(enc::AUTIASP);
+        }
+        e.emit(enc::ret(LR));
+
+        e.bind(self.fault);
+        e.emit(enc::mov_reg(true, X7, XZR));
+        e.branch(Fix::B, epilogue);
+
+        e.bind(body);
+    }
+
+    /// Cold stubs, then the thunk (only if anything calls it).
+    fn cold_paths(&mut self) {
+        let cold = std::mem::take(&mut self.cold);
+        let uses_thunk = !cold.is_empty() || self.thunk_used;
+        for c in &cold {
+            self.e.bind(c.entry);
+            self.e.emit_all(&enc::mov_imm(false, TMP, c.info as u64));
+            self.e.branch(Fix::Adr(BACK), c.back);
+            self.e.branch(Fix::B, self.thunk);
+        }
+        if !uses_thunk {
+            return;
+        }
+        let e = &mut self.e;
+        e.bind(self.thunk);
+        // 80 bytes: x0–x4, r0, the access address, the return address and x30.
+        e.emit(enc::stp(PairMode::Pre, X0, X1, SP, -80).expect("in range"));
+        e.emit(enc::stp(PairMode::Offset, X2, X3, SP, 16).expect("in range"));
+        e.emit(enc::stp(PairMode::Offset, X4, X7, SP, 32).expect("in range"));
+        e.emit(enc::stp(PairMode::Offset, ADDR, BACK, SP, 48).expect("in range"));
+        e.emit(enc::ldst_uimm(LdSt::Str, Size::DW, LR, SP, 64).expect("in range"));
+        e.emit(enc::mov_reg(true, X0, CTX));
+        e.emit(enc::mov_reg(true, X1, ADDR));
+        e.emit(enc::mov_reg(true, X2, TMP));
+        e.emit_all(&enc::mov_imm(true, X16, self.opts.runtime_fn));
+        e.emit(enc::blr(X16));
+        e.emit(enc::mov_reg(true, TMP, X0));
+        e.emit(enc::ldst_uimm(LdSt::Ldr, Size::DW, LR, SP, 64).expect("in range"));
+        e.emit(enc::ldp(PairMode::Offset, ADDR, BACK, SP, 48).expect("in range"));
+        e.emit(enc::ldp(PairMode::Offset, X4, X7, SP, 32).expect("in range"));
+        e.emit(enc::ldp(PairMode::Offset, X2, X3, SP, 16).expect("in range"));
+        e.emit(enc::ldp(PairMode::Post, X0, X1, SP, 80).expect("in range"));
+        e.branch(Fix::Cbz(true, TMP), self.fault);
+        e.emit(enc::ret(BACK));
+    }
+
+    /// Branches (on `cond`, or always) to a cold stub that makes runtime request `info` and
+    /// continues after this point if the runtime allows it.
+    fn slow_path(&mut self, cond: Option<Cond>, info: u32) {
+        let entry = self.e.new_label();
+        let back = self.e.new_label();
+        match cond {
+            Some(c) => self.e.branch(Fix::BCond(c), entry),
+            None => self.e.branch(Fix::B, entry),
+        }
+        self.e.bind(back);
+        self.cold.push(Cold { entry, back, info });
+    }
+
+    /// Calls the runtime inline with request `info` (argument in x11); continues only if it
+    /// says so, with its result in x10.
+    fn runtime_inline(&mut self, info: u32) {
+        let back = self.e.new_label();
+        self.e.emit_all(&enc::mov_imm(false, TMP, info as u64));
+        self.e.branch(Fix::Adr(BACK), back);
+        self.e.branch(Fix::B, self.thunk);
+        self.e.bind(back);
+        self.thunk_used = true;
+    }
+
+    fn target(&self, i: usize) -> Result<Label, JitError> {
+        self.program
+            .target_of(i)
+            .and_then(|t| self.insn_labels.get(t).copied())
+            .ok_or(JitError::InvalidInstruction {
+                pc: self.program.slot_of(i),
+                reason: "jump target is not an instruction",
+            })
+    }
+
+    fn insn(&mut self, i: usize, insn: Insn) -> Result<(), JitError> {
+        let pc = self.program.slot_of(i);
+        match insn {
+            Insn::Alu {
+                width,
+                op,
+                dst,
+                src,
+            } => self.alu(width == Width::W64, op, map(dst), src),
+            Insn::Neg { width, dst } => {
+                let d = map(dst);
+                self.e.emit(enc::neg(width == Width::W64, d, d));
+            }
+            Insn::Endian { kind, bits, dst } => self.endian(kind, bits, map(dst)),
+            Insn::LoadImm64 { dst, imm } => self.e.emit_all(&enc::mov_imm(true, map(dst), imm)),
+            Insn::Load {
+                size,
+                signed,
+                dst,
+                base,
+                off,
+            } => {
+                let op = if signed { LdSt::Ldrs } else { LdSt::Ldr };
+                self.access(pc, base, off, size, Access::Load, false, |g, rn, disp| {
+                    g.ldst(op, size, map(dst), rn, disp)
+                });
+            }
+            Insn::Store {
+                size,
+                base,
+                off,
+                src,
+            } => {
+                let value = match src {
+                    Source::Reg(r) => map(r),
+                    Source::Imm(v) => {
+                        // Only the low `size` bytes are stored.
+                        let wide = size == Size::DW;
+                        let v = if wide { v as i64 as u64 } else { v as u32 as u64 };
+                        self.e.emit_all(&enc::mov_imm(wide, VAL, v));
+                        VAL
+                    }
+                };
+                self.access(pc, base, off, size, Access::Store, false, |g, rn, disp| {
+                    g.ldst(LdSt::Str, size, value, rn, disp)
+                });
+            }
+            Insn::Atomic {
+                size,
+                op,
+                base,
+                off,
+                src,
+            } => {
+                self.access(pc, base, off, size, Access::Atomic, true, |_, _, _| {});
+                self.atomic(size == Size::DW, op, map(src));
+            }
+            Insn::LoadAcquire {
+                size,
+                dst,
+                base,
+                off,
+            } => {
+                self.access(pc, base, off, size, Access::Load, true, |_, _, _| {});
+                self.e.emit(enc::ldar(size, map(dst), ADDR));
+            }
+            Insn::StoreRelease {
+                size,
+                base,
+                off,
+                src,
+            } => {
+                self.access(pc, base, off, size, Access::Store, true, |_, _, _| {});
+                self.e.emit(enc::stlr(size, map(src), ADDR));
+            }
+            Insn::Ja { .. } | Insn::Ja32 { .. } => {
+                let t = self.target(i)?;
+                self.e.branch(Fix::B, t);
+            }
+            Insn::Jump {
+                width,
+                cond,
+                dst,
+                src,
+                ..
+            } => {
+                let t = self.target(i)?;
+                self.jump(width == Width::W64, cond, map(dst), src, t);
+            }
+            Insn::Call { id } => match self.helpers.get(id as u64) {
+                Some(f) => self.call_helper(Some(f as usize as u64)),
+                None => {
+                    // Fails at run time, as in the interpreter (the code may never get here).
+                    self.e.emit_all(&enc::mov_imm(false, ADDR, id as u64));
+                    self.runtime_inline(rt::info(rt::HELPER, pc, 1, Access::Load));
+                }
+            },
+            Insn::CallX { reg } => {
+                self.e.emit(enc::mov_reg(true, ADDR, map(reg)));
+                self.runtime_inline(rt::info(rt::HELPER, pc, 1, Access::Load));
+                self.call_helper(None);
+            }
+            Insn::CallLocal { .. } => {
+                let t = self.target(i)?;
+                self.call_local(pc, t);
+            }
+            Insn::Exit => self.e.emit(enc::ret(LR)),
+        }
+        Ok(())
+    }
+
+    /// `rd = value` as an operand of width `w64`.
+    fn load_imm(&mut self, w64: bool, rd: Gpr, value: u64) {
+        self.e.emit_all(&enc::mov_imm(w64, rd, value));
+    }
+
+    fn alu(&mut self, w64: bool, op: AluOp, d: Gpr, src: Source) {
+        // The source value as the interpreter sees it: immediates sign-extended for 64 bits,
+        // taken as u32 for 32 bits.
+        let imm = |v: i32| if w64 { v as i64 as u64 } else { v as u32 as u64 };
+        let mask = if w64 { u64::MAX } else { u32::MAX as u64 };
+        // The register operand, materialising an immediate into IMM.
+        let reg = |g: &mut Self, src: Source| match src {
+            Source::Reg(s) => map(s),
+            Source::Imm(v) => {
+                g.load_imm(w64, IMM, imm(v));
+                IMM
+            }
+        };
+        match op {
+            AluOp::Add | AluOp::Sub => {
+                if let Source::Imm(v) = src {
+                    let v = imm(v);
+                    let neg = v.wrapping_neg() & mask;
+                    let (plus, minus) = if op == AluOp::Add {
+                        (v, neg)
+                    } else {
+                        (neg, v)
+                    };
+                    let word = u32::try_from(plus)
+                        .ok()
+                        .and_then(|p| enc::add_imm(w64, d, d, p))
+                        .or_else(|| {
+                            u32::try_from(minus)
+                                .ok()
+                                .and_then(|m| enc::sub_imm(w64, d, d, m))
+                        });
+                    if let Some(word) = word {
+                        self.e.emit(word);
+                        return;
+                    }
+                }
+                let s = reg(self, src);
+                self.e.emit(if op == AluOp::Add {
+                    enc::add_reg(w64, d, d, s)
+                } else {
+                    enc::sub_reg(w64, d, d, s)
+                });
+            }
+            AluOp::Or | AluOp::And | AluOp::Xor => {
+                let l = match op {
+                    AluOp::Or => Logic::Orr,
+                    AluOp::And => Logic::And,
+                    _ => Logic::Eor,
+                };
+                if let Source::Imm(v) = src
+                    && let Some(word) = enc::logic_imm(l, w64, d, d, imm(v))
+                {
+                    self.e.emit(word);
+                    return;
+                }
+                let s = reg(self, src);
+                self.e.emit(enc::logic_reg(l, w64, d, d, s));
+            }
+            AluOp::Mul => {
+                let s = reg(self, src);
+                self.e.emit(enc::mul(w64, d, d, s));
+            }
+            AluOp::Div | AluOp::SDiv | AluOp::Mod | AluOp::SMod => {
+                let s = match src {
+                    Source::Reg(s) => map(s),
+                    Source::Imm(v) => {
+                        self.load_imm(w64, IMM2, imm(v));
+                        IMM2
+                    }
+                };
+                let signed = matches!(op, AluOp::SDiv | AluOp::SMod);
+                let div = if signed { enc::sdiv } else { enc::udiv };
+                if matches!(op, AluOp::Div | AluOp::SDiv) {
+                    self.e.emit(div(w64, d, d, s));
+                } else {
+                    // d - (d / s) * s; with s = 0 the quotient is 0 and d stays.
+                    self.e.emit(div(w64, IMM, d, s));
+                    self.e.emit(enc::msub(w64, d, IMM, s, d));
+                }
+            }
+            AluOp::Lsh | AluOp::Rsh | AluOp::Arsh => match src {
+                Source::Reg(s) => {
+                    let s = map(s);
+                    self.e.emit(match op {
+                        AluOp::Lsh => enc::lslv(w64, d, d, s),
+                        AluOp::Rsh => enc::lsrv(w64, d, d, s),
+                        _ => enc::asrv(w64, d, d, s),
+                    });
+                }
+                Source::Imm(v) => {
+                    let count = v as u32 & if w64 { 63 } else { 31 };
+                    if count == 0 && w64 {
+                        return;
+                    }
+                    // A zero count still zero-extends the 32-bit result (`ubfm w, w, #0, #31`).
+                    self.e.emit(match op {
+                        AluOp::Lsh => enc::lsl_imm(w64, d, d, count),
+                        AluOp::Rsh => enc::lsr_imm(w64, d, d, count),
+                        _ => enc::asr_imm(w64, d, d, count),
+                    });
+                }
+            },
+            AluOp::Mov => match src {
+                Source::Reg(s) => {
+                    if !(w64 && d == map(s)) {
+                        self.e.emit(enc::mov_reg(w64, d, map(s)));
+                    }
+                }
+                Source::Imm(v) => self.load_imm(true, d, imm(v)),
+            },
+            AluOp::MovSx8 | AluOp::MovSx16 | AluOp::MovSx32 => match src {
+                Source::Reg(s) => {
+                    let bits = match op {
+                        AluOp::MovSx8 => 8,
+                        AluOp::MovSx16 => 16,
+                        _ => 32,
+                    };
+                    if bits == 32 && !w64 {
+                        // The interpreter keeps the low half for the 32-bit form.
+                        self.e.emit(enc::mov_reg(false, d, map(s)));
+                    } else {
+                        self.e.emit(enc::sxt(w64, bits, d, map(s)));
+                    }
+                }
+                // Only in hand-built programs: fold the constant.
+                Source::Imm(v) => {
+                    let value = if w64 {
+                        alu64(op, 0, imm(v))
+                    } else {
+                        alu32(op, 0, imm(v) as u32) as u64
+                    };
+                    self.load_imm(true, d, value);
+                }
+            },
+        }
+    }
+
+    fn endian(&mut self, kind: Endian, bits: u8, d: Gpr) {
+        let e = &mut self.e;
+        match (kind, bits) {
+            (Endian::Le, 16) => e.emit(enc::uxt(16, d, d)),
+            (Endian::Le, 32) => e.emit(enc::mov_reg(false, d, d)),
+            (Endian::Le, _) => {}
+            (Endian::Be | Endian::Swap, 16) => {
+                e.emit(enc::rev16(false, d, d));
+                e.emit(enc::uxt(16, d, d));
+            }
+            (Endian::Be | Endian::Swap, 32) => e.emit(enc::rev(false, d, d)),
+            (Endian::Be | Endian::Swap, _) => e.emit(enc::rev(true, d, d)),
+        }
+    }
+
+    /// One load or store at `rn + disp`, in the shortest form that encodes it.
+    fn ldst(&mut self, op: LdSt, size: Size, rt: Gpr, rn: Gpr, disp: i64) {
+        let word = enc::ldst_uimm(op, size, rt, rn, disp)
+            .or_else(|| enc::ldst_simm9(op, size, rt, rn, disp));
+        match word {
+            Some(w) => self.e.emit(w),
+            None => {
+                self.load_imm(true, IMM2, disp as u64);
+                self.e
+                    .emit(enc::ldst_reg(op, size, rt, rn, IMM2).expect("no 64-bit ldrs"));
+            }
+        }
+    }
+
+    /// `rd = rn + disp`.
+    fn add_disp(&mut self, rd: Gpr, rn: Gpr, disp: i64) {
+        let word = if disp >= 0 {
+            enc::add_imm(true, rd, rn, disp as u32)
+        } else {
+            enc::sub_imm(true, rd, rn, disp.unsigned_abs() as u32)
+        };
+        match word {
+            Some(w) if disp != 0 || rd != rn => self.e.emit(w),
+            Some(_) => {}
+            None => {
+                self.load_imm(true, IMM2, disp as u64);
+                self.e.emit(enc::add_reg(true, rd, rn, IMM2));
+            }
+        }
+    }
+
+    /// Emits the checks of an access and then `body(rn, disp)` for the access itself. With
+    /// `aligned` (atomics, acquire/release) the address is always left in x11 and `body` gets
+    /// `(x11, 0)`; the caller may emit the access itself after this returns.
+    #[allow(clippy::too_many_arguments)]
+    fn access(
+        &mut self,
+        pc: usize,
+        base: Reg,
+        off: i16,
+        size: Size,
+        access: Access,
+        aligned: bool,
+        body: impl FnOnce(&mut Self, Gpr, i64),
+    ) {
+        let b = map(base);
+        let disp = off as i64;
+        let n = size.bytes();
+        if !self.opts.checked {
+            if aligned {
+                self.add_disp(ADDR, b, disp);
+                body(self, ADDR, 0);
+            } else {
+                body(self, b, disp);
+            }
+            return;
+        }
+        // r10 is never written and always points at the top of a frame inside the stack, so
+        // accesses within the current frame are always in bounds.
+        let in_frame = base == Reg::R10 && disp >= -(STACK_SIZE as i64) && disp + n as i64 <= 0;
+        if in_frame && !(aligned && n > 1) {
+            if aligned {
+                self.add_disp(ADDR, b, disp);
+                body(self, ADDR, 0);
+            } else {
+                body(self, b, disp);
+            }
+            return;
+        }
+        self.add_disp(ADDR, b, disp);
+        if !in_frame {
+            let ok = self.e.new_label();
+            let e = &mut self.e;
+            // In the stack: addr - stack_base < TOTAL_STACK - n + 1 (unsigned).
+            e.emit(ldr_ctx(TMP, CTX_STACK_BASE));
+            e.emit(enc::sub_reg(true, TMP, ADDR, TMP));
+            e.emit(enc::cmp_imm(true, TMP, (TOTAL_STACK - n + 1) as u32).expect("≤ 4096"));
+            e.branch(Fix::BCond(Cond::Lo), ok);
+            // In the input: addr - mem_start < mem_bound[log2 n] (unsigned).
+            e.emit(ldr_ctx(TMP, CTX_MEM_START));
+            e.emit(enc::sub_reg(true, TMP, ADDR, TMP));
+            e.emit(ldr_ctx(IMM, CTX_MEM_BOUND + 8 * n.trailing_zeros() as i32));
+            e.emit(enc::cmp_reg(true, TMP, IMM));
+            self.slow_path(Some(Cond::Hs), rt::info(rt::BOUNDS, pc, n, access));
+            self.e.bind(ok);
+        }
+        if aligned && n > 1 {
+            self.e
+                .emit(enc::tst_imm(true, ADDR, (n - 1) as u64).expect("low-bit masks encode"));
+            self.slow_path(Some(Cond::Ne), rt::info(rt::MISALIGNED, pc, n, access));
+        }
+        body(self, ADDR, 0);
+    }
+
+    /// The atomic operation on the address in x11.
+    fn atomic(&mut self, sf: bool, op: AtomicOp, s: Gpr) {
+        if self.opts.lse {
+            self.atomic_lse(sf, op, s);
+        } else {
+            self.atomic_llsc(sf, op, s);
+        }
+    }
+
+    fn atomic_lse(&mut self, sf: bool, op: AtomicOp, s: Gpr) {
+        let e = &mut self.e;
+        // The old value goes to a scratch register for the non-fetching forms: with xzr as
+        // destination the load would lose its acquire semantics.
+        let (l, dst) = match op {
+            AtomicOp::Add => (Lse::Add, IMM2),
+            AtomicOp::Or => (Lse::Set, IMM2),
+            AtomicOp::Xor => (Lse::Eor, IMM2),
+            AtomicOp::And => (Lse::Clr, IMM2),
+            AtomicOp::FetchAdd => (Lse::Add, s),
+            AtomicOp::FetchOr => (Lse::Set, s),
+            AtomicOp::FetchXor => (Lse::Eor, s),
+            AtomicOp::FetchAnd => (Lse::Clr, s),
+            AtomicOp::Xchg => (Lse::Swp, s),
+            AtomicOp::CmpXchg => {
+                // r0 (x7) is the expected value and receives the old one.
+                e.emit(enc::casal(sf, X7, s, ADDR));
+                return;
+            }
+        };
+        let operand = if l == Lse::Clr {
+            // and = clear the bits that are zero in the source.
+            e.emit(enc::mvn(sf, IMM, s));
+            IMM
+        } else {
+            s
+        };
+        e.emit(enc::lse(l, sf, operand, dst, ADDR));
+    }
+
+    fn atomic_llsc(&mut self, sf: bool, op: AtomicOp, s: Gpr) {
+        let retry = self.e.new_label();
+        let done = self.e.new_label();
+        let e = &mut self.e;
+        e.bind(retry);
+        e.emit(enc::ldaxr(sf, IMM, ADDR));
+        let new = match op {
+            AtomicOp::Add | AtomicOp::FetchAdd => {
+                e.emit(enc::add_reg(sf, IMM2, IMM, s));
+                IMM2
+            }
+            AtomicOp::Or | AtomicOp::FetchOr => {
+                e.emit(enc::logic_reg(Logic::Orr, sf, IMM2, IMM, s));
+                IMM2
+            }
+            AtomicOp::And | AtomicOp::FetchAnd => {
+                e.emit(enc::logic_reg(Logic::And, sf, IMM2, IMM, s));
+                IMM2
+            }
+            AtomicOp::Xor | AtomicOp::FetchXor => {
+                e.emit(enc::logic_reg(Logic::Eor, sf, IMM2, IMM, s));
+                IMM2
+            }
+            AtomicOp::Xchg => s,
+            AtomicOp::CmpXchg => {
+                e.emit(enc::cmp_reg(sf, IMM, X7));
+                e.branch(Fix::BCond(Cond::Ne), done);
+                s
+            }
+        };
+        e.emit(enc::stlxr(sf, STATUS, new, ADDR));
+        e.branch(Fix::Cbnz(false, STATUS), retry);
+        e.bind(done);
+        match op {
+            AtomicOp::Add | AtomicOp::Or | AtomicOp::And | AtomicOp::Xor => {}
+            AtomicOp::CmpXchg => e.emit(enc::mov_reg(sf, X7, IMM)),
+            _ => e.emit(enc::mov_reg(sf, s, IMM)),
+        }
+    }
+
+    fn jump(&mut self, w64: bool, cond: JmpCond, d: Gpr, src: Source, target: Label) {
+        let value = |v: i32| if w64 { v as i64 as u64 } else { v as u32 as u64 };
+        match (cond, src) {
+            (JmpCond::Set, Source::Reg(s)) => self.e.emit(enc::tst_reg(w64, d, map(s))),
+            (JmpCond::Set, Source::Imm(v)) => match enc::tst_imm(w64, d, value(v)) {
+                Some(w) => self.e.emit(w),
+                None => {
+                    self.load_imm(w64, IMM, value(v));
+                    self.e.emit(enc::tst_reg(w64, d, IMM));
+                }
+            },
+            (_, Source::Reg(s)) => self.e.emit(enc::cmp_reg(w64, d, map(s))),
+            (_, Source::Imm(v)) => {
+                // cmp #v, or cmn #-v for small negative v (same flags as v ≠ 0, > MIN).
+                let word = if v >= 0 {
+                    enc::cmp_imm(w64, d, v as u32)
+                } else {
+                    enc::cmn_imm(w64, d, v.unsigned_abs())
+                };
+                match word {
+                    Some(w) => self.e.emit(w),
+                    None => {
+                        self.load_imm(w64, IMM, value(v));
+                        self.e.emit(enc::cmp_reg(w64, d, IMM));
+                    }
+                }
+            }
+        }
+        let c = match cond {
+            JmpCond::Eq => Cond::Eq,
+            JmpCond::Ne | JmpCond::Set => Cond::Ne,
+            JmpCond::Gt => Cond::Hi,
+            JmpCond::Ge => Cond::Hs,
+            JmpCond::Lt => Cond::Lo,
+            JmpCond::Le => Cond::Ls,
+            JmpCond::Sgt => Cond::Gt,
+            JmpCond::Sge => Cond::Ge,
+            JmpCond::Slt => Cond::Lt,
+            JmpCond::Sle => Cond::Le,
+        };
+        self.e.branch(Fix::BCond(c), target);
+    }
+
+    /// Calls a helper at a known address, or at the address in x10 (from a `callx` lookup).
+    /// r1–r5 are already x0–x4; the result moves from x0 to r0.
+    fn call_helper(&mut self, addr: Option<u64>) {
+        let e = &mut self.e;
+        e.emit(enc::stp(PairMode::Pre, X0, X1, SP, -48).expect("in range"));
+        e.emit(enc::stp(PairMode::Offset, X2, X3, SP, 16).expect("in range"));
+        e.emit(enc::stp(PairMode::Offset, X4, LR, SP, 32).expect("in range"));
+        if let Some(f) = addr {
+            e.emit_all(&enc::mov_imm(true, TMP, f));
+        }
+        e.emit(enc::blr(TMP));
+        e.emit(enc::mov_reg(true, X7, X0));
+        e.emit(enc::ldp(PairMode::Offset, X4, LR, SP, 32).expect("in range"));
+        e.emit(enc::ldp(PairMode::Offset, X2, X3, SP, 16).expect("in range"));
+        e.emit(enc::ldp(PairMode::Post, X0, X1, SP, 48).expect("in range"));
+    }
+
+    fn call_local(&mut self, pc: usize, target: Label) {
+        // Fails when r10 ≤ fp_limit: all frames are in use.
+        self.e.emit(ldr_ctx(TMP, CTX_FP_LIMIT));
+        self.e.emit(enc::cmp_reg(true, BPF_FP, TMP));
+        self.slow_path(Some(Cond::Ls), rt::info(rt::CALL_DEPTH, pc, 1, Access::Load));
+        let e = &mut self.e;
+        e.emit(enc::stp(PairMode::Pre, X19, X20, SP, -48).expect("in range"));
+        e.emit(enc::stp(PairMode::Offset, X21, X22, SP, 16).expect("in range"));
+        e.emit(enc::stp(PairMode::Offset, BPF_FP, LR, SP, 32).expect("in range"));
+        e.emit(enc::sub_imm(true, BPF_FP, BPF_FP, STACK_SIZE as u32).expect("512 encodes"));
+        e.branch(Fix::Bl, target);
+        e.emit(enc::ldp(PairMode::Offset, BPF_FP, LR, SP, 32).expect("in range"));
+        e.emit(enc::ldp(PairMode::Offset, X21, X22, SP, 16).expect("in range"));
+        e.emit(enc::ldp(PairMode::Post, X19, X20, SP, 48).expect("in range"));
+    }
+}
+
+/// `stp a, b, [sp, #-16]!`
+fn push_pair(a: Gpr, b: Gpr) -> u32 {
+    enc::stp(PairMode::Pre, a, b, SP, -16).expect("in range")
+}
+
+/// `ldp a, b, [sp], #16`
+fn pop_pair(a: Gpr, b: Gpr) -> u32 {
+    enc::ldp(PairMode::Post, a, b, SP, 16).expect("in range")
+}
+
+/// `ldr rt, [x26, #field]` for a `RunContext` field.
+fn ldr_ctx(rt: Gpr, field: i32) -> u32 {
+    enc::ldst_uimm(LdSt::Ldr, Size::DW, rt, CTX, field as i64).expect("context fields are small")
+}

@@ -1,0 +1,512 @@
+//! JIT compilation of eBPF programs to native code placed in the W^X code arena.
+//!
+//! [`JitProgram::compile`] turns a validated [`Program`] into machine code ([`x86_64`] is the only
+//! backend so far), copies it into the global [`CodeArena`] and registers it in the program
+//! [`Registry`] as [`ImageKind::Program`], so that a poker can later recognise its patch site.
+//! [`JitProgram::run`] follows the same contract as [`crate::interp::Interpreter::run`] and returns
+//! exactly the interpreter's results and errors (the JIT has no instruction budget).
+//!
+//! # Function ABI of a compiled program
+//!
+//! The image's entry ([`JitProgram::entry`]) is a function
+//!
+//! ```text
+//! extern "sysv64" fn(r1: u64, r2: u64, r3: u64, r4: u64, r5: u64, ctx: *mut RunContext) -> u64
+//! ```
+//!
+//! eBPF r1–r5 arrive in rdi, rsi, rdx, rcx, r8 — the System V argument registers, so a trampoline
+//! can call a program (or, later, any traced function) with up to five arguments unchanged — and
+//! r9 points at a per-run [`RunContext`]: the stack ([`TOTAL_STACK`] bytes, 8-aligned, zeroed by
+//! the caller; r10 starts at its top), the input memory and extra regions that checked code may
+//! touch, the helpers `callx` may reach, and the slot where a failing run leaves its
+//! [`ExecError`]. The return value is r0, meaningful only when the context holds no error.
+//! r0 and r6–r9 start at zero, as in the interpreter.
+//!
+//! # Memory safety modes
+//!
+//! * checked ([`JitOptions::checked`], the default): every load, store and atomic is checked like
+//!   the interpreter does it. See [`x86_64`] for how.
+//! * trusted ([`JitOptions::trusted`], `unsafe`): no checks at all, for speed; the caller vouches
+//!   that the programs only touch memory they may.
+
+pub mod x86_64;
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use thiserror::Error;
+
+use crate::exec::{Access, ExecError, MemRegion, STACK_SIZE, TOTAL_STACK};
+use crate::helpers::Helpers;
+use crate::isa::Program;
+use crate::text::{Allocation, CodeArena, ImageKind, Registry, TextError};
+
+/// Why a program could not be compiled.
+#[derive(Debug, Error)]
+pub enum JitError {
+    #[error(
+        "the program has {slots} instruction slots; the JIT supports at most {max} (split it into smaller programs)"
+    )]
+    ProgramTooLarge { slots: usize, max: usize },
+    #[error(
+        "instruction {pc} writes r10, the read-only frame pointer; such programs cannot be decoded from bytecode, only built by hand"
+    )]
+    FramePointerWrite { pc: usize },
+    #[error("instruction {pc} cannot be compiled: {reason}")]
+    InvalidInstruction { pc: usize, reason: &'static str },
+    #[error("the generated code is inconsistent: {0} (a JIT bug; please report it)")]
+    Assembler(#[from] x86_64::asm::AsmError),
+    #[error("cannot place the code: {0}")]
+    Text(#[from] TextError),
+    #[error("the {backend} JIT cannot run on this {host} host")]
+    UnsupportedHost {
+        backend: &'static str,
+        host: &'static str,
+    },
+}
+
+/// How [`JitProgram::compile`] treats memory accesses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JitOptions {
+    checked: bool,
+}
+
+impl Default for JitOptions {
+    fn default() -> Self {
+        JitOptions::checked()
+    }
+}
+
+impl JitOptions {
+    /// Every memory access is bounds checked (and atomics alignment checked), with the
+    /// interpreter's errors.
+    pub const fn checked() -> JitOptions {
+        JitOptions { checked: true }
+    }
+
+    /// No memory checks: out-of-bounds accesses really happen.
+    ///
+    /// # Safety
+    /// Every program compiled with these options, on every run, may only access memory that is
+    /// valid for that access (its input, its stack, or memory the embedder owns and hands it, e.g.
+    /// through a helper), and its atomics must be naturally aligned.
+    pub const unsafe fn trusted() -> JitOptions {
+        JitOptions { checked: false }
+    }
+
+    pub const fn is_checked(&self) -> bool {
+        self.checked
+    }
+}
+
+/// A run's stack: [`TOTAL_STACK`] bytes, 16-aligned (atomics on it need natural alignment).
+#[repr(C, align(16))]
+pub struct JitStack([u64; TOTAL_STACK / 8]);
+
+impl JitStack {
+    /// A zeroed stack, as the interpreter gives every run.
+    pub const fn new() -> JitStack {
+        JitStack([0; TOTAL_STACK / 8])
+    }
+}
+
+impl Default for JitStack {
+    fn default() -> Self {
+        JitStack::new()
+    }
+}
+
+/// Per-run state that compiled code reads through r9 (kept in r12 while it runs).
+///
+/// `#[repr(C)]`: the code addresses the leading fields by the `CTX_*` offsets below. It lives on
+/// the caller's stack for one run, so concurrent runs of one program never share it.
+#[repr(C)]
+pub struct RunContext<'a> {
+    /// Lowest stack address; r10 starts at `stack_base + TOTAL_STACK`.
+    stack_base: u64,
+    /// Start of the input memory (0 when there is none).
+    mem_start: u64,
+    /// For access sizes 1, 2, 4, 8: `len - size + 1`, or 0 when the input is smaller, so that an
+    /// access is inside the input iff `addr - mem_start < mem_bound[log2 size]` (unsigned).
+    mem_bound: [u64; 4],
+    /// A BPF-to-BPF call fails when r10 ≤ this (all [`crate::exec::MAX_CALL_DEPTH`] frames used).
+    fp_limit: u64,
+    mem_len: u64,
+    extra: *const MemRegion,
+    extra_len: usize,
+    helpers: *const Helpers,
+    /// Set by the runtime functions when a run fails.
+    error: Option<ExecError>,
+    _borrows: PhantomData<(&'a mut [u8], &'a [MemRegion], &'a Helpers)>,
+}
+
+/// Offsets of [`RunContext`] fields used by generated code.
+pub(crate) const CTX_STACK_BASE: i32 = std::mem::offset_of!(RunContext<'static>, stack_base) as i32;
+pub(crate) const CTX_MEM_START: i32 = std::mem::offset_of!(RunContext<'static>, mem_start) as i32;
+pub(crate) const CTX_MEM_BOUND: i32 = std::mem::offset_of!(RunContext<'static>, mem_bound) as i32;
+pub(crate) const CTX_FP_LIMIT: i32 = std::mem::offset_of!(RunContext<'static>, fp_limit) as i32;
+
+impl<'a> RunContext<'a> {
+    /// A context for one run over `mem`, with `stack` (zero it first for the interpreter's
+    /// semantics), `extra` regions and the `helpers` that `callx` may call.
+    pub fn new(
+        mem: &'a mut [u8],
+        stack: &'a mut JitStack,
+        extra: &'a [MemRegion],
+        helpers: &'a Helpers,
+    ) -> RunContext<'a> {
+        let mem_start = if mem.is_empty() {
+            0
+        } else {
+            mem.as_mut_ptr() as u64
+        };
+        RunContext::from_parts(mem_start, mem.len() as u64, stack, extra, helpers)
+    }
+
+    fn from_parts(
+        mem_start: u64,
+        mem_len: u64,
+        stack: *mut JitStack,
+        extra: *const [MemRegion],
+        helpers: *const Helpers,
+    ) -> RunContext<'a> {
+        let mem_bound = [1u64, 2, 4, 8].map(|n| mem_len.saturating_sub(n - 1));
+        let stack_base = stack as u64;
+        RunContext {
+            stack_base,
+            // An empty input has no address (r1 = 0), as in the interpreter.
+            mem_start: if mem_len == 0 { 0 } else { mem_start },
+            mem_bound,
+            fp_limit: stack_base + STACK_SIZE as u64,
+            mem_len,
+            extra: extra as *const MemRegion,
+            extra_len: extra.len(),
+            helpers,
+            error: None,
+            _borrows: PhantomData,
+        }
+    }
+
+    /// r1 of the run: the input's address, or 0 when it is empty.
+    pub fn mem_addr(&self) -> u64 {
+        self.mem_start
+    }
+
+    /// r2 of the run: the input's length.
+    pub fn mem_len(&self) -> u64 {
+        self.mem_len
+    }
+
+    /// The error the run ended with, if any.
+    pub fn take_error(&mut self) -> Option<ExecError> {
+        self.error.take()
+    }
+
+    /// Whether `[addr, addr + size)` is accessible for `access`, exactly as the interpreter
+    /// decides: the input, the stack, then the extra regions (stores and atomics need writable).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn allows(&self, addr: u64, size: u64, access: Access) -> bool {
+        // As `MemRegion::contains`, without a possible overflow panic (this runs inside JIT code).
+        let contains = |start: u64, len: u64| {
+            addr >= start
+                && addr
+                    .checked_add(size)
+                    .is_some_and(|end| end <= start.wrapping_add(len))
+        };
+        if self.mem_len != 0 && contains(self.mem_start, self.mem_len) {
+            return true;
+        }
+        if contains(self.stack_base, TOTAL_STACK as u64) {
+            return true;
+        }
+        let extra: &[MemRegion] = if self.extra_len == 0 {
+            &[]
+        } else {
+            // SAFETY: `extra`/`extra_len` come from the `&'a [MemRegion]` given to `new`, which
+            // outlives the context.
+            unsafe { std::slice::from_raw_parts(self.extra, self.extra_len) }
+        };
+        extra
+            .iter()
+            .any(|r| contains(r.start, r.len) && (access == Access::Load || r.writable))
+    }
+}
+
+impl RunContext<'static> {
+    /// Initialises a context in place, for callers that keep it in raw memory (a trampoline's
+    /// frame): input `mem` (always readable and writable to the program, like `run`'s input; its
+    /// `writable` flag is not consulted), `stack`, no extra regions, and `helpers` for `callx`.
+    /// Pair it with [`RunContext::take_raw`].
+    ///
+    /// # Safety
+    /// `ctx` is valid for writing a `RunContext` and aligned for it (any old contents are
+    /// overwritten, not dropped). Until `take_raw`, `mem` must be valid for reads and writes,
+    /// `stack` must point at a `JitStack` that nothing else uses, and `helpers` must stay alive.
+    pub unsafe fn init_raw(
+        ctx: *mut RunContext<'static>,
+        mem: MemRegion,
+        stack: *mut JitStack,
+        helpers: &Helpers,
+    ) {
+        let empty: &[MemRegion] = &[];
+        let value = RunContext::from_parts(mem.start, mem.len, stack, empty, helpers);
+        // SAFETY: the caller guarantees `ctx` is valid and aligned for this write.
+        unsafe { ctx.write(value) };
+    }
+
+    /// Drops a context made by [`RunContext::init_raw`] in place, returning the error its run
+    /// ended with, if any.
+    ///
+    /// # Safety
+    /// `ctx` was initialised by `init_raw`, no code runs with it any more, and it is not used
+    /// again (except to be initialised anew).
+    pub unsafe fn take_raw(ctx: *mut RunContext<'static>) -> Option<ExecError> {
+        // SAFETY: per the contract, `ctx` holds an initialised context we may consume.
+        unsafe { ctx.read() }.error
+    }
+}
+
+/// Requests that generated code passes to [`runtime_call`]; `info` packs the request, the slot
+/// index of the instruction and the access.
+pub(crate) mod rt {
+    use crate::exec::Access;
+
+    /// Is this access allowed (slow path of the inline bounds check)? Returns 1 or fails.
+    pub const BOUNDS: u32 = 0;
+    /// Report a misaligned atomic. Always fails.
+    pub const MISALIGNED: u32 = 1;
+    /// Look up the helper whose id is `arg`; returns its address or fails.
+    pub const HELPER: u32 = 2;
+    /// Report a BPF-to-BPF call beyond the depth limit. Always fails.
+    pub const CALL_DEPTH: u32 = 3;
+
+    /// The highest slot index `info` can carry.
+    pub const MAX_PC: usize = (1 << 24) - 1;
+
+    /// Packs a request: bits 0–1 log2 of the access size, 2–3 the access, 4–7 the request, 8–31
+    /// the slot index (at most [`MAX_PC`], checked before code generation).
+    pub fn info(request: u32, pc: usize, size: usize, access: Access) -> u32 {
+        let access = match access {
+            Access::Load => 0,
+            Access::Store => 1,
+            Access::Atomic => 2,
+        };
+        ((pc & MAX_PC) as u32) << 8 | request << 4 | access << 2 | size.trailing_zeros() & 3
+    }
+}
+
+/// The one Rust function generated code calls (through its register-saving thunk). Returns
+/// non-zero to continue — 1, or a helper's address — or 0 after storing the run's error in the
+/// context, and the code then unwinds to its entry frame and returns.
+///
+/// Never panics: unwinding out of an `extern` function would abort the process.
+#[cfg(target_arch = "x86_64")]
+pub(crate) extern "sysv64" fn runtime_call(
+    ctx: *mut RunContext<'static>,
+    arg: u64,
+    info: u64,
+) -> u64 {
+    // SAFETY: generated code passes the context pointer it was entered with, which its caller
+    // keeps alive and unaliased (`&mut`) for the whole run; nothing else touches it meanwhile.
+    let ctx = unsafe { &mut *ctx };
+    let pc = (info >> 8) as usize & rt::MAX_PC;
+    let size = 1u64 << (info & 3);
+    let access = match (info >> 2) & 3 {
+        0 => Access::Load,
+        1 => Access::Store,
+        _ => Access::Atomic,
+    };
+    let error = match (info >> 4) as u32 & 0xf {
+        rt::BOUNDS => {
+            if ctx.allows(arg, size, access) {
+                return 1;
+            }
+            ExecError::OutOfBounds {
+                pc,
+                addr: arg,
+                size,
+                access,
+            }
+        }
+        rt::MISALIGNED => ExecError::MisalignedAtomic {
+            pc,
+            addr: arg,
+            size,
+        },
+        rt::HELPER => {
+            // SAFETY: `helpers` comes from the `&'a Helpers` given to `RunContext::new`.
+            let helpers = unsafe { &*ctx.helpers };
+            match helpers.get(arg) {
+                Some(f) => return f as usize as u64,
+                None => ExecError::UnknownHelper { pc, id: arg },
+            }
+        }
+        _ => ExecError::CallDepthExceeded { pc },
+    };
+    ctx.error = Some(error);
+    0
+}
+
+/// The type of a compiled program's entry; see the module documentation.
+#[cfg(target_arch = "x86_64")]
+pub type JitFn = unsafe extern "sysv64" fn(u64, u64, u64, u64, u64, *mut RunContext<'_>) -> u64;
+
+/// Address of [`runtime_call`], or why this host cannot run x86-64 code.
+fn runtime_fn_addr() -> Result<u64, JitError> {
+    #[cfg(target_arch = "x86_64")]
+    return Ok(runtime_call as *const () as u64);
+    #[cfg(not(target_arch = "x86_64"))]
+    return Err(JitError::UnsupportedHost {
+        backend: "x86-64",
+        host: std::env::consts::ARCH,
+    });
+}
+
+/// Owner ids for the registry, one per compiled program.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A compiled program in executable memory. Dropping it unregisters and frees the image.
+#[derive(Debug)]
+pub struct JitProgram {
+    /// `None` only while dropping.
+    image: Option<Allocation>,
+    entry: usize,
+    code: Vec<u8>,
+    /// For `callx`; static `call`s have their helper's address compiled in.
+    helpers: Helpers,
+    checked: bool,
+    id: u64,
+}
+
+// The image is immutable machine code and the other fields are plain data; every run gets its own
+// context and stack, so any number of threads may run a program at once.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<JitProgram>();
+};
+
+impl JitProgram {
+    /// Compiles `program`; static `call`s bind to `helpers` now, `callx` looks ids up in them at
+    /// run time.
+    pub fn compile(
+        program: &Program,
+        helpers: &Helpers,
+        opts: JitOptions,
+    ) -> Result<JitProgram, JitError> {
+        let cg = x86_64::CodegenOptions {
+            checked: opts.checked,
+            runtime_fn: runtime_fn_addr()?,
+        };
+        let code = x86_64::generate(program, helpers, &cg)?;
+        let arena = CodeArena::global()?;
+        let image = arena.alloc(code.len(), x86_64::IMAGE_ALIGN)?;
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let placed = arena.write(&image, 0, &code).and_then(|()| {
+            Registry::global().register(image.rx(), image.len(), ImageKind::Program, id)
+        });
+        if let Err(e) = placed {
+            // SAFETY: the image was never published, so nothing can be running it.
+            let _ = unsafe { arena.free(image) };
+            return Err(e.into());
+        }
+        Ok(JitProgram {
+            entry: image.rx(),
+            image: Some(image),
+            code,
+            helpers: helpers.clone(),
+            checked: opts.checked,
+            id,
+        })
+    }
+
+    /// Runs the program on `mem` (r1 = its address or 0 when empty, r2 = its length), as
+    /// [`crate::interp::Interpreter::run`] does.
+    pub fn run(&self, mem: &mut [u8]) -> Result<u64, ExecError> {
+        // SAFETY: no extra regions, so the contract of `run_with_regions` holds trivially.
+        unsafe { self.run_with_regions(mem, &[]) }
+    }
+
+    /// As [`JitProgram::run`], and the program may also access the `extra` regions.
+    ///
+    /// # Safety
+    /// Each region must be valid for reads, and for writes if marked writable, for the whole
+    /// run, and must not overlap memory Rust code holds references to (other than `mem`).
+    pub unsafe fn run_with_regions(
+        &self,
+        mem: &mut [u8],
+        extra: &[MemRegion],
+    ) -> Result<u64, ExecError> {
+        let mut stack = JitStack::new();
+        let mut ctx = RunContext::new(mem, &mut stack, extra, &self.helpers);
+        let (r1, r2) = (ctx.mem_addr(), ctx.mem_len());
+        #[cfg(target_arch = "x86_64")]
+        let r0 = {
+            // SAFETY: `entry` is the start of this program's image, generated for exactly the
+            // `JitFn` ABI, and the image stays mapped while `self` is borrowed.
+            let f: JitFn = unsafe { std::mem::transmute::<usize, JitFn>(self.entry) };
+            // SAFETY: the context is fully initialised for this run and outlives the call.
+            // Checked code only touches `mem`, the stack and the regions the caller vouched for;
+            // trusted code was vouched for by whoever created its `JitOptions::trusted`.
+            unsafe { f(r1, r2, 0, 0, 0, &mut ctx) }
+        };
+        // Unreachable in practice: `compile` fails on other hosts, so no `JitProgram` exists.
+        #[cfg(not(target_arch = "x86_64"))]
+        let r0 = {
+            let _ = (r1, r2);
+            ctx.error = Some(ExecError::EngineUnavailable {
+                engine: "jit",
+                reason: format!("x86-64 code cannot run on {}", std::env::consts::ARCH),
+            });
+            0
+        };
+        match ctx.take_error() {
+            Some(e) => Err(e),
+            None => Ok(r0),
+        }
+    }
+
+    /// Address of the entry, which is the patch site (RX view, 8-byte aligned).
+    pub fn entry(&self) -> usize {
+        self.entry
+    }
+
+    /// The machine code as generated (the patch site holds its original nop here).
+    pub fn code(&self) -> &[u8] {
+        &self.code
+    }
+
+    /// Offset of the patch site from [`JitProgram::entry`].
+    pub fn patch_site_offset(&self) -> usize {
+        x86_64::PATCH_SITE_OFFSET
+    }
+
+    /// Offset of the instruction after the patch site, where a trampoline calls the body.
+    pub fn body_offset(&self) -> usize {
+        x86_64::BODY_OFFSET
+    }
+
+    /// Whether memory accesses are checked.
+    pub fn is_checked(&self) -> bool {
+        self.checked
+    }
+
+    /// The owner id the image is registered under in [`Registry::global`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for JitProgram {
+    fn drop(&mut self) {
+        let Some(image) = self.image.take() else {
+            return;
+        };
+        // Unregister first so the poker cannot find text that is about to be freed.
+        let _ = Registry::global().unregister(image.rx());
+        if let Ok(arena) = CodeArena::global() {
+            // SAFETY: runs borrow `self`, so none is in progress and none can start. Anyone who
+            // copied `entry()` and jumps there after the drop broke that function's contract.
+            let _ = unsafe { arena.free(image) };
+        }
+    }
+}

@@ -1,0 +1,927 @@
+//! x86-64 code generation for eBPF programs.
+//!
+//! # Image layout
+//!
+//! ```text
+//!  entry+0  0f 1f 44 00 00    nop5            <- PATCH_SITE_OFFSET, PATCH_SITE_LEN bytes: a
+//!                                                text_poke turns it into `call/jmp rel32`
+//!  entry+5  55                push rbp        <- BODY_OFFSET: where a trampoline calls the body
+//!           48 89 e5          mov rbp, rsp
+//!           push rbx, r12, r13, r14, r15      (callee-saved registers the code uses)
+//!           mov r12, r9                       ctx
+//!           mov r9, [r12+stack_base]; add r9, TOTAL_STACK     eBPF r10
+//!           xor eax/ebx/r13d/r14d/r15d        r0, r6-r9 start at 0, as in the interpreter
+//!           call body                         the main program is a "subprogram" too, so
+//!  epilogue: lea rsp, [rbp-40]                `exit` is always `ret`
+//!           pop r15 .. rbx; pop rbp; ret
+//!  fault:   xor eax, eax; jmp epilogue        error unwinding: rbp is the entry frame's
+//!  thunk:   saves registers, calls runtime_call(ctx, r11, r10), restores them; on 0 -> fault
+//!  body:    one block per eBPF instruction
+//! ```
+//!
+//! The entry is [`IMAGE_ALIGN`]-aligned, so the nop never crosses an 8-byte boundary and a
+//! poker can replace it with one atomic 8-byte store. All internal branches are relative and
+//! helper addresses are `movabs` immediates, so the bytes can live at any address.
+//!
+//! # Registers
+//!
+//! | eBPF | r0  | r1  | r2  | r3  | r4  | r5 | r6  | r7  | r8  | r9  | r10 |
+//! |------|-----|-----|-----|-----|-----|----|-----|-----|-----|-----|-----|
+//! | x86  | rax | rdi | rsi | rdx | rcx | r8 | rbx | r13 | r14 | r15 | r9  |
+//!
+//! r1–r5 are the System V argument registers, so a helper call needs no shuffling; r6–r9 are
+//! callee-saved, so helpers preserve them. r12 holds the [`super::RunContext`]; r10 and r11 are
+//! scratch (r11 holds the address of a checked access). Helper calls save and restore r1–r5 and
+//! r10 around the call because the interpreter leaves them unchanged. Between instructions rsp is
+//! 16-byte aligned, so helpers and the runtime can be called directly.
+//!
+//! # BPF-to-BPF calls
+//!
+//! `call local` checks the depth (r10 must stay above `fp_limit`), pushes r6–r9 and r10,
+//! subtracts [`STACK_SIZE`] from r10 and does a native `call`; `exit` is `ret`, and the caller
+//! pops the saved registers, exactly the interpreter's frame save/restore.
+//!
+//! # Checked mode
+//!
+//! Each access computes its address into r11 and compares it inline with the stack and the input
+//! memory (two subtract-and-compare pairs against the context; fully skipped for r10-relative
+//! accesses inside the current frame, which are always in bounds). Anything else takes the
+//! out-of-line slow path: the thunk calls [`super::runtime_call`], which scans the extra regions
+//! and either lets the access go on or records the interpreter's `OutOfBounds` error, after
+//! which the code unwinds to the entry frame (`lea rsp, [rbp-40]`) and returns. Atomics and
+//! acquire/release accesses then test alignment. Unknown helpers and excessive call depth fail
+//! through the same path.
+
+pub mod asm;
+
+use asm::{AluOp as X, Asm, Cond, Gpr, Label, Mem, OpSize, ShiftOp};
+
+use super::{CTX_FP_LIMIT, CTX_MEM_BOUND, CTX_MEM_START, CTX_STACK_BASE, JitError, rt};
+use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
+use crate::helpers::Helpers;
+use crate::interp::{alu32, alu64};
+use crate::isa::{AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, Width};
+
+/// Offset of the patch site from the entry.
+pub const PATCH_SITE_OFFSET: usize = 0;
+/// Length of the patch site: a 5-byte nop, later a `call`/`jmp rel32`.
+pub const PATCH_SITE_LEN: usize = 5;
+/// Offset of the instruction after the patch site.
+pub const BODY_OFFSET: usize = PATCH_SITE_OFFSET + PATCH_SITE_LEN;
+/// The patch site's original bytes.
+pub const PATCH_SITE_NOP: [u8; PATCH_SITE_LEN] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// Alignment of an image's entry (at least 8, so the patch site is inside one aligned word).
+pub const IMAGE_ALIGN: usize = 16;
+// The patch site lies within one aligned 8-byte word, so one atomic store can rewrite it.
+const _: () = assert!(PATCH_SITE_OFFSET % 8 + PATCH_SITE_LEN <= 8 && IMAGE_ALIGN.is_multiple_of(8));
+
+/// eBPF register → x86-64 register.
+pub const REG_MAP: [Gpr; 11] = [
+    Gpr::Rax,
+    Gpr::Rdi,
+    Gpr::Rsi,
+    Gpr::Rdx,
+    Gpr::Rcx,
+    Gpr::R8,
+    Gpr::Rbx,
+    Gpr::R13,
+    Gpr::R14,
+    Gpr::R15,
+    Gpr::R9,
+];
+/// Holds the run context.
+const CTX: Gpr = Gpr::R12;
+/// Scratch; the request word passed to the thunk.
+const TMP: Gpr = Gpr::R10;
+/// Scratch; the address of a checked access, the argument passed to the thunk.
+const ADDR: Gpr = Gpr::R11;
+/// eBPF r10.
+const FP: Gpr = Gpr::R9;
+/// Callee-saved registers pushed after rbp, in push order.
+const SAVED: [Gpr; 5] = [Gpr::Rbx, Gpr::R12, Gpr::R13, Gpr::R14, Gpr::R15];
+/// rsp relative to rbp once `SAVED` is pushed.
+const SAVED_BYTES: i32 = 8 * SAVED.len() as i32;
+/// Caller-saved registers that hold eBPF state (r0–r5, r10) and the access address: what the
+/// runtime thunk preserves. Eight pushes keep rsp 16-byte aligned with the thunk's own call.
+const THUNK_SAVED: [Gpr; 8] = [
+    Gpr::Rax,
+    Gpr::Rdi,
+    Gpr::Rsi,
+    Gpr::Rdx,
+    Gpr::Rcx,
+    Gpr::R8,
+    Gpr::R9,
+    Gpr::R11,
+];
+/// What a helper call preserves beyond the System V callee-saved set: r1–r5 and r10.
+const HELPER_SAVED: [Gpr; 6] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8, Gpr::R9];
+/// eBPF r6–r9 and r10, saved across a BPF-to-BPF call (five pushes + the return address keep rsp
+/// 16-byte aligned in the callee).
+const CALL_SAVED: [Gpr; 5] = [Gpr::Rbx, Gpr::R13, Gpr::R14, Gpr::R15, Gpr::R9];
+
+/// What [`generate`] needs besides the program.
+#[derive(Clone, Copy, Debug)]
+pub struct CodegenOptions {
+    /// Emit bounds and alignment checks.
+    pub checked: bool,
+    /// Address of [`super::runtime_call`] (a parameter so tests can generate code anywhere).
+    pub runtime_fn: u64,
+}
+
+fn map(r: Reg) -> Gpr {
+    REG_MAP[r.index()]
+}
+
+fn op_size(size: Size) -> OpSize {
+    match size {
+        Size::B => OpSize::B,
+        Size::H => OpSize::W,
+        Size::W => OpSize::D,
+        Size::DW => OpSize::Q,
+    }
+}
+
+/// The register an instruction writes, if any.
+fn written_reg(insn: &Insn) -> Option<Reg> {
+    match *insn {
+        Insn::Alu { dst, .. }
+        | Insn::Neg { dst, .. }
+        | Insn::Endian { dst, .. }
+        | Insn::LoadImm64 { dst, .. }
+        | Insn::Load { dst, .. }
+        | Insn::LoadAcquire { dst, .. } => Some(dst),
+        Insn::Atomic { op, src, .. } => match op {
+            AtomicOp::FetchAdd
+            | AtomicOp::FetchOr
+            | AtomicOp::FetchAnd
+            | AtomicOp::FetchXor
+            | AtomicOp::Xchg => Some(src),
+            AtomicOp::CmpXchg => Some(Reg::R0),
+            AtomicOp::Add | AtomicOp::Or | AtomicOp::And | AtomicOp::Xor => None,
+        },
+        _ => None,
+    }
+}
+
+/// Rejects what a decoded program can never contain but a hand-built `Program` might, and that
+/// the generated code relies on: r10 is never written, atomics are 32 or 64 bits.
+fn validate(program: &Program) -> Result<(), JitError> {
+    let slots = program.slot_count();
+    if slots > rt::MAX_PC {
+        return Err(JitError::ProgramTooLarge {
+            slots,
+            max: rt::MAX_PC,
+        });
+    }
+    for (i, insn) in program.insns().iter().enumerate() {
+        let pc = program.slot_of(i);
+        if written_reg(insn) == Some(Reg::R10) {
+            return Err(JitError::FramePointerWrite { pc });
+        }
+        if let Insn::Atomic { size, .. } = insn
+            && !matches!(size, Size::W | Size::DW)
+        {
+            return Err(JitError::InvalidInstruction {
+                pc,
+                reason: "atomic read-modify-write needs size W or DW",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Generates the image for `program` (see the module documentation for its layout).
+pub fn generate(
+    program: &Program,
+    helpers: &Helpers,
+    opts: &CodegenOptions,
+) -> Result<Vec<u8>, JitError> {
+    validate(program)?;
+    let mut a = Asm::new();
+    let insn_labels = (0..program.insns().len()).map(|_| a.new_label()).collect();
+    let mut g = Gen {
+        rt_thunk: a.new_label(),
+        fault: a.new_label(),
+        a,
+        program,
+        helpers,
+        opts: *opts,
+        insn_labels,
+    };
+    g.prologue();
+    for (i, insn) in program.insns().iter().enumerate() {
+        let label = g.insn_labels[i];
+        g.a.bind(label);
+        g.insn(i, *insn)?;
+    }
+    Ok(g.a.finish()?)
+}
+
+struct Gen<'a> {
+    a: Asm,
+    program: &'a Program,
+    helpers: &'a Helpers,
+    opts: CodegenOptions,
+    /// One label per instruction index.
+    insn_labels: Vec<Label>,
+    rt_thunk: Label,
+    fault: Label,
+}
+
+impl Gen<'_> {
+    fn prologue(&mut self) {
+        let a = &mut self.a;
+        let body = a.new_label();
+        let epilogue = a.new_label();
+        a.nop5();
+        a.push(Gpr::Rbp);
+        a.mov_rr(true, Gpr::Rbp, Gpr::Rsp);
+        for r in SAVED {
+            a.push(r);
+        }
+        a.mov_rr(true, CTX, Gpr::R9);
+        a.load(OpSize::Q, FP, Mem::new(CTX, CTX_STACK_BASE));
+        a.alu_ri(X::Add, true, FP, TOTAL_STACK as i32);
+        for r in [Gpr::Rax, Gpr::Rbx, Gpr::R13, Gpr::R14, Gpr::R15] {
+            a.alu_rr(X::Xor, false, r, r);
+        }
+        a.call(body);
+
+        a.bind(epilogue);
+        a.lea(Gpr::Rsp, Mem::new(Gpr::Rbp, -SAVED_BYTES));
+        for r in SAVED.iter().rev() {
+            a.pop(*r);
+        }
+        a.pop(Gpr::Rbp);
+        a.ret();
+
+        a.bind(self.fault);
+        a.alu_rr(X::Xor, false, Gpr::Rax, Gpr::Rax);
+        a.jmp_short(epilogue);
+
+        // Called with rsp ≡ 8 (mod 16); eight pushes and 8 more bytes realign it.
+        a.bind(self.rt_thunk);
+        for r in THUNK_SAVED {
+            a.push(r);
+        }
+        a.alu_ri(X::Sub, true, Gpr::Rsp, 8);
+        a.mov_rr(true, Gpr::Rdi, CTX);
+        a.mov_rr(true, Gpr::Rsi, ADDR);
+        a.mov_rr(true, Gpr::Rdx, TMP);
+        a.movabs(Gpr::Rax, self.opts.runtime_fn);
+        a.call_r(Gpr::Rax);
+        a.test_rr(true, Gpr::Rax, Gpr::Rax);
+        a.jcc(Cond::E, self.fault);
+        a.mov_rr(true, TMP, Gpr::Rax);
+        a.alu_ri(X::Add, true, Gpr::Rsp, 8);
+        for r in THUNK_SAVED.iter().rev() {
+            a.pop(*r);
+        }
+        a.ret();
+
+        a.bind(body);
+    }
+
+    /// Calls the runtime with request `info` (and the argument in r11); returns only if it
+    /// says to continue, with its result in r10.
+    fn runtime(&mut self, info: u32) {
+        self.a.mov_r32_imm(TMP, info);
+        self.a.call(self.rt_thunk);
+    }
+
+    fn target(&self, i: usize) -> Result<Label, JitError> {
+        self.program
+            .target_of(i)
+            .and_then(|t| self.insn_labels.get(t).copied())
+            .ok_or(JitError::InvalidInstruction {
+                pc: self.program.slot_of(i),
+                reason: "jump target is not an instruction",
+            })
+    }
+
+    fn insn(&mut self, i: usize, insn: Insn) -> Result<(), JitError> {
+        let pc = self.program.slot_of(i);
+        match insn {
+            Insn::Alu {
+                width,
+                op,
+                dst,
+                src,
+            } => self.alu(width == Width::W64, op, map(dst), src),
+            Insn::Neg { width, dst } => self.a.neg(width == Width::W64, map(dst)),
+            Insn::Endian { kind, bits, dst } => self.endian(kind, bits, map(dst)),
+            Insn::LoadImm64 { dst, imm } => self.a.mov_imm(map(dst), imm),
+            Insn::Load {
+                size,
+                signed,
+                dst,
+                base,
+                off,
+            } => {
+                let m = self.access(pc, base, off, size, Access::Load, false);
+                if signed {
+                    self.a.load_sx(op_size(size), map(dst), m);
+                } else {
+                    self.a.load(op_size(size), map(dst), m);
+                }
+            }
+            Insn::Store {
+                size,
+                base,
+                off,
+                src,
+            } => {
+                let m = self.access(pc, base, off, size, Access::Store, false);
+                match src {
+                    Source::Reg(r) => self.a.store(op_size(size), m, map(r)),
+                    Source::Imm(v) => self.a.store_imm(op_size(size), m, v),
+                }
+            }
+            Insn::Atomic {
+                size,
+                op,
+                base,
+                off,
+                src,
+            } => {
+                let m = self.access(pc, base, off, size, Access::Atomic, true);
+                self.atomic(size == Size::DW, op, m, map(src));
+            }
+            // x86-64 is TSO: plain loads have acquire and plain stores release semantics.
+            Insn::LoadAcquire {
+                size,
+                dst,
+                base,
+                off,
+            } => {
+                let m = self.access(pc, base, off, size, Access::Load, true);
+                self.a.load(op_size(size), map(dst), m);
+            }
+            Insn::StoreRelease {
+                size,
+                base,
+                off,
+                src,
+            } => {
+                let m = self.access(pc, base, off, size, Access::Store, true);
+                self.a.store(op_size(size), m, map(src));
+            }
+            Insn::Ja { .. } | Insn::Ja32 { .. } => {
+                let t = self.target(i)?;
+                self.a.jmp(t);
+            }
+            Insn::Jump {
+                width,
+                cond,
+                dst,
+                src,
+                ..
+            } => {
+                let t = self.target(i)?;
+                self.jump(width == Width::W64, cond, map(dst), src, t);
+            }
+            Insn::Call { id } => match self.helpers.get(id as u64) {
+                Some(f) => self.call_helper(Some(f as usize as u64)),
+                None => {
+                    // Fails at run time, as in the interpreter (the code may never get here).
+                    self.a.mov_r32_imm(ADDR, id);
+                    self.runtime(rt::info(rt::HELPER, pc, 1, Access::Load));
+                }
+            },
+            Insn::CallX { reg } => {
+                self.a.mov_rr(true, ADDR, map(reg));
+                self.runtime(rt::info(rt::HELPER, pc, 1, Access::Load));
+                self.call_helper(None);
+            }
+            Insn::CallLocal { .. } => {
+                let t = self.target(i)?;
+                self.call_local(pc, t);
+            }
+            Insn::Exit => self.a.ret(),
+        }
+        Ok(())
+    }
+
+    fn alu(&mut self, w64: bool, op: AluOp, d: Gpr, src: Source) {
+        let a = &mut self.a;
+        // The source value as the interpreter sees it: immediates sign-extended for 64 bits,
+        // taken as u32 for 32 bits.
+        let imm = |v: i32| {
+            if w64 {
+                v as i64 as u64
+            } else {
+                v as u32 as u64
+            }
+        };
+        match (op, src) {
+            (AluOp::Add | AluOp::Sub | AluOp::Or | AluOp::And | AluOp::Xor, _) => {
+                let x = match op {
+                    AluOp::Add => X::Add,
+                    AluOp::Sub => X::Sub,
+                    AluOp::Or => X::Or,
+                    AluOp::And => X::And,
+                    _ => X::Xor,
+                };
+                match src {
+                    Source::Reg(s) => a.alu_rr(x, w64, d, map(s)),
+                    Source::Imm(v) => a.alu_ri(x, w64, d, v),
+                }
+            }
+            (AluOp::Mul, Source::Reg(s)) => a.imul_rr(w64, d, map(s)),
+            (AluOp::Mul, Source::Imm(v)) => a.imul_rri(w64, d, d, v),
+            (AluOp::Div | AluOp::SDiv | AluOp::Mod | AluOp::SMod, _) => {
+                self.divmod(w64, op, d, src)
+            }
+            (AluOp::Lsh | AluOp::Rsh | AluOp::Arsh, _) => {
+                let sh = match op {
+                    AluOp::Lsh => ShiftOp::Shl,
+                    AluOp::Rsh => ShiftOp::Shr,
+                    _ => ShiftOp::Sar,
+                };
+                match src {
+                    Source::Reg(s) => self.shift_reg(w64, sh, d, map(s)),
+                    Source::Imm(v) => {
+                        // x86 masks counts the same way (5 or 6 bits), but do it here so a zero
+                        // count emits no shift at all.
+                        let count = (v as u32 & if w64 { 63 } else { 31 }) as u8;
+                        if count != 0 {
+                            let size = if w64 { OpSize::Q } else { OpSize::D };
+                            a.shift_ri(sh, size, d, count);
+                        } else if !w64 {
+                            a.mov_rr(false, d, d);
+                        }
+                    }
+                }
+            }
+            (AluOp::Mov, Source::Reg(s)) => {
+                if w64 && d == map(s) {
+                    return;
+                }
+                a.mov_rr(w64, d, map(s));
+            }
+            (AluOp::MovSx8, Source::Reg(s)) => a.movsx_rr(OpSize::B, w64, d, map(s)),
+            (AluOp::MovSx16, Source::Reg(s)) => a.movsx_rr(OpSize::W, w64, d, map(s)),
+            // For 32 bits the interpreter keeps the low half: a plain 32-bit move.
+            (AluOp::MovSx32, Source::Reg(s)) => a.movsx_rr(OpSize::D, w64, d, map(s)),
+            // Moves of constants (sign-extending ones only in hand-built programs): fold them.
+            (AluOp::Mov | AluOp::MovSx8 | AluOp::MovSx16 | AluOp::MovSx32, Source::Imm(v)) => {
+                let s = imm(v);
+                let value = if w64 {
+                    alu64(op, 0, s)
+                } else {
+                    alu32(op, 0, s as u32) as u64
+                };
+                a.mov_imm(d, value);
+            }
+        }
+    }
+
+    /// `d = d <<|>>|>>> s` with the count in cl, which is eBPF r4: save and restore rcx.
+    fn shift_reg(&mut self, w64: bool, op: ShiftOp, d: Gpr, s: Gpr) {
+        let a = &mut self.a;
+        if s == Gpr::Rcx {
+            a.shift_cl(op, w64, d);
+        } else if d == Gpr::Rcx {
+            a.mov_rr(true, ADDR, Gpr::Rcx);
+            a.mov_rr(true, Gpr::Rcx, s);
+            a.shift_cl(op, w64, ADDR);
+            a.mov_rr(true, Gpr::Rcx, ADDR);
+        } else {
+            a.mov_rr(true, ADDR, Gpr::Rcx);
+            a.mov_rr(true, Gpr::Rcx, s);
+            a.shift_cl(op, w64, d);
+            a.mov_rr(true, Gpr::Rcx, ADDR);
+        }
+    }
+
+    /// Division and modulo with RFC 9669's edge cases: `x / 0 = 0`, `x % 0 = x`, and for signed
+    /// operations `x / -1 = -x` (wrapping) and `x % -1 = 0`, which also avoids `idiv`'s fault on
+    /// INT_MIN / -1.
+    fn divmod(&mut self, w64: bool, op: AluOp, d: Gpr, src: Source) {
+        let signed = matches!(op, AluOp::SDiv | AluOp::SMod);
+        let is_div = matches!(op, AluOp::Div | AluOp::SDiv);
+        let a = &mut self.a;
+        if let Source::Imm(v) = src {
+            // Constant divisor: the edge cases are known now.
+            let minus_one = if w64 { v == -1 } else { v as u32 == u32::MAX };
+            if v == 0 {
+                if is_div {
+                    a.alu_rr(X::Xor, false, d, d);
+                } else if !w64 {
+                    a.mov_rr(false, d, d);
+                }
+                return;
+            }
+            if signed && minus_one {
+                if is_div {
+                    a.neg(w64, d);
+                } else {
+                    a.alu_rr(X::Xor, false, d, d);
+                }
+                return;
+            }
+        }
+        // rax and rdx are eBPF r0 and r3: keep them on the stack (no calls happen meanwhile).
+        a.push(Gpr::Rax);
+        a.push(Gpr::Rdx);
+        match src {
+            Source::Reg(s) => a.mov_rr(w64, ADDR, map(s)),
+            Source::Imm(v) if w64 => a.mov_r64_simm(ADDR, v),
+            Source::Imm(v) => a.mov_r32_imm(ADDR, v as u32),
+        }
+        a.mov_rr(w64, Gpr::Rax, d);
+        let (by_zero, minus_one, done) = (a.new_label(), a.new_label(), a.new_label());
+        let guarded = matches!(src, Source::Reg(_));
+        if guarded {
+            a.test_rr(w64, ADDR, ADDR);
+            a.jcc_short(Cond::E, by_zero);
+            if signed {
+                a.alu_ri(X::Cmp, w64, ADDR, -1);
+                a.jcc_short(Cond::E, minus_one);
+            }
+        }
+        if signed {
+            a.sign_extend_rax(w64);
+            a.idiv(w64, ADDR);
+        } else {
+            a.alu_rr(X::Xor, false, Gpr::Rdx, Gpr::Rdx);
+            a.div(w64, ADDR);
+        }
+        a.mov_rr(w64, TMP, if is_div { Gpr::Rax } else { Gpr::Rdx });
+        if guarded {
+            a.jmp_short(done);
+            a.bind(by_zero);
+            if is_div {
+                a.alu_rr(X::Xor, false, TMP, TMP);
+            } else {
+                // The dividend, zero-extended from 32 bits for the 32-bit form.
+                a.mov_rr(w64, TMP, Gpr::Rax);
+            }
+            if signed {
+                a.jmp_short(done);
+                a.bind(minus_one);
+                if is_div {
+                    a.mov_rr(w64, TMP, Gpr::Rax);
+                    a.neg(w64, TMP);
+                } else {
+                    a.alu_rr(X::Xor, false, TMP, TMP);
+                }
+            }
+        }
+        a.bind(done);
+        a.pop(Gpr::Rdx);
+        a.pop(Gpr::Rax);
+        a.mov_rr(w64, d, TMP);
+    }
+
+    fn endian(&mut self, kind: Endian, bits: u8, d: Gpr) {
+        let a = &mut self.a;
+        match (kind, bits) {
+            (Endian::Le, 16) => a.movzx_rr(OpSize::W, d, d),
+            (Endian::Le, 32) => a.mov_rr(false, d, d),
+            (Endian::Le, _) => {}
+            (Endian::Be | Endian::Swap, 16) => {
+                a.shift_ri(ShiftOp::Rol, OpSize::W, d, 8);
+                a.movzx_rr(OpSize::W, d, d);
+            }
+            (Endian::Be | Endian::Swap, 32) => a.bswap(false, d),
+            (Endian::Be | Endian::Swap, _) => a.bswap(true, d),
+        }
+    }
+
+    /// Emits the checks of a memory access and returns the operand to access.
+    fn access(
+        &mut self,
+        pc: usize,
+        base: Reg,
+        off: i16,
+        size: Size,
+        access: Access,
+        aligned: bool,
+    ) -> Mem {
+        let b = map(base);
+        let off = off as i32;
+        if !self.opts.checked {
+            return Mem::new(b, off);
+        }
+        let n = size.bytes();
+        // r10 is never written and always points at the top of a frame inside the stack, so
+        // accesses within the current frame are always in bounds.
+        let in_frame = base == Reg::R10 && off >= -(STACK_SIZE as i32) && off + n as i32 <= 0;
+        if in_frame && !(aligned && n > 1) {
+            return Mem::new(b, off);
+        }
+        let a = &mut self.a;
+        a.lea(ADDR, Mem::new(b, off));
+        if !in_frame {
+            let ok = a.new_label();
+            a.mov_rr(true, TMP, ADDR);
+            a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, CTX_STACK_BASE));
+            a.alu_ri(X::Cmp, true, TMP, (TOTAL_STACK - n + 1) as i32);
+            a.jcc_short(Cond::B, ok);
+            a.mov_rr(true, TMP, ADDR);
+            a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, CTX_MEM_START));
+            let bound = CTX_MEM_BOUND + 8 * n.trailing_zeros() as i32;
+            a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, bound));
+            a.jcc_short(Cond::B, ok);
+            self.runtime(rt::info(rt::BOUNDS, pc, n, access));
+            self.a.bind(ok);
+        }
+        if aligned && n > 1 {
+            let a = &mut self.a;
+            let ok = a.new_label();
+            a.test_r8_imm(ADDR, (n - 1) as u8);
+            a.jcc_short(Cond::E, ok);
+            self.runtime(rt::info(rt::MISALIGNED, pc, n, access));
+            self.a.bind(ok);
+        }
+        Mem::new(ADDR, 0)
+    }
+
+    fn atomic(&mut self, w64: bool, op: AtomicOp, m: Mem, s: Gpr) {
+        let a = &mut self.a;
+        let sz = if w64 { OpSize::Q } else { OpSize::D };
+        let simple = match op {
+            AtomicOp::Add => Some(X::Add),
+            AtomicOp::Or => Some(X::Or),
+            AtomicOp::And => Some(X::And),
+            AtomicOp::Xor => Some(X::Xor),
+            _ => None,
+        };
+        if let Some(x) = simple {
+            a.lock();
+            a.alu_mr(x, w64, m, s);
+            return;
+        }
+        match op {
+            AtomicOp::FetchAdd => {
+                a.lock();
+                a.xadd(w64, m, s);
+            }
+            AtomicOp::Xchg => a.xchg(w64, m, s),
+            AtomicOp::CmpXchg => {
+                a.lock();
+                a.cmpxchg(w64, m, s);
+                if !w64 {
+                    // A successful 32-bit cmpxchg leaves rax's upper half; r0 gets the old value
+                    // zero-extended.
+                    a.mov_rr(false, Gpr::Rax, Gpr::Rax);
+                }
+            }
+            _ => {
+                // Fetching and/or/xor have no x86 instruction: a cmpxchg loop with rax (eBPF r0)
+                // saved on the stack.
+                let x = match op {
+                    AtomicOp::FetchOr => X::Or,
+                    AtomicOp::FetchAnd => X::And,
+                    _ => X::Xor,
+                };
+                let m = if m.base == ADDR && m.disp == 0 {
+                    m
+                } else {
+                    a.lea(ADDR, m);
+                    Mem::new(ADDR, 0)
+                };
+                a.push(Gpr::Rax);
+                a.load(sz, Gpr::Rax, m);
+                let retry = a.new_label();
+                a.bind(retry);
+                a.mov_rr(w64, TMP, Gpr::Rax);
+                if s == Gpr::Rax {
+                    a.alu_rm(x, w64, TMP, Mem::new(Gpr::Rsp, 0));
+                } else {
+                    a.alu_rr(x, w64, TMP, s);
+                }
+                a.lock();
+                a.cmpxchg(w64, m, TMP);
+                a.jcc_short(Cond::Ne, retry);
+                if s == Gpr::Rax {
+                    // r0 is the source: it receives the old value, the saved copy is dropped.
+                    if !w64 {
+                        a.mov_rr(false, Gpr::Rax, Gpr::Rax);
+                    }
+                    a.alu_ri(X::Add, true, Gpr::Rsp, 8);
+                } else {
+                    a.mov_rr(w64, s, Gpr::Rax);
+                    a.pop(Gpr::Rax);
+                }
+            }
+        }
+    }
+
+    fn jump(&mut self, w64: bool, cond: JmpCond, d: Gpr, src: Source, target: Label) {
+        let a = &mut self.a;
+        match (cond, src) {
+            (JmpCond::Set, Source::Reg(s)) => a.test_rr(w64, d, map(s)),
+            (JmpCond::Set, Source::Imm(v)) => a.test_ri(w64, d, v),
+            (_, Source::Reg(s)) => a.alu_rr(X::Cmp, w64, d, map(s)),
+            (_, Source::Imm(v)) => a.alu_ri(X::Cmp, w64, d, v),
+        }
+        let cc = match cond {
+            JmpCond::Eq => Cond::E,
+            JmpCond::Ne | JmpCond::Set => Cond::Ne,
+            JmpCond::Gt => Cond::A,
+            JmpCond::Ge => Cond::Ae,
+            JmpCond::Lt => Cond::B,
+            JmpCond::Le => Cond::Be,
+            JmpCond::Sgt => Cond::G,
+            JmpCond::Sge => Cond::Ge,
+            JmpCond::Slt => Cond::L,
+            JmpCond::Sle => Cond::Le,
+        };
+        a.jcc(cc, target);
+    }
+
+    /// Calls a helper at a known address, or at the address in r10 (from a `callx` lookup).
+    /// r1–r5 are already the argument registers; the result lands in rax = r0.
+    fn call_helper(&mut self, addr: Option<u64>) {
+        let a = &mut self.a;
+        for r in HELPER_SAVED {
+            a.push(r);
+        }
+        match addr {
+            Some(f) => {
+                a.movabs(Gpr::Rax, f);
+                a.call_r(Gpr::Rax);
+            }
+            None => a.call_r(TMP),
+        }
+        for r in HELPER_SAVED.iter().rev() {
+            a.pop(*r);
+        }
+    }
+
+    fn call_local(&mut self, pc: usize, target: Label) {
+        let ok = self.a.new_label();
+        self.a.alu_rm(X::Cmp, true, FP, Mem::new(CTX, CTX_FP_LIMIT));
+        self.a.jcc_short(Cond::A, ok);
+        self.runtime(rt::info(rt::CALL_DEPTH, pc, 1, Access::Load));
+        let a = &mut self.a;
+        a.bind(ok);
+        for r in CALL_SAVED {
+            a.push(r);
+        }
+        a.alu_ri(X::Sub, true, FP, STACK_SIZE as i32);
+        a.call(target);
+        for r in CALL_SAVED.iter().rev() {
+            a.pop(*r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isa::Program;
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+
+    fn gen_code(insns: Vec<Insn>, checked: bool) -> Vec<u8> {
+        let p = Program::new(insns).unwrap();
+        let opts = CodegenOptions {
+            checked,
+            runtime_fn: 0x1122_3344_5566_7788,
+        };
+        generate(&p, &Helpers::conformance(), &opts).unwrap()
+    }
+
+    fn listing(code: &[u8]) -> Vec<String> {
+        let mut d = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+        let mut f = IntelFormatter::new();
+        f.options_mut().set_space_after_operand_separator(true);
+        let mut out = Vec::new();
+        while d.can_decode() {
+            let insn = d.decode();
+            assert!(!insn.is_invalid(), "undecodable byte at {:#x}", insn.ip());
+            let mut s = String::new();
+            f.format(&insn, &mut s);
+            out.push(s);
+        }
+        out
+    }
+
+    #[test]
+    fn prologue_layout() {
+        let code = gen_code(vec![Insn::Exit], true);
+        assert_eq!(
+            &code[PATCH_SITE_OFFSET..PATCH_SITE_OFFSET + PATCH_SITE_LEN],
+            PATCH_SITE_NOP
+        );
+        assert_eq!(
+            &code[BODY_OFFSET..BODY_OFFSET + 4],
+            [0x55, 0x48, 0x89, 0xe5]
+        );
+        let l = listing(&code);
+        assert_eq!(l[0], "nop [rax+rax]");
+        assert_eq!(l[1], "push rbp");
+        assert_eq!(l[2], "mov rbp, rsp");
+        // The last instruction is the program's `exit`.
+        assert_eq!(l.last().unwrap(), "ret");
+    }
+
+    #[test]
+    fn every_instruction_kind_decodes_cleanly() {
+        // Generated code for a sample of every instruction form decodes without gaps.
+        let r = Reg::new;
+        let mut insns = Vec::new();
+        for op in [
+            AluOp::Add,
+            AluOp::Sub,
+            AluOp::Mul,
+            AluOp::Div,
+            AluOp::SDiv,
+            AluOp::Mod,
+            AluOp::SMod,
+            AluOp::Or,
+            AluOp::And,
+            AluOp::Xor,
+            AluOp::Lsh,
+            AluOp::Rsh,
+            AluOp::Arsh,
+            AluOp::Mov,
+        ] {
+            for width in [Width::W32, Width::W64] {
+                for src in [Source::Reg(Reg::R4), Source::Imm(-7), Source::Imm(0)] {
+                    for dst in [Reg::R0, Reg::R3, Reg::R4, Reg::R9] {
+                        insns.push(Insn::Alu {
+                            width,
+                            op,
+                            dst,
+                            src,
+                        });
+                    }
+                }
+            }
+        }
+        for size in [Size::B, Size::H, Size::W, Size::DW] {
+            insns.push(Insn::Load {
+                size,
+                signed: size != Size::DW,
+                dst: Reg::R2,
+                base: Reg::R1,
+                off: 3,
+            });
+            insns.push(Insn::StoreRelease {
+                size,
+                base: Reg::R10,
+                off: -16,
+                src: Reg::R1,
+            });
+        }
+        for op in AtomicOp::ALL {
+            for src in [Reg::R0, Reg::R5] {
+                insns.push(Insn::Atomic {
+                    size: Size::W,
+                    op,
+                    base: Reg::R0,
+                    off: 8,
+                    src,
+                });
+            }
+        }
+        insns.push(Insn::CallX { reg: r(2).unwrap() });
+        insns.push(Insn::Call { id: 5 });
+        insns.push(Insn::Call { id: 77 });
+        insns.push(Insn::CallLocal { off: 0 });
+        insns.push(Insn::Exit);
+        for checked in [true, false] {
+            listing(&gen_code(insns.clone(), checked));
+        }
+    }
+
+    #[test]
+    fn rejects_frame_pointer_writes_and_odd_atomics() {
+        let p = Program::new(vec![
+            Insn::Alu {
+                width: Width::W64,
+                op: AluOp::Mov,
+                dst: Reg::R10,
+                src: Source::Imm(0),
+            },
+            Insn::Exit,
+        ])
+        .unwrap();
+        let opts = CodegenOptions {
+            checked: true,
+            runtime_fn: 0,
+        };
+        assert!(matches!(
+            generate(&p, &Helpers::new(), &opts),
+            Err(JitError::FramePointerWrite { pc: 0 })
+        ));
+        let p = Program::new(vec![
+            Insn::Atomic {
+                size: Size::B,
+                op: AtomicOp::Add,
+                base: Reg::R10,
+                off: -8,
+                src: Reg::R1,
+            },
+            Insn::Exit,
+        ])
+        .unwrap();
+        assert!(matches!(
+            generate(&p, &Helpers::new(), &opts),
+            Err(JitError::InvalidInstruction { pc: 0, .. })
+        ));
+    }
+}
