@@ -14,3 +14,4 @@ pub mod isa;
 pub mod jit;
 pub mod reclaim;
 pub mod text;
+pub mod trampoline;

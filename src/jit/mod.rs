@@ -438,7 +438,24 @@ impl JitProgram {
     ) -> Result<u64, ExecError> {
         let mut stack = JitStack::new();
         let mut ctx = RunContext::new(mem, &mut stack, extra, &self.helpers);
-        let (r1, r2) = (ctx.mem_addr(), ctx.mem_len());
+        let args = [ctx.mem_addr(), ctx.mem_len(), 0, 0, 0];
+        self.execute(args, &mut ctx)
+    }
+
+    /// Runs the program with `args` in r1..r5 and no input memory (a traced function's
+    /// arguments; in checked mode the program can only dereference its stack).
+    pub fn call(&self, args: [u64; 5]) -> Result<u64, ExecError> {
+        let mut stack = JitStack::new();
+        let mut ctx = RunContext::new(&mut [], &mut stack, &[], &self.helpers);
+        self.execute(args, &mut ctx)
+    }
+
+    /// Calls the image with `args` and `ctx`, inside a read-side section: while a thread runs JIT
+    /// code it may fetch a patch site, and retired trampoline images wait for it
+    /// ([`crate::reclaim`]).
+    fn execute(&self, args: [u64; 5], ctx: &mut RunContext<'_>) -> Result<u64, ExecError> {
+        let _online = crate::reclaim::ReadGuard::new();
+        let [r1, r2, r3, r4, r5] = args;
         #[cfg(target_arch = "x86_64")]
         let r0 = {
             // SAFETY: `entry` is the start of this program's image, generated for exactly the
@@ -447,12 +464,12 @@ impl JitProgram {
             // SAFETY: the context is fully initialised for this run and outlives the call.
             // Checked code only touches `mem`, the stack and the regions the caller vouched for;
             // trusted code was vouched for by whoever created its `JitOptions::trusted`.
-            unsafe { f(r1, r2, 0, 0, 0, &mut ctx) }
+            unsafe { f(r1, r2, r3, r4, r5, ctx) }
         };
         // Unreachable in practice: `compile` fails on other hosts, so no `JitProgram` exists.
         #[cfg(not(target_arch = "x86_64"))]
         let r0 = {
-            let _ = (r1, r2);
+            let _ = (r1, r2, r3, r4, r5);
             ctx.error = Some(ExecError::EngineUnavailable {
                 engine: "jit",
                 reason: format!("x86-64 code cannot run on {}", std::env::consts::ARCH),

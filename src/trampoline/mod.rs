@@ -1,0 +1,628 @@
+//! BPF trampolines: fentry / fexit / fmod_ret / freplace programs attached to a program that
+//! other threads are running.
+//!
+//! [`Prog`] is a loaded (JIT-compiled, registered) program. [`attach`] links a tracing program to a
+//! target `Prog` and returns a [`Link`]; dropping the link (or [`Link::detach`]) detaches it. Every
+//! change builds a new trampoline image for the target's current set of links, pokes the target's
+//! patch site over to it (or back to the nop), and retires the old image through
+//! [`crate::reclaim`]: its `ip_after_call` is first poked to jump to `ip_epilogue` (so threads still
+//! inside the original skip the old fexit programs), then it is freed after grace period 1, its
+//! references draining and grace period 2.
+//!
+//! An image, for the current links (the kernel's layout, in userspace):
+//! ```text
+//!   save the target's arguments (r1..r5) and its run context
+//!   image_enter(image)                     take the reference (test hook runs before it)
+//!   for each fentry:   enter → program(ctx = &args, cookie) → exit
+//!   if fexit or fmod_ret:
+//!     for each fmod_ret: enter → program → exit; non-zero result → retval, skip the original
+//!     call the target's body (just after its patch site) with the saved arguments
+//!     store the return value
+//!     ip_after_call: nop                   (poked to `jmp ip_epilogue` on retirement)
+//!     for each fexit:    enter → program(ctx = &args with retval at ctx[5]) → exit
+//!   ip_epilogue:
+//!   image_exit(image)                      drop the reference
+//!   restore; return to the target's caller (with retval), or into the body (fentry only)
+//! ```
+//! A tracing program sees r1 = a pointer to six u64s (the target's r1..r5, then the return value,
+//! 0 before the original ran), r2 = the link's cookie, and may read that memory (checked mode).
+//!
+//! Per-program `enter`/`exit` keep a recursion guard (a program already running on this thread
+//! is skipped and its `misses` counted) and, when [`set_stats_enabled`] is on, `run_cnt` and
+//! `run_time_ns`.
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use thiserror::Error;
+
+use crate::exec::{ExecError, MemRegion};
+use crate::helpers::Helpers;
+use crate::isa::Program;
+use crate::jit::{JitError, JitOptions, JitProgram, JitStack, RunContext};
+use crate::reclaim::{self, Retirable};
+use crate::text::poke::{PokeError, PokeInsn, text_poke};
+use crate::text::{Allocation, CodeArena, ImageKind, Registry, TextError};
+
+/// Most fentry + fexit + fmod_ret links on one target (the kernel's `BPF_MAX_TRAMP_LINKS`).
+pub const MAX_TRAMP_LINKS: usize = 38;
+
+/// How a tracing program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttachKind {
+    /// Runs before the target, sees its arguments.
+    Fentry,
+    /// Runs after the target, sees its arguments and return value.
+    Fexit,
+    /// Runs before the target; a non-zero result skips the target and becomes its return value.
+    FmodRet,
+    /// Replaces the target: its entry jumps to the program, which has the same signature.
+    Freplace,
+}
+
+#[derive(Debug, Error)]
+pub enum AttachError {
+    #[error(
+        "the target already has {max} fentry/fexit/fmod_ret links, the most one trampoline holds; detach one first"
+    )]
+    TooManyLinks { max: usize },
+    #[error(
+        "cannot attach {requested:?}: the target has {existing:?} links, and freplace excludes every other kind on one target"
+    )]
+    Conflict {
+        existing: AttachKind,
+        requested: AttachKind,
+    },
+    #[error("a program cannot be attached to itself")]
+    SelfAttach,
+    #[error("patching the target failed: {0}")]
+    Poke(#[from] PokeError),
+    #[error("building the trampoline failed: {0}")]
+    Jit(#[from] JitError),
+    #[error("placing the trampoline failed: {0}")]
+    Text(#[from] TextError),
+    #[error("trampolines are not implemented for this {0} host yet")]
+    UnsupportedHost(&'static str),
+}
+
+/// Run statistics of a program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgStats {
+    /// Runs counted while statistics were on.
+    pub run_cnt: u64,
+    /// Their total time.
+    pub run_time_ns: u64,
+    /// Times the program was skipped because it was already running on the same thread.
+    pub misses: u64,
+    /// Runs as a tracer that ended with an error (e.g. an out-of-bounds access).
+    pub errors: u64,
+}
+
+static STATS_ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Switches run statistics on or off for all programs (the kernel's `bpf_stats_enabled`). Off, a
+/// run pays one relaxed load.
+pub fn set_stats_enabled(on: bool) {
+    STATS_ENABLED.store(on, Ordering::Relaxed);
+}
+
+pub fn stats_enabled() -> bool {
+    STATS_ENABLED.load(Ordering::Relaxed)
+}
+
+/// Recursion-guard slots: each program gets a small index into a per-thread table.
+static FREE_SLOTS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+fn alloc_slot() -> usize {
+    FREE_SLOTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop()
+        .unwrap_or_else(|| NEXT_SLOT.fetch_add(1, Ordering::Relaxed))
+}
+
+struct ProgInner {
+    jit: JitProgram,
+    helpers: Helpers,
+    slot: usize,
+    run_cnt: AtomicU64,
+    run_time_ns: AtomicU64,
+    misses: AtomicU64,
+    errors: AtomicU64,
+    /// Links attached to this program as a target.
+    attach: Mutex<AttachState>,
+}
+
+impl Drop for ProgInner {
+    fn drop(&mut self) {
+        FREE_SLOTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.slot);
+    }
+}
+
+/// A loaded program: JIT-compiled, registered, runnable from many threads, attachable.
+#[derive(Clone)]
+pub struct Prog(Arc<ProgInner>);
+
+impl std::fmt::Debug for Prog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Prog({:#x})", self.0.jit.entry())
+    }
+}
+
+impl Prog {
+    /// Compiles and registers `program`.
+    pub fn load(program: &Program, helpers: &Helpers, opts: JitOptions) -> Result<Prog, JitError> {
+        let jit = JitProgram::compile(program, helpers, opts)?;
+        Ok(Prog(Arc::new(ProgInner {
+            jit,
+            helpers: helpers.clone(),
+            slot: alloc_slot(),
+            run_cnt: AtomicU64::new(0),
+            run_time_ns: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            attach: Mutex::new(AttachState::default()),
+        })))
+    }
+
+    /// Runs the program on `mem` (r1 = its address, r2 = its length), through whatever is
+    /// attached to it.
+    pub fn run(&self, mem: &mut [u8]) -> Result<u64, ExecError> {
+        let start = stats_enabled().then(Instant::now);
+        let result = self.0.jit.run(mem);
+        self.account(start);
+        result
+    }
+
+    /// Runs the program with `args` in r1..r5 and no input memory.
+    pub fn call(&self, args: [u64; 5]) -> Result<u64, ExecError> {
+        let start = stats_enabled().then(Instant::now);
+        let result = self.0.jit.call(args);
+        self.account(start);
+        result
+    }
+
+    fn account(&self, start: Option<Instant>) {
+        if let Some(start) = start {
+            self.0.run_cnt.fetch_add(1, Ordering::Relaxed);
+            self.0
+                .run_time_ns
+                .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub fn stats(&self) -> ProgStats {
+        ProgStats {
+            run_cnt: self.0.run_cnt.load(Ordering::Relaxed),
+            run_time_ns: self.0.run_time_ns.load(Ordering::Relaxed),
+            misses: self.0.misses.load(Ordering::Relaxed),
+            errors: self.0.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn jit(&self) -> &JitProgram {
+        &self.0.jit
+    }
+
+    /// Address of the trampoline image currently attached, if any (for tests and `dump`).
+    pub fn trampoline_image(&self) -> Option<usize> {
+        let state = self.0.attach.lock().unwrap_or_else(|e| e.into_inner());
+        state.image.as_ref().map(|i| i.addr())
+    }
+
+    /// Links currently attached to this program as a target.
+    pub fn link_count(&self) -> usize {
+        let state = self.0.attach.lock().unwrap_or_else(|e| e.into_inner());
+        state.links.len() + usize::from(state.freplace.is_some())
+    }
+}
+
+/// What generated code points at for one link; images hold an `Arc` so the tracer program and
+/// this record outlive every image that can still call them.
+pub(crate) struct LinkShared {
+    prog: Prog,
+    cookie: u64,
+}
+
+struct LinkEntry {
+    id: u64,
+    kind: AttachKind,
+    shared: Arc<LinkShared>,
+}
+
+#[derive(Default)]
+struct AttachState {
+    links: Vec<LinkEntry>,
+    image: Option<TrampImage>,
+    freplace: Option<(u64, Prog)>,
+    next_id: u64,
+}
+
+/// A trampoline image in the code arena.
+pub(crate) struct TrampImage {
+    alloc: Option<Allocation>,
+    ip_after_call: Option<usize>,
+    ip_epilogue: Option<usize>,
+    /// Keeps the tracers this image calls alive.
+    _links: Vec<Arc<LinkShared>>,
+}
+
+impl TrampImage {
+    fn addr(&self) -> usize {
+        self.alloc.as_ref().map_or(0, |a| a.rx())
+    }
+}
+
+static LIVE_IMAGES: AtomicUsize = AtomicUsize::new(0);
+
+/// Trampoline images built and not yet freed (attached or waiting in retirement).
+pub fn live_images() -> usize {
+    LIVE_IMAGES.load(Ordering::Acquire)
+}
+
+impl Retirable for TrampImage {
+    fn image_addr(&self) -> usize {
+        self.addr()
+    }
+
+    fn free(mut self: Box<Self>) {
+        if let Some(alloc) = self.alloc.take() {
+            let _ = Registry::global().unregister(alloc.rx());
+            if let Ok(arena) = CodeArena::global() {
+                // SAFETY: the reclaimer calls `free` only after grace period 1, the reference
+                // drain and grace period 2, so no thread is or can get inside the image.
+                let _ = unsafe { arena.free(alloc) };
+            }
+            LIVE_IMAGES.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A retired freplace program: kept alive until no thread can still be running it.
+struct RetiredProg(#[allow(dead_code)] Prog);
+
+impl Retirable for RetiredProg {
+    fn image_addr(&self) -> usize {
+        // Programs take no image references; only the grace periods matter.
+        0
+    }
+
+    fn free(self: Box<Self>) {}
+}
+
+/// A tracing program attached to a target. Dropping it detaches.
+pub struct Link {
+    target: Prog,
+    id: u64,
+    kind: AttachKind,
+    attached: bool,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("target", &self.target)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Link>();
+    assert_send_sync::<Prog>();
+};
+
+impl Link {
+    pub fn kind(&self) -> AttachKind {
+        self.kind
+    }
+
+    /// Detaches now, reporting errors (dropping the link detaches and ignores them).
+    pub fn detach(mut self) -> Result<(), AttachError> {
+        self.attached = false;
+        detach(&self.target, self.id, self.kind)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if self.attached {
+            let _ = detach(&self.target, self.id, self.kind);
+        }
+    }
+}
+
+fn site_insn(image: Option<&TrampImage>) -> PokeInsn {
+    image.map_or(PokeInsn::Nop, |i| PokeInsn::Call(i.addr()))
+}
+
+/// Attaches `prog` to `target` as `kind`, with `cookie` passed to it in r2.
+pub fn attach(
+    kind: AttachKind,
+    target: &Prog,
+    prog: &Prog,
+    cookie: u64,
+) -> Result<Link, AttachError> {
+    if Arc::ptr_eq(&target.0, &prog.0) {
+        return Err(AttachError::SelfAttach);
+    }
+    let mut state = target.0.attach.lock().unwrap_or_else(|e| e.into_inner());
+    let id = state.next_id;
+    if kind == AttachKind::Freplace {
+        if let Some(existing) = state.links.first() {
+            return Err(AttachError::Conflict {
+                existing: existing.kind,
+                requested: kind,
+            });
+        }
+        if state.freplace.is_some() {
+            return Err(AttachError::Conflict {
+                existing: AttachKind::Freplace,
+                requested: kind,
+            });
+        }
+        text_poke(
+            target.0.jit.entry(),
+            PokeInsn::Nop,
+            PokeInsn::Jump(prog.0.jit.entry()),
+        )?;
+        state.freplace = Some((id, prog.clone()));
+    } else {
+        if state.freplace.is_some() {
+            return Err(AttachError::Conflict {
+                existing: AttachKind::Freplace,
+                requested: kind,
+            });
+        }
+        if state.links.len() >= MAX_TRAMP_LINKS {
+            return Err(AttachError::TooManyLinks {
+                max: MAX_TRAMP_LINKS,
+            });
+        }
+        state.links.push(LinkEntry {
+            id,
+            kind,
+            shared: Arc::new(LinkShared {
+                prog: prog.clone(),
+                cookie,
+            }),
+        });
+        if let Err(e) = update_image(target, &mut state) {
+            state.links.pop();
+            return Err(e);
+        }
+    }
+    state.next_id += 1;
+    Ok(Link {
+        target: target.clone(),
+        id,
+        kind,
+        attached: true,
+    })
+}
+
+fn detach(target: &Prog, id: u64, kind: AttachKind) -> Result<(), AttachError> {
+    let mut state = target.0.attach.lock().unwrap_or_else(|e| e.into_inner());
+    if kind == AttachKind::Freplace {
+        let Some((fid, prog)) = state.freplace.take() else {
+            return Ok(());
+        };
+        if fid != id {
+            state.freplace = Some((fid, prog));
+            return Ok(());
+        }
+        if let Err(e) = text_poke(
+            target.0.jit.entry(),
+            PokeInsn::Jump(prog.0.jit.entry()),
+            PokeInsn::Nop,
+        ) {
+            state.freplace = Some((fid, prog));
+            return Err(e.into());
+        }
+        reclaim::retire(Box::new(RetiredProg(prog)));
+        return Ok(());
+    }
+    let Some(pos) = state.links.iter().position(|l| l.id == id) else {
+        return Ok(());
+    };
+    let removed = state.links.remove(pos);
+    if let Err(e) = update_image(target, &mut state) {
+        state.links.insert(pos, removed);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Builds the image for the current links, switches the site to it and retires the old one.
+/// On error nothing has changed.
+fn update_image(target: &Prog, state: &mut AttachState) -> Result<(), AttachError> {
+    let new_image = if state.links.is_empty() {
+        None
+    } else {
+        Some(build_image(target, &state.links)?)
+    };
+    let old_insn = site_insn(state.image.as_ref());
+    let new_insn = site_insn(new_image.as_ref());
+    if let Err(e) = text_poke(target.0.jit.entry(), old_insn, new_insn) {
+        if let Some(img) = new_image {
+            // Never published, so free it through the normal path (cheap when nobody is inside).
+            reclaim::retire(Box::new(img));
+        }
+        return Err(e.into());
+    }
+    let old = std::mem::replace(&mut state.image, new_image);
+    if let Some(old) = old {
+        retire_image(old);
+    }
+    Ok(())
+}
+
+/// Skips the old fexit programs for threads still inside the original, then hands the image to
+/// the reclaimer.
+fn retire_image(image: TrampImage) {
+    if let (Some(after), Some(epilogue)) = (image.ip_after_call, image.ip_epilogue) {
+        // A failure here only means those threads still run the old fexit programs, which stay
+        // alive with the image; retirement is safe either way.
+        let _ = text_poke(after, PokeInsn::Nop, PokeInsn::Jump(epilogue));
+    }
+    reclaim::retire(Box::new(image));
+}
+
+fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachError> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let _ = target;
+        let layout = x86_64::generate(links)?;
+        let arena = CodeArena::global()?;
+        let alloc = arena.alloc(layout.code.len(), 16)?;
+        let placed = arena.write(&alloc, 0, &layout.code).and_then(|()| {
+            Registry::global().register(alloc.rx(), alloc.len(), ImageKind::Trampoline, 0)
+        });
+        if let Err(e) = placed {
+            // SAFETY: never published.
+            let _ = unsafe { arena.free(alloc) };
+            return Err(e.into());
+        }
+        LIVE_IMAGES.fetch_add(1, Ordering::AcqRel);
+        let base = alloc.rx();
+        Ok(TrampImage {
+            alloc: Some(alloc),
+            ip_after_call: layout.ip_after_call.map(|o| base + o),
+            ip_epilogue: layout.ip_epilogue.map(|o| base + o),
+            _links: links.iter().map(|l| l.shared.clone()).collect(),
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (target, links);
+        Err(AttachError::UnsupportedHost(std::env::consts::ARCH))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Functions trampoline code calls.
+
+/// Test hook run by [`tramp_image_enter`] before the reference is taken: the window between a
+/// thread's branch into the image and its reference, which grace period 1 must cover.
+pub type EnterHook = fn(image: usize);
+static ENTER_HOOK: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Installs (or clears) the enter hook. For tests of the retirement protocol.
+pub fn set_enter_hook(hook: Option<EnterHook>) {
+    let p = hook.map_or(std::ptr::null_mut(), |f| f as *mut ());
+    ENTER_HOOK.store(p, Ordering::Release);
+}
+
+pub(crate) extern "sysv64" fn tramp_image_enter(image: usize) {
+    let hook = ENTER_HOOK.load(Ordering::Acquire);
+    if !hook.is_null() {
+        // SAFETY: only `set_enter_hook` stores here, always an `EnterHook`.
+        let f: EnterHook = unsafe { std::mem::transmute::<*mut (), EnterHook>(hook) };
+        f(image);
+    }
+    reclaim::image_enter(image);
+}
+
+pub(crate) extern "sysv64" fn tramp_image_exit(image: usize) {
+    reclaim::image_exit(image);
+}
+
+/// Size of the saved-arguments block a tracer sees: r1..r5 and the return value.
+pub(crate) const TRACE_CTX_WORDS: usize = 6;
+
+thread_local! {
+    /// Recursion guard, indexed by program slot.
+    static ACTIVE: RefCell<Vec<bool>> = const { RefCell::new(Vec::new()) };
+    /// Stacks for tracer runs, one per nesting level (a tracer can run a traced program).
+    static STACKS: RefCell<Vec<Box<JitStack>>> = const { RefCell::new(Vec::new()) };
+    static STACK_DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Starts one tracer run: recursion guard, run context, stats. Returns 0 to skip the program,
+/// else 1, or the start time in ns + 1 when stats are on.
+///
+/// # Safety
+/// `link` is an `Arc<LinkShared>` held by the calling image; `ctx` points at uninitialised space
+/// for a `RunContext` in the trampoline's frame; `args` at the `TRACE_CTX_WORDS` saved words.
+pub(crate) unsafe extern "sysv64" fn tramp_prog_enter(
+    link: *const LinkShared,
+    ctx: *mut RunContext<'static>,
+    args: *mut u64,
+) -> u64 {
+    // SAFETY: per the contract, the image keeps the link alive while it runs.
+    let link = unsafe { &*link };
+    let prog = &link.prog.0;
+    let first = ACTIVE.with(|a| {
+        let mut a = a.borrow_mut();
+        if a.len() <= prog.slot {
+            a.resize(prog.slot + 1, false);
+        }
+        !std::mem::replace(&mut a[prog.slot], true)
+    });
+    if !first {
+        prog.misses.fetch_add(1, Ordering::Relaxed);
+        return 0;
+    }
+    let depth = STACK_DEPTH.with(|d| d.replace(d.get() + 1));
+    let stack: *mut JitStack = STACKS.with(|s| {
+        let mut s = s.borrow_mut();
+        while s.len() <= depth {
+            s.push(Box::new(JitStack::new()));
+        }
+        &mut *s[depth] as *mut JitStack
+    });
+    let region = MemRegion::new(args as u64, (TRACE_CTX_WORDS * 8) as u64, true);
+    // SAFETY: `ctx` is trampoline frame space for one RunContext; the stack is this thread's for
+    // this nesting level and stays allocated while the thread lives; `region` covers the saved
+    // argument words in the same frame; the helpers live in the program, kept alive by `link`.
+    unsafe { RunContext::init_raw(ctx, region, stack, &prog.helpers) };
+    if stats_enabled() { now_ns() + 1 } else { 1 }
+}
+
+/// Ends a tracer run started by [`tramp_prog_enter`] (`start` is what it returned).
+///
+/// # Safety
+/// As for `tramp_prog_enter`; `ctx` was initialised by it when `start != 0`.
+pub(crate) unsafe extern "sysv64" fn tramp_prog_exit(
+    link: *const LinkShared,
+    start: u64,
+    ctx: *mut RunContext<'static>,
+) {
+    if start == 0 {
+        return;
+    }
+    // SAFETY: see `tramp_prog_enter`.
+    let link = unsafe { &*link };
+    let prog = &link.prog.0;
+    // SAFETY: initialised by the matching enter; dropped exactly once here.
+    let error = unsafe { RunContext::take_raw(ctx) };
+    if error.is_some() {
+        prog.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    if start > 1 {
+        prog.run_cnt.fetch_add(1, Ordering::Relaxed);
+        prog.run_time_ns
+            .fetch_add(now_ns().saturating_sub(start - 1), Ordering::Relaxed);
+    }
+    STACK_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    ACTIVE.with(|a| {
+        if let Some(slot) = a.borrow_mut().get_mut(prog.slot) {
+            *slot = false;
+        }
+    });
+}
+
+fn now_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}

@@ -1,0 +1,163 @@
+//! x86-64 trampoline images.
+//!
+//! The target's patch site `call`s the image, so on entry `[rsp]` is the address of the target's
+//! body (just after the site) and `[rsp + 8]` the target caller's return address. The frame:
+//! ```text
+//!   rbp + 8   return into the target's body (site + 5)
+//!   rbp + 0   saved rbp
+//!   rbp - 48  args[0..5] = r1..r5 (rdi, rsi, rdx, rcx, r8); args[5] = return value
+//!   rbp - 56  the target's run context (r9)
+//!   rbp - 64  `enter` result of the tracer being run
+//!   rbp - 72  result of the last fmod_ret program
+//!   rbp - 72 - CTX_SPACE   the tracer's RunContext
+//! ```
+//! On entry rsp ≡ 0 (mod 16) (the target's caller left it ≡ 8, the site's call pushed 8), so after
+//! `push rbp` the frame size is ≡ 8 (mod 16) to call out with an aligned stack.
+
+use super::{
+    AttachError, AttachKind, LinkEntry, TRACE_CTX_WORDS, tramp_image_enter, tramp_image_exit,
+    tramp_prog_enter, tramp_prog_exit,
+};
+use crate::jit::RunContext;
+use crate::jit::x86_64::asm::{AluOp, Asm, Cond, Gpr, Label, Mem, OpSize};
+use crate::text::poke::PATCH_SITE_LEN;
+
+const ARGS: i32 = -(TRACE_CTX_WORDS as i32) * 8;
+const RETVAL: i32 = -8;
+const SAVED_CTX: i32 = -56;
+const START: i32 = -64;
+const FMOD_RESULT: i32 = -72;
+const CTX_SPACE: i32 = (std::mem::size_of::<RunContext<'static>>() as i32 + 15) & !15;
+const TRACER_CTX: i32 = FMOD_RESULT - CTX_SPACE;
+/// Frame below the saved rbp: ≡ 8 (mod 16), see the module docs.
+const FRAME: i32 = ((-TRACER_CTX + 15) & !15) + 8;
+
+/// The argument registers r1..r5 of the program ABI, and the context register.
+const ARG_REGS: [Gpr; 5] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8];
+
+/// A generated image and the offsets of its sites.
+pub(super) struct Layout {
+    pub code: Vec<u8>,
+    pub ip_after_call: Option<usize>,
+    pub ip_epilogue: Option<usize>,
+}
+
+fn slot(disp: i32) -> Mem {
+    Mem::new(Gpr::Rbp, disp)
+}
+
+fn call_abs(a: &mut Asm, f: u64) {
+    a.movabs(Gpr::Rax, f);
+    a.call_r(Gpr::Rax);
+}
+
+/// Runs one tracer: enter → program → exit. With `fmod_ret`, a non-zero result stores the return
+/// value and jumps to `skip_original`.
+fn emit_prog(a: &mut Asm, link: &LinkEntry, fmod: Option<Label>) {
+    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
+    let skip = a.new_label();
+    a.store_imm(OpSize::Q, slot(FMOD_RESULT), 0);
+    a.movabs(Gpr::Rdi, shared);
+    a.lea(Gpr::Rsi, slot(TRACER_CTX));
+    a.lea(Gpr::Rdx, slot(ARGS));
+    call_abs(a, tramp_prog_enter as *const () as u64);
+    a.store(OpSize::Q, slot(START), Gpr::Rax);
+    a.test_rr(true, Gpr::Rax, Gpr::Rax);
+    a.jcc(Cond::E, skip);
+    a.lea(Gpr::Rdi, slot(ARGS));
+    a.mov_imm(Gpr::Rsi, link.shared.cookie);
+    a.alu_rr(AluOp::Xor, false, Gpr::Rdx, Gpr::Rdx);
+    a.alu_rr(AluOp::Xor, false, Gpr::Rcx, Gpr::Rcx);
+    a.alu_rr(AluOp::Xor, false, Gpr::R8, Gpr::R8);
+    a.lea(Gpr::R9, slot(TRACER_CTX));
+    call_abs(a, link.shared.prog.0.jit.entry() as u64);
+    a.store(OpSize::Q, slot(FMOD_RESULT), Gpr::Rax);
+    a.bind(skip);
+    a.movabs(Gpr::Rdi, shared);
+    a.load(OpSize::Q, Gpr::Rsi, slot(START));
+    a.lea(Gpr::Rdx, slot(TRACER_CTX));
+    call_abs(a, tramp_prog_exit as *const () as u64);
+    if let Some(skip_original) = fmod {
+        let next = a.new_label();
+        a.load(OpSize::Q, Gpr::Rax, slot(FMOD_RESULT));
+        a.test_rr(true, Gpr::Rax, Gpr::Rax);
+        a.jcc(Cond::E, next);
+        a.store(OpSize::Q, slot(RETVAL), Gpr::Rax);
+        a.jmp(skip_original);
+        a.bind(next);
+    }
+}
+
+/// Generates the image for `links` (position independent: the image finds its own address with a
+/// RIP-relative `lea`, and calls everything else through absolute addresses).
+pub(super) fn generate(links: &[LinkEntry]) -> Result<Layout, AttachError> {
+    let call_orig = links
+        .iter()
+        .any(|l| matches!(l.kind, AttachKind::Fexit | AttachKind::FmodRet));
+    let mut a = Asm::new();
+    // The image's own address keys its reference; a RIP-relative `lea` keeps the code position
+    // independent.
+    let image_start = a.new_label();
+    a.bind(image_start);
+    a.push(Gpr::Rbp);
+    a.mov_rr(true, Gpr::Rbp, Gpr::Rsp);
+    a.alu_ri(AluOp::Sub, true, Gpr::Rsp, FRAME);
+    for (i, r) in ARG_REGS.iter().enumerate() {
+        a.store(OpSize::Q, slot(ARGS + 8 * i as i32), *r);
+    }
+    a.store_imm(OpSize::Q, slot(RETVAL), 0);
+    a.store(OpSize::Q, slot(SAVED_CTX), Gpr::R9);
+    a.lea_label(Gpr::Rdi, image_start);
+    call_abs(&mut a, tramp_image_enter as *const () as u64);
+    for link in links.iter().filter(|l| l.kind == AttachKind::Fentry) {
+        emit_prog(&mut a, link, None);
+    }
+    let (mut ip_after_call, mut ip_epilogue) = (None, None);
+    if call_orig {
+        let do_fexit = a.new_label();
+        for link in links.iter().filter(|l| l.kind == AttachKind::FmodRet) {
+            emit_prog(&mut a, link, Some(do_fexit));
+        }
+        restore_args(&mut a);
+        // Call the body: the address the site's call pushed.
+        a.load(OpSize::Q, Gpr::Rax, slot(8));
+        a.call_r(Gpr::Rax);
+        a.store(OpSize::Q, slot(RETVAL), Gpr::Rax);
+        ip_after_call = Some(a.len());
+        a.nop5();
+        a.bind(do_fexit);
+        for link in links.iter().filter(|l| l.kind == AttachKind::Fexit) {
+            emit_prog(&mut a, link, None);
+        }
+        ip_epilogue = Some(a.len());
+        a.lea_label(Gpr::Rdi, image_start);
+        call_abs(&mut a, tramp_image_exit as *const () as u64);
+        a.load(OpSize::Q, Gpr::Rax, slot(RETVAL));
+        a.mov_rr(true, Gpr::Rsp, Gpr::Rbp);
+        a.pop(Gpr::Rbp);
+        // Drop the return into the body: return straight to the target's caller.
+        a.alu_ri(AluOp::Add, true, Gpr::Rsp, 8);
+        a.ret();
+    } else {
+        a.lea_label(Gpr::Rdi, image_start);
+        call_abs(&mut a, tramp_image_exit as *const () as u64);
+        restore_args(&mut a);
+        a.mov_rr(true, Gpr::Rsp, Gpr::Rbp);
+        a.pop(Gpr::Rbp);
+        a.ret();
+    }
+    let code = a.finish().map_err(crate::jit::JitError::from)?;
+    debug_assert!(ip_after_call.is_none_or(|o| o + PATCH_SITE_LEN <= code.len()));
+    Ok(Layout {
+        code,
+        ip_after_call,
+        ip_epilogue,
+    })
+}
+
+fn restore_args(a: &mut Asm) {
+    for (i, r) in ARG_REGS.iter().enumerate() {
+        a.load(OpSize::Q, *r, slot(ARGS + 8 * i as i32));
+    }
+    a.load(OpSize::Q, Gpr::R9, slot(SAVED_CTX));
+}
