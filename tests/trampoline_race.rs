@@ -1,0 +1,157 @@
+//! Deterministic races of image retirement (its own test binary: it installs global hooks).
+//!
+//! 1. A thread has taken the branch into a trampoline image but not yet its reference; the image
+//!    is retired. It must stay allocated until the thread goes on, and the thread must finish with
+//!    the right result.
+//! 2. A thread holds the reference and is blocked (quiescent) in a helper inside the original: the
+//!    grace period passes, but the reference keeps the image alive until the helper returns.
+#![cfg(target_arch = "x86_64")]
+
+use std::cell::Cell;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use livebpf::asm::assemble_program;
+use livebpf::helpers::Helpers;
+use livebpf::jit::JitOptions;
+use livebpf::reclaim::{self, RetireState};
+use livebpf::trampoline::{AttachKind, Prog, attach, live_images, set_enter_hook};
+
+fn load(src: &str, helpers: &Helpers) -> Prog {
+    let program = assemble_program(src).unwrap();
+    Prog::load(&program, helpers, JitOptions::checked()).unwrap()
+}
+
+static TRANSITIONS: Mutex<Vec<(usize, RetireState)>> = Mutex::new(Vec::new());
+
+fn observe(image: usize, state: RetireState) {
+    TRANSITIONS.lock().unwrap().push((image, state));
+}
+
+fn states_of(image: usize) -> Vec<RetireState> {
+    TRANSITIONS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(i, _)| *i == image)
+        .map(|(_, s)| *s)
+        .collect()
+}
+
+/// Checks for a while that `image` is still waiting in retirement, never freed. A safety check
+/// over a window: it can only miss a bug, never report one that is not there.
+fn assert_stays_retired(image: usize, live_before: usize, expect_state: RetireState) {
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        assert_eq!(
+            live_images(),
+            live_before,
+            "image {image:#x} was freed early"
+        );
+        assert!(reclaim::pending() >= 1);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        states_of(image).last(),
+        Some(&expect_state),
+        "{:?}",
+        states_of(image)
+    );
+}
+
+thread_local! {
+    static HOLD_ME: Cell<bool> = const { Cell::new(false) };
+}
+static HELD_IMAGE: AtomicUsize = AtomicUsize::new(0);
+static RELEASE_ENTRY: AtomicBool = AtomicBool::new(false);
+
+fn hold_before_reference(image: usize) {
+    if HOLD_ME.with(|h| h.replace(false)) {
+        HELD_IMAGE.store(image, Ordering::SeqCst);
+        while !RELEASE_ENTRY.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+    }
+}
+
+static HELPER_ENTERED: AtomicBool = AtomicBool::new(false);
+static RELEASE_HELPER: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn block_quiescent(r1: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
+    reclaim::blocking(|| {
+        HELPER_ENTERED.store(true, Ordering::SeqCst);
+        while !RELEASE_HELPER.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+    });
+    r1
+}
+
+/// Both scenarios in one test: they share the process-wide hook and observer.
+#[test]
+fn retired_images_outlive_every_thread_that_can_be_inside() {
+    reclaim::set_observer(Some(observe));
+    set_enter_hook(Some(hold_before_reference));
+    let tracer = load("mov %r0, 0\nexit", &Helpers::new());
+
+    // Scenario 1: held between the branch and the reference.
+    let target = load("mov %r0, %r1\nadd %r0, %r2\nexit", &Helpers::new());
+    let baseline = live_images();
+    let link = attach(AttachKind::Fexit, &target, &tracer, 0).unwrap();
+    let image = target.trampoline_image().unwrap();
+    let runner = {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            HOLD_ME.with(|h| h.set(true));
+            target.call([20, 22, 0, 0, 0])
+        })
+    };
+    while HELD_IMAGE.load(Ordering::SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    assert_eq!(HELD_IMAGE.load(Ordering::SeqCst), image);
+    link.detach().unwrap();
+    assert_eq!(live_images(), baseline + 1);
+    assert_stays_retired(image, baseline + 1, RetireState::Gp1);
+    RELEASE_ENTRY.store(true, Ordering::SeqCst);
+    assert_eq!(runner.join().unwrap(), Ok(42));
+    reclaim::flush();
+    assert_eq!(live_images(), baseline);
+    assert_eq!(
+        states_of(image),
+        [RetireState::Gp1, RetireState::Draining, RetireState::Gp2]
+    );
+
+    // Scenario 2: blocked in a helper inside the original, holding the reference.
+    let mut helpers = Helpers::new();
+    helpers.register(13, block_quiescent);
+    let target = load("call 13\nadd %r0, 1\nexit", &helpers);
+    let link = attach(AttachKind::Fexit, &target, &tracer, 0).unwrap();
+    let image = target.trampoline_image().unwrap();
+    let runner = {
+        let target = target.clone();
+        std::thread::spawn(move || target.call([41, 0, 0, 0, 0]))
+    };
+    while !HELPER_ENTERED.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    link.detach().unwrap();
+    // Grace period 1 completes (the thread is quiescent), the reference holds the image.
+    let until = Instant::now() + Duration::from_secs(20);
+    while states_of(image).last() != Some(&RetireState::Draining) {
+        assert!(
+            Instant::now() < until,
+            "grace period 1 never ended: {:?}",
+            states_of(image)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_stays_retired(image, baseline + 1, RetireState::Draining);
+    RELEASE_HELPER.store(true, Ordering::SeqCst);
+    assert_eq!(runner.join().unwrap(), Ok(42));
+    reclaim::flush();
+    assert_eq!(live_images(), baseline);
+    set_enter_hook(None);
+    reclaim::set_observer(None);
+}
