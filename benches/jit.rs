@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use livebpf::asm::assemble_program;
+#[cfg(target_arch = "x86_64")]
 use livebpf::helpers::Helpers;
 use livebpf::interp::Interpreter;
 use livebpf::isa::Program;

@@ -31,6 +31,10 @@
 //! is skipped and its `misses` counted) and, when [`set_stats_enabled`] is on, `run_cnt` and
 //! `run_time_ns`.
 
+// The runtime functions below are only reachable from generated images, which exist for x86-64
+// so far.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
@@ -46,8 +50,10 @@ use crate::helpers::Helpers;
 use crate::isa::Program;
 use crate::jit::{JitError, JitOptions, JitProgram, JitStack, RunContext};
 use crate::reclaim::{self, Retirable};
-use crate::text::poke::{PokeError, PokeInsn, text_poke};
-use crate::text::{Allocation, CodeArena, ImageKind, Registry, TextError};
+#[cfg(target_arch = "x86_64")]
+use crate::text::ImageKind;
+use crate::text::poke::{PokeError, PokeInsn};
+use crate::text::{Allocation, CodeArena, Registry, TextError};
 
 /// Most fentry + fexit + fmod_ret links on one target (the kernel's `BPF_MAX_TRAMP_LINKS`).
 pub const MAX_TRAMP_LINKS: usize = 38;
@@ -342,6 +348,20 @@ impl Drop for Link {
     }
 }
 
+/// `text_poke` where trampolines are supported; a typed error elsewhere.
+fn poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::text::poke::text_poke(ip, old, new)?;
+        Ok(())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (ip, old, new);
+        Err(AttachError::UnsupportedHost(std::env::consts::ARCH))
+    }
+}
+
 fn site_insn(image: Option<&TrampImage>) -> PokeInsn {
     image.map_or(PokeInsn::Nop, |i| PokeInsn::Call(i.addr()))
 }
@@ -371,7 +391,7 @@ pub fn attach(
                 requested: kind,
             });
         }
-        text_poke(
+        poke(
             target.0.jit.entry(),
             PokeInsn::Nop,
             PokeInsn::Jump(prog.0.jit.entry()),
@@ -421,13 +441,13 @@ fn detach(target: &Prog, id: u64, kind: AttachKind) -> Result<(), AttachError> {
             state.freplace = Some((fid, prog));
             return Ok(());
         }
-        if let Err(e) = text_poke(
+        if let Err(e) = poke(
             target.0.jit.entry(),
             PokeInsn::Jump(prog.0.jit.entry()),
             PokeInsn::Nop,
         ) {
             state.freplace = Some((fid, prog));
-            return Err(e.into());
+            return Err(e);
         }
         reclaim::retire(Box::new(RetiredProg(prog)));
         return Ok(());
@@ -453,12 +473,12 @@ fn update_image(target: &Prog, state: &mut AttachState) -> Result<(), AttachErro
     };
     let old_insn = site_insn(state.image.as_ref());
     let new_insn = site_insn(new_image.as_ref());
-    if let Err(e) = text_poke(target.0.jit.entry(), old_insn, new_insn) {
+    if let Err(e) = poke(target.0.jit.entry(), old_insn, new_insn) {
         if let Some(img) = new_image {
             // Never published, so free it through the normal path (cheap when nobody is inside).
             reclaim::retire(Box::new(img));
         }
-        return Err(e.into());
+        return Err(e);
     }
     let old = std::mem::replace(&mut state.image, new_image);
     if let Some(old) = old {
@@ -473,7 +493,7 @@ fn retire_image(image: TrampImage) {
     if let (Some(after), Some(epilogue)) = (image.ip_after_call, image.ip_epilogue) {
         // A failure here only means those threads still run the old fexit programs, which stay
         // alive with the image; retirement is safe either way.
-        let _ = text_poke(after, PokeInsn::Nop, PokeInsn::Jump(epilogue));
+        let _ = poke(after, PokeInsn::Nop, PokeInsn::Jump(epilogue));
     }
     reclaim::retire(Box::new(image));
 }
@@ -523,7 +543,7 @@ pub fn set_enter_hook(hook: Option<EnterHook>) {
     ENTER_HOOK.store(p, Ordering::Release);
 }
 
-pub(crate) extern "sysv64" fn tramp_image_enter(image: usize) {
+pub(crate) extern "C" fn tramp_image_enter(image: usize) {
     let hook = ENTER_HOOK.load(Ordering::Acquire);
     if !hook.is_null() {
         // SAFETY: only `set_enter_hook` stores here, always an `EnterHook`.
@@ -533,7 +553,7 @@ pub(crate) extern "sysv64" fn tramp_image_enter(image: usize) {
     reclaim::image_enter(image);
 }
 
-pub(crate) extern "sysv64" fn tramp_image_exit(image: usize) {
+pub(crate) extern "C" fn tramp_image_exit(image: usize) {
     reclaim::image_exit(image);
 }
 
@@ -554,7 +574,7 @@ thread_local! {
 /// # Safety
 /// `link` is an `Arc<LinkShared>` held by the calling image; `ctx` points at uninitialised space
 /// for a `RunContext` in the trampoline's frame; `args` at the `TRACE_CTX_WORDS` saved words.
-pub(crate) unsafe extern "sysv64" fn tramp_prog_enter(
+pub(crate) unsafe extern "C" fn tramp_prog_enter(
     link: *const LinkShared,
     ctx: *mut RunContext<'static>,
     args: *mut u64,
@@ -593,7 +613,7 @@ pub(crate) unsafe extern "sysv64" fn tramp_prog_enter(
 ///
 /// # Safety
 /// As for `tramp_prog_enter`; `ctx` was initialised by it when `start != 0`.
-pub(crate) unsafe extern "sysv64" fn tramp_prog_exit(
+pub(crate) unsafe extern "C" fn tramp_prog_exit(
     link: *const LinkShared,
     start: u64,
     ctx: *mut RunContext<'static>,
