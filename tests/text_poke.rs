@@ -211,3 +211,53 @@ fn site_switched_under_load() {
         "{counted} stub calls for {calls} program calls"
     );
 }
+
+/// The same under load, on a real JIT-compiled program: its entry's patch site switches between the
+/// nop and a call to a counting stub while runners check every result against the interpreter.
+#[test]
+fn jit_program_site_switched_under_load() {
+    use livebpf::asm::assemble_program;
+    use livebpf::helpers::Helpers;
+    use livebpf::interp::Interpreter;
+    use livebpf::jit::{JitOptions, JitProgram};
+
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    const POKES: usize = 100_000;
+    const RUNNERS: usize = 2;
+    let program = assemble_program(include_str!("../examples/sieve.s")).unwrap();
+    let jit =
+        Arc::new(JitProgram::compile(&program, &Helpers::new(), JitOptions::checked()).unwrap());
+    let expected = Interpreter::new(&program).run(&mut [0u8; 64]).unwrap();
+    let stub = counting_stub(&COUNT);
+    let stop = Arc::new(AtomicBool::new(false));
+    let runners: Vec<_> = (0..RUNNERS)
+        .map(|_| {
+            let (jit, stop) = (jit.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut calls = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(jit.run(&mut [0u8; 64]), Ok(expected));
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let call = PokeInsn::Call(stub.addr());
+    for i in 0..POKES {
+        let (old, new) = if i % 2 == 0 {
+            (PokeInsn::Nop, call)
+        } else {
+            (call, PokeInsn::Nop)
+        };
+        assert_eq!(text_poke(jit.entry(), old, new), Ok(PokeOutcome::Applied));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let calls: u64 = runners.into_iter().map(|r| r.join().unwrap()).sum();
+    let counted = COUNT.load(Ordering::Relaxed);
+    println!("JIT program site switched {POKES} times: {calls} runs, {counted} through the stub");
+    assert!(
+        calls > 0 && counted > 0 && counted <= calls,
+        "{counted} stub calls for {calls} runs"
+    );
+}
