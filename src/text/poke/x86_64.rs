@@ -1,6 +1,6 @@
 //! x86-64 `text_poke`: the int3 protocol (the argument is in the parent module's docs).
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering, fence};
 use std::sync::{Mutex, OnceLock};
 
 use super::{PokeError, PokeInsn, PokeOutcome};
@@ -45,14 +45,47 @@ pub fn decode_x86(ip: usize, bytes: [u8; 5]) -> Option<PokeInsn> {
 /// Serialises all pokes (the kernel's `text_mutex`).
 static TEXT_LOCK: Mutex<()> = Mutex::new(());
 
-/// The poke in progress, read by the SIGTRAP handler. Written only under `TEXT_LOCK`: kind and
-/// target first, then `ACTIVE_SITE` with `Release`; cleared after the last step. The handler loads
-/// `ACTIVE_SITE` with `Acquire` before the other two, so when it sees the site it also sees the
-/// matching kind and target. The membarrier after writing the `int3` orders these stores before any
-/// thread can trap on it.
+/// The poke in progress, read by the SIGTRAP handler, as a seqlock: written only under
+/// `TEXT_LOCK` (sequence odd while the three fields change), read by handlers that retry until they
+/// see an even, unchanged sequence. A handler can run late — after the poke it trapped on has
+/// finished and another one has begun — so it must never combine the site of one poke with the
+/// kind or target of the next. The membarrier after writing the `int3` orders these stores before
+/// any thread can trap on it.
+static ACTIVE_SEQ: AtomicUsize = AtomicUsize::new(0);
 static ACTIVE_SITE: AtomicUsize = AtomicUsize::new(0);
 static ACTIVE_KIND: AtomicU8 = AtomicU8::new(0);
 static ACTIVE_TARGET: AtomicUsize = AtomicUsize::new(0);
+
+/// Publishes (site, kind, target); site 0 means no poke in progress. Caller holds `TEXT_LOCK`.
+fn publish_active(site: usize, kind: u8, target: usize) {
+    ACTIVE_SEQ.fetch_add(1, Ordering::Relaxed);
+    fence(Ordering::Release);
+    ACTIVE_KIND.store(kind, Ordering::Relaxed);
+    ACTIVE_TARGET.store(target, Ordering::Relaxed);
+    ACTIVE_SITE.store(site, Ordering::Relaxed);
+    ACTIVE_SEQ.fetch_add(1, Ordering::Release);
+}
+
+/// A consistent snapshot of the poke in progress: (site, kind, target). Async-signal-safe.
+fn read_active() -> (usize, u8, usize) {
+    loop {
+        let before = ACTIVE_SEQ.load(Ordering::Acquire);
+        if before % 2 == 1 {
+            // The poker is between two stores; it never blocks there.
+            std::hint::spin_loop();
+            continue;
+        }
+        let snapshot = (
+            ACTIVE_SITE.load(Ordering::Relaxed),
+            ACTIVE_KIND.load(Ordering::Relaxed),
+            ACTIVE_TARGET.load(Ordering::Relaxed),
+        );
+        fence(Ordering::Acquire);
+        if ACTIVE_SEQ.load(Ordering::Relaxed) == before {
+            return snapshot;
+        }
+    }
+}
 
 /// Traps on a site under poke that the handler emulated or retried (statistics only).
 static TRAPS_HANDLED: AtomicUsize = AtomicUsize::new(0);
@@ -154,13 +187,11 @@ pub fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome,
         PokeInsn::Call(t) => (KIND_CALL, t),
         PokeInsn::Jump(t) => (KIND_JUMP, t),
     };
-    ACTIVE_KIND.store(kind, Ordering::Relaxed);
-    ACTIVE_TARGET.store(target, Ordering::Relaxed);
-    ACTIVE_SITE.store(site, Ordering::Release);
+    publish_active(site, kind, target);
     let result = write_and_sync(arena, site, 0, &[X86_INT3])
         .and_then(|()| write_and_sync(arena, site, 1, &new_bytes[1..]))
         .and_then(|()| write_and_sync(arena, site, 0, &new_bytes[..1]));
-    ACTIVE_SITE.store(0, Ordering::Release);
+    publish_active(0, KIND_NOP, 0);
     result.map(|()| PokeOutcome::Applied)
 }
 
@@ -219,9 +250,9 @@ unsafe fn handle_site_trap(uc: *mut libc::ucontext_t) -> bool {
     if !arena.contains(site) {
         return false;
     }
-    if ACTIVE_SITE.load(Ordering::Acquire) == site {
-        let target = ACTIVE_TARGET.load(Ordering::Relaxed);
-        match ACTIVE_KIND.load(Ordering::Relaxed) {
+    let (active_site, kind, target) = read_active();
+    if active_site == site {
+        match kind {
             KIND_CALL => {
                 let rsp = (gregs[libc::REG_RSP as usize] as usize).wrapping_sub(8);
                 // SAFETY: emulating `call` pushes the return address exactly where the thread's own
