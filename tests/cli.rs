@@ -3,6 +3,8 @@
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
+use livebpf::cli::Engine;
+
 /// The binary, started through `LIVEBPF_TEST_RUNNER` when set (e.g. `qemu-aarch64 -L ...` when the
 /// tests are cross-built for arm64 and run under qemu-user, which cannot exec a foreign binary).
 fn command() -> Command {
@@ -56,6 +58,30 @@ fn temp(name: &str, contents: &[u8]) -> std::path::PathBuf {
 
 fn example() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sieve.s").to_string()
+}
+
+fn trace_example(name: &str) -> String {
+    format!("{}/examples/trace/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The engines this host can run: the JIT only where it is the default (see
+/// `Engine::default_for_host`, which the arm64 backend flips when it lands).
+fn engines() -> Vec<&'static str> {
+    if Engine::default_for_host() == Engine::Jit {
+        vec!["jit", "interp"]
+    } else {
+        vec!["interp"]
+    }
+}
+
+/// A program as the hex text the conformance plugin reads on stdin.
+fn program_hex(src: &str) -> String {
+    let program = livebpf::asm::assemble_program(src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+    program
+        .encode()
+        .iter()
+        .map(|b| format!("{b:02x} "))
+        .collect()
 }
 
 #[test]
@@ -125,10 +151,401 @@ fn bad_input_is_one_line_and_non_zero() {
     let o = livebpf(&["run", oob.to_str().unwrap(), "--mem", "00"], None);
     assert_one_line_error(&o, "out-of-bounds");
     let looping = temp("loop.s", b"l:\nja l\n");
-    let o = livebpf(&["run", looping.to_str().unwrap(), "--budget", "100"], None);
+    let o = livebpf(
+        &[
+            "run",
+            looping.to_str().unwrap(),
+            "--budget",
+            "100",
+            "--engine",
+            "interp",
+        ],
+        None,
+    );
     assert_one_line_error(&o, "budget");
+    // The JIT has no budget: asking for one is an error, not silently ignored.
+    let o = livebpf(
+        &[
+            "run",
+            looping.to_str().unwrap(),
+            "--budget",
+            "100",
+            "--engine",
+            "jit",
+        ],
+        None,
+    );
+    assert_one_line_error(&o, "--budget needs --engine interp");
     let o = livebpf(&["run", "/nonexistent/prog.s"], None);
     assert_one_line_error(&o, "cannot read");
     let o = livebpf(&["run", &example(), "--mem", "zz"], None);
     assert_one_line_error(&o, "hex");
+}
+
+#[test]
+fn sieve_with_every_engine_and_the_default() {
+    for engine in engines() {
+        let o = livebpf(
+            &[
+                "run",
+                &example(),
+                "--zeroed-mem",
+                "4096",
+                "--engine",
+                engine,
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{engine}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "0x234\n", "{engine}");
+    }
+    let o = livebpf(&["run", &example(), "--zeroed-mem", "100"], None);
+    assert_eq!(stdout(&o), "0x19\n", "{}", stderr(&o));
+    let o = livebpf(&["run", "--help"], None);
+    let default = match Engine::default_for_host() {
+        Engine::Jit => "[default: jit]",
+        Engine::Interp => "[default: interp]",
+    };
+    assert!(stdout(&o).contains(default), "{}", stdout(&o));
+}
+
+#[test]
+fn conformance_plugin_gives_the_same_results_with_every_engine() {
+    // (program, memory, expected r0 as the plugin prints it)
+    let cases: &[(&str, &str, &str)] = &[
+        ("mov %r0, %r2\nexit", "01 02 03", "3"),
+        ("ldxw %r0, [%r1+1]\nexit", "aa 01 02 03 04", "4030201"),
+        // callx reaches the conformance suite's identity helper (id 5)
+        ("mov %r1, 7\nmov %r2, 5\ncall %r2\nexit", "", "7"),
+        (
+            "mov %r1, 3\ncall local f\nadd %r0, 1\nexit\nf:\nmov %r0, %r1\nmul %r0, 5\nexit",
+            "",
+            "10",
+        ),
+        ("mov %r0, 9\nmov %r1, 0\ndiv %r0, %r1\nexit", "", "0"),
+        (
+            "stdw [%r10-8], 40\nmov %r1, 2\nlock fetch add [%r10-8], %r1\nldxdw %r0, [%r10-8]\nadd %r0, %r1\nexit",
+            "",
+            "52",
+        ),
+    ];
+    for engine in engines() {
+        for (src, mem, want) in cases {
+            let mut args = vec!["conformance-plugin", "--engine", engine];
+            if !mem.is_empty() {
+                args.push(mem);
+            }
+            let o = livebpf(&args, Some(&program_hex(src)));
+            assert!(o.status.success(), "{engine} {src}: {}", stderr(&o));
+            assert_eq!(stdout(&o).trim(), *want, "{engine}: {src}");
+        }
+    }
+    // A few files of the conformance suite itself, when it is checked out next to the project.
+    let Some(dir) = livebpf::conformance::shared_dir() else {
+        return;
+    };
+    for name in ["callx", "call_local", "lock_fetch_add", "mem-len", "prime"] {
+        let case = livebpf::conformance::TestCase::load(&dir.join(format!("{name}.data")))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let program: String = case
+            .program()
+            .unwrap()
+            .encode()
+            .iter()
+            .map(|b| format!("{b:02x} "))
+            .collect();
+        let mem: String = case.mem.iter().map(|b| format!("{b:02x} ")).collect();
+        for engine in engines() {
+            let o = livebpf(
+                &["conformance-plugin", mem.trim(), "--engine", engine],
+                Some(&program),
+            );
+            assert!(o.status.success(), "{engine} {name}: {}", stderr(&o));
+            assert_eq!(
+                stdout(&o),
+                format!("{:x}\n", case.result),
+                "{engine} {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn out_of_bounds_is_the_same_one_line_error_with_every_engine() {
+    // No input memory: r1 = 0, so the faulting address (0x8) is the same in every process.
+    let oob = temp("oob-engines.s", b"mov %r0, 1\nldxdw %r0, [%r1+8]\nexit\n");
+    let mut messages = Vec::new();
+    for engine in engines() {
+        let o = livebpf(&["run", oob.to_str().unwrap(), "--engine", engine], None);
+        assert_one_line_error(
+            &o,
+            "out-of-bounds load of 8 bytes at address 0x8 (instruction 1)",
+        );
+        messages.push(stderr(&o));
+        let o = livebpf(
+            &["conformance-plugin", "--engine", engine],
+            Some(&program_hex("ldxdw %r0, [%r1+8]\nexit")),
+        );
+        assert_one_line_error(&o, "out-of-bounds load");
+    }
+    messages.dedup();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+}
+
+#[test]
+fn dump_prints_ebpf_with_slot_numbers() {
+    let o = livebpf(&["dump", &example()], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 19, "{out}");
+    assert_eq!(lines[0], "   0: mov %r0, 0");
+    assert!(lines[2].starts_with("   2: jge %r3, %r2, +15"), "{out}");
+    assert!(lines[2].ends_with("; -> 18"), "{out}");
+    assert_eq!(lines[18], "  18: exit");
+    // lddw takes two slots: the next instruction is numbered after both.
+    let wide = temp("wide.s", b"lddw %r0, 0x1122334455667788\nexit\n");
+    let o = livebpf(&["dump", wide.to_str().unwrap()], None);
+    assert_eq!(
+        stdout(&o),
+        "   0: lddw %r0, 0x1122334455667788\n   2: exit\n"
+    );
+    // --arch only makes sense with --jited: a usage error from clap.
+    let o = livebpf(&["dump", &example(), "--arch", "arm64"], None);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn dump_jited_x86_64_marks_the_patch_site() {
+    // The generator is host-independent, so this works on any host.
+    let o = livebpf(&["dump", &example(), "--jited", "--arch", "x86_64"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let first = out.lines().next().unwrap_or("");
+    assert!(first.starts_with("     0:  0f 1f 44 00 00 "), "{first}");
+    assert!(first.contains("nop dword ptr [rax + rax]"), "{first}");
+    assert!(
+        first.contains("; <- patch site (nop, poked to call/jmp by attach)"),
+        "{first}"
+    );
+    assert_eq!(out.matches("patch site").count(), 1, "{out}");
+    assert!(out.lines().any(|l| l.ends_with(" ret")), "{out}");
+    assert!(out.contains("push rbp"), "{out}");
+    assert!(
+        out.lines()
+            .last()
+            .unwrap_or("")
+            .contains("(x86_64, checked memory accesses)"),
+        "{out}"
+    );
+    // Without --arch: the host's architecture.
+    let o = livebpf(&["dump", &example(), "--jited"], None);
+    if cfg!(target_arch = "x86_64") {
+        // Equal but for embedded addresses, which ASLR moves between processes.
+        assert_eq!(stdout(&o).lines().count(), out.lines().count());
+        assert_eq!(stdout(&o).lines().next(), Some(first));
+    } else if cfg!(target_arch = "aarch64") {
+        assert!(stdout(&o).contains("(arm64, checked"), "{}", stdout(&o));
+    }
+}
+
+#[test]
+fn dump_jited_arm64_marks_the_patch_site_and_the_plt() {
+    let o = livebpf(&["dump", &example(), "--jited", "--arch", "arm64"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let site: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("<- patch site"))
+        .collect();
+    assert_eq!(site.len(), 1, "{out}");
+    assert!(
+        site[0].contains("1f 20 03 d5") && site[0].contains(" nop "),
+        "{}",
+        site[0]
+    );
+    assert!(site[0].contains("poked to bl/b by attach"), "{}", site[0]);
+    let plt = out.lines().find(|l| l.contains("<- PLT:")).unwrap_or("");
+    assert!(plt.contains("ldr x10"), "{out}");
+    let literal = out
+        .lines()
+        .find(|l| l.contains("<- PLT target"))
+        .unwrap_or("");
+    assert!(literal.contains(".quad"), "{out}");
+    // The code of each eBPF instruction is introduced by the instruction.
+    assert!(out.contains(";   0: mov %r0, 0\n"), "{out}");
+    assert!(out.contains(";  18: exit\n"), "{out}");
+    assert!(out.lines().any(|l| l.ends_with(" ret")), "{out}");
+    // `aarch64` is accepted as well.
+    let o = livebpf(&["dump", &example(), "--jited", "--arch", "aarch64"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// The `key=value` fields of trace's summary line.
+fn summary(out: &str) -> std::collections::HashMap<String, String> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("trace: "))
+        .unwrap_or_else(|| panic!("no summary in {out:?}"));
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn field(s: &std::collections::HashMap<String, String>, key: &str) -> u64 {
+    s.get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key} in {s:?}"))
+}
+
+fn trace_args(target: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["trace", target, "--fentry"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(trace_example("count_entry.s"));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn livebpf_owned(args: &[String]) -> Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    livebpf(&args, None)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn trace_attaches_and_detaches_under_load_without_errors_or_leaks() {
+    let fexit = trace_example("count_exit.s");
+    let args = trace_args(
+        &trace_example("target.s"),
+        &[
+            "--fexit",
+            &fexit,
+            "--zeroed-mem",
+            "256",
+            "--threads",
+            "2",
+            "--cycles",
+            "50",
+        ],
+    );
+    let o = livebpf_owned(&args);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let s = summary(&stdout(&o));
+    assert_eq!(field(&s, "cycles"), 50);
+    assert_eq!(field(&s, "threads"), 2);
+    assert_eq!(field(&s, "errors"), 0, "{s:?}");
+    assert_eq!(field(&s, "live_images"), 0, "{s:?}");
+    // Every cycle waits for each runner to complete a run while both tracers are attached.
+    assert!(field(&s, "fentry") >= 100, "{s:?}");
+    assert!(field(&s, "fexit") >= 100, "{s:?}");
+    assert!(field(&s, "runs") >= field(&s, "fentry"), "{s:?}");
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn trace_with_fentry_only_of_a_target_that_writes_its_input() {
+    // A target that writes its input: each run gets a fresh copy, so every result is the same.
+    let args = trace_args(
+        &example(),
+        &["--zeroed-mem", "300", "--threads", "3", "--cycles", "20"],
+    );
+    let o = livebpf_owned(&args);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let s = summary(&stdout(&o));
+    assert_eq!(field(&s, "errors"), 0, "{s:?}");
+    assert_eq!(field(&s, "fexit"), 0, "{s:?}");
+    assert!(field(&s, "fentry") >= 60, "{s:?}");
+    assert_eq!(field(&s, "live_images"), 0, "{s:?}");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn trace_of_a_faulting_target_reports_errors_and_fails() {
+    let oob = temp("trace-oob.s", b"ldxdw %r0, [%r1+256]\nexit\n");
+    let args = trace_args(
+        oob.to_str().unwrap(),
+        &["--zeroed-mem", "256", "--threads", "2", "--cycles", "10"],
+    );
+    let o = livebpf_owned(&args);
+    assert!(!o.status.success());
+    let s = summary(&stdout(&o));
+    assert!(field(&s, "errors") > 0, "{s:?}");
+    assert_eq!(field(&s, "errors"), field(&s, "runs"), "{s:?}");
+    assert_eq!(field(&s, "live_images"), 0, "{s:?}");
+    assert_one_line_error(&o, "out-of-bounds load of 8 bytes");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn trace_counts_tracer_errors() {
+    // The tracer reads past its 48-byte context: each of its runs fails (the target's do not).
+    let bad = temp("bad-tracer.s", b"ldxdw %r0, [%r1+48]\nexit\n");
+    let o = livebpf(
+        &[
+            "trace",
+            &trace_example("target.s"),
+            "--fentry",
+            bad.to_str().unwrap(),
+            "--threads",
+            "2",
+            "--cycles",
+            "10",
+        ],
+        None,
+    );
+    assert!(!o.status.success());
+    let s = summary(&stdout(&o));
+    assert_eq!(field(&s, "errors"), field(&s, "fentry"), "{s:?}");
+    assert!(field(&s, "errors") >= 20, "{s:?}");
+    assert_one_line_error(&o, "fentry runs failed");
+}
+
+/// Trampolines exist for x86-64 hosts only so far: elsewhere trace must say so in one line, and
+/// once they land there, it must work.
+#[cfg(not(target_arch = "x86_64"))]
+#[test]
+fn trace_on_other_hosts_works_or_says_why() {
+    let o = livebpf_owned(&trace_args(
+        &trace_example("target.s"),
+        &["--threads", "2", "--cycles", "5"],
+    ));
+    if o.status.success() {
+        let s = summary(&stdout(&o));
+        assert_eq!(field(&s, "errors"), 0, "{s:?}");
+        assert_eq!(field(&s, "live_images"), 0, "{s:?}");
+    } else {
+        assert_one_line_error(&o, "host");
+    }
+}
+
+#[test]
+fn trace_usage_errors() {
+    let target = trace_example("target.s");
+    let o = livebpf_owned(&trace_args(&target, &["--threads", "0"]));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = livebpf(&["trace", &target], None);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = livebpf_owned(&trace_args("/nonexistent/target.s", &[]));
+    assert_one_line_error(&o, "cannot read");
+    let looping = temp("trace-loop.s", b"l:\nja l\n");
+    let o = livebpf_owned(&trace_args(looping.to_str().unwrap(), &[]));
+    assert_one_line_error(&o, "does not finish");
+}
+
+#[test]
+fn trace_examples_run_on_their_own() {
+    let o = livebpf(
+        &["run", &trace_example("target.s"), "--mem", "68 65 6c 6c 6f"],
+        None,
+    );
+    assert_eq!(stdout(&o), "0xa430d84680aabd0b\n", "{}", stderr(&o));
+    let ctx = "00 ".repeat(48);
+    for tracer in ["count_entry.s", "count_exit.s"] {
+        let o = livebpf(&["run", &trace_example(tracer), "--mem", &ctx], None);
+        assert!(o.status.success(), "{tracer}: {}", stderr(&o));
+    }
 }

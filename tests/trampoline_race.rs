@@ -5,7 +5,7 @@
 //!    the right result.
 //! 2. A thread holds the reference and is blocked (quiescent) in a helper inside the original: the
 //!    grace period passes, but the reference keeps the image alive until the helper returns.
-#![cfg(target_arch = "x86_64")]
+#![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 
 use std::cell::Cell;
 use std::sync::Mutex;

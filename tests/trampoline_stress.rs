@@ -1,6 +1,6 @@
 //! Attach/detach cycles while runner threads call the target (its own binary, so the live-image
 //! count belongs to this test alone).
-#![cfg(target_arch = "x86_64")]
+#![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

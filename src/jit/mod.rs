@@ -1,8 +1,10 @@
 //! JIT compilation of eBPF programs to native code placed in the W^X code arena.
 //!
-//! [`JitProgram::compile`] turns a validated [`Program`] into machine code ([`x86_64`] is the only
-//! backend so far), copies it into the global [`CodeArena`] and registers it in the program
-//! [`Registry`] as [`ImageKind::Program`], so that a poker can later recognise its patch site.
+//! [`JitProgram::compile`] turns a validated [`Program`] into machine code for the host
+//! ([`x86_64`] or [`arm64`]), copies it into the global [`CodeArena`] and registers it in the
+//! program [`Registry`] as a program image, so that a poker can later recognise its patch site (on
+//! arm64 also its PLT, see [`crate::text::poke`]). [`generate`] produces the code for either
+//! architecture on any host, without placing it (for dumps).
 //! [`JitProgram::run`] follows the same contract as [`crate::interp::Interpreter::run`] and returns
 //! exactly the interpreter's results and errors (the JIT has no instruction budget).
 //!
@@ -22,6 +24,9 @@
 //! [`ExecError`]. The return value is r0, meaningful only when the context holds no error.
 //! r0 and r6–r9 start at zero, as in the interpreter.
 //!
+//! On arm64 the entry is `extern "C"` (AAPCS64): r1–r5 in x0–x4, the context in x5; see
+//! [`arm64`] for its prologue (`[bti jc]; mov x9, x30; nop; [paciasp]; ...`) and PLT.
+//!
 //! # Memory safety modes
 //!
 //! * checked ([`JitOptions::checked`], the default): every load, store and atomic is checked like
@@ -29,6 +34,7 @@
 //! * trusted ([`JitOptions::trusted`], `unsafe`): no checks at all, for speed; the caller vouches
 //!   that the programs only touch memory they may.
 
+pub mod arm64;
 pub mod x86_64;
 
 use std::marker::PhantomData;
@@ -39,7 +45,7 @@ use thiserror::Error;
 use crate::exec::{Access, ExecError, MemRegion, STACK_SIZE, TOTAL_STACK};
 use crate::helpers::Helpers;
 use crate::isa::Program;
-use crate::text::{Allocation, CodeArena, ImageKind, Registry, TextError};
+use crate::text::{Allocation, CodeArena, Registry, TextError};
 
 /// Why a program could not be compiled.
 #[derive(Debug, Error)]
@@ -69,6 +75,9 @@ pub enum JitError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JitOptions {
     checked: bool,
+    bti: bool,
+    pac: bool,
+    lse: Option<bool>,
 }
 
 impl Default for JitOptions {
@@ -81,7 +90,12 @@ impl JitOptions {
     /// Every memory access is bounds checked (and atomics alignment checked), with the
     /// interpreter's errors.
     pub const fn checked() -> JitOptions {
-        JitOptions { checked: true }
+        JitOptions {
+            checked: true,
+            bti: true,
+            pac: true,
+            lse: None,
+        }
     }
 
     /// No memory checks: out-of-bounds accesses really happen.
@@ -91,11 +105,45 @@ impl JitOptions {
     /// valid for that access (its input, its stack, or memory the embedder owns and hands it, e.g.
     /// through a helper), and its atomics must be naturally aligned.
     pub const unsafe fn trusted() -> JitOptions {
-        JitOptions { checked: false }
+        JitOptions {
+            checked: false,
+            bti: true,
+            pac: true,
+            lse: None,
+        }
     }
 
     pub const fn is_checked(&self) -> bool {
         self.checked
+    }
+
+    /// arm64: start programs with a `bti jc` landing pad (default on; forced on when the code
+    /// arena maps text with `PROT_BTI`). Ignored by the x86-64 backend.
+    pub const fn with_bti(mut self, bti: bool) -> JitOptions {
+        self.bti = bti;
+        self
+    }
+
+    /// arm64: sign the return address with `paciasp`/`autiasp` (default on). Ignored by the
+    /// x86-64 backend.
+    pub const fn with_pac(mut self, pac: bool) -> JitOptions {
+        self.pac = pac;
+        self
+    }
+
+    /// arm64: use LSE atomics (`true`) or exclusive-access loops (`false`); by default LSE when
+    /// the CPU has it. LSE is never used on CPUs without it. Ignored by the x86-64 backend.
+    pub const fn with_lse(mut self, lse: bool) -> JitOptions {
+        self.lse = Some(lse);
+        self
+    }
+
+    pub const fn bti(&self) -> bool {
+        self.bti
+    }
+
+    pub const fn pac(&self) -> bool {
+        self.pac
     }
 }
 
@@ -306,6 +354,17 @@ pub(crate) extern "sysv64" fn runtime_call(
     arg: u64,
     info: u64,
 ) -> u64 {
+    runtime_dispatch(ctx, arg, info)
+}
+
+/// [`runtime_call`] for arm64 code (AAPCS64).
+#[cfg(target_arch = "aarch64")]
+pub(crate) extern "C" fn runtime_call(ctx: *mut RunContext<'static>, arg: u64, info: u64) -> u64 {
+    runtime_dispatch(ctx, arg, info)
+}
+
+/// The body of [`runtime_call`], shared by the per-ABI entry points.
+fn runtime_dispatch(ctx: *mut RunContext<'static>, arg: u64, info: u64) -> u64 {
     // SAFETY: generated code passes the context pointer it was entered with, which its caller
     // keeps alive and unaliased (`&mut`) for the whole run; nothing else touches it meanwhile.
     let ctx = unsafe { &mut *ctx };
@@ -350,6 +409,9 @@ pub(crate) extern "sysv64" fn runtime_call(
 /// The type of a compiled program's entry; see the module documentation.
 #[cfg(target_arch = "x86_64")]
 pub type JitFn = unsafe extern "sysv64" fn(u64, u64, u64, u64, u64, *mut RunContext<'_>) -> u64;
+/// The type of a compiled program's entry; see the module documentation.
+#[cfg(target_arch = "aarch64")]
+pub type JitFn = unsafe extern "C" fn(u64, u64, u64, u64, u64, *mut RunContext<'_>) -> u64;
 
 /// Address of [`runtime_call`], or why this host cannot run x86-64 code.
 fn runtime_fn_addr() -> Result<u64, JitError> {
@@ -360,6 +422,128 @@ fn runtime_fn_addr() -> Result<u64, JitError> {
         backend: "x86-64",
         host: std::env::consts::ARCH,
     });
+}
+
+/// A target architecture of the JIT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Arch {
+    X86_64,
+    Arm64,
+}
+
+impl Arch {
+    /// The architecture of this host, if the JIT supports it.
+    pub fn host() -> Option<Arch> {
+        if cfg!(target_arch = "x86_64") {
+            Some(Arch::X86_64)
+        } else if cfg!(target_arch = "aarch64") {
+            Some(Arch::Arm64)
+        } else {
+            None
+        }
+    }
+
+    /// `x86-64` or `arm64`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86-64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+}
+
+/// Addresses a program embeds that only exist on a host of its architecture (the runtime
+/// function, the arm64 dummy trampoline) are this placeholder when [`generate`] targets
+/// another architecture.
+pub const FOREIGN_ADDRESS_PLACEHOLDER: u64 = 0;
+
+/// Machine code generated for one architecture, not placed in the arena: for dumps
+/// (`livebpf dump --jited --arch ...`) and size measurements.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GeneratedCode {
+    pub arch: Arch,
+    /// The image; the entry is offset 0.
+    pub bytes: Vec<u8>,
+    /// Byte offset and length of the patch site.
+    pub patch_site: usize,
+    pub patch_site_len: usize,
+    /// Byte offset of the instruction after the patch site.
+    pub body: usize,
+    /// arm64: the PLT (`ldr x10, #8; br x10; .quad target`), and the offset of its literal.
+    pub plt: Option<(usize, usize)>,
+    /// Byte offset of each eBPF instruction's code, by instruction index, when the backend
+    /// reports it (arm64).
+    pub insn_offsets: Option<Vec<usize>>,
+}
+
+/// Generates `program` for `arch` on any host, as [`JitProgram::compile`] would on a host of
+/// that architecture; helper addresses are this process's. On another architecture, host-only
+/// addresses are [`FOREIGN_ADDRESS_PLACEHOLDER`], and arm64 atomics are the portable
+/// exclusive-access loops unless `opts` asks for LSE ([`JitOptions::with_lse`]).
+pub fn generate(
+    program: &Program,
+    helpers: &Helpers,
+    arch: Arch,
+    opts: JitOptions,
+) -> Result<GeneratedCode, JitError> {
+    let native = Arch::host() == Some(arch);
+    match arch {
+        Arch::X86_64 => {
+            let cg = x86_64::CodegenOptions {
+                checked: opts.checked,
+                runtime_fn: if native {
+                    runtime_fn_addr()?
+                } else {
+                    FOREIGN_ADDRESS_PLACEHOLDER
+                },
+            };
+            let bytes = x86_64::generate(program, helpers, &cg)?;
+            Ok(GeneratedCode {
+                arch,
+                bytes,
+                patch_site: x86_64::PATCH_SITE_OFFSET,
+                patch_site_len: x86_64::PATCH_SITE_LEN,
+                body: x86_64::BODY_OFFSET,
+                plt: None,
+                insn_offsets: None,
+            })
+        }
+        Arch::Arm64 => {
+            #[cfg(target_arch = "aarch64")]
+            let (runtime_fn, plt_target, lse) = (
+                runtime_call as *const () as u64,
+                crate::text::poke::dummy_trampoline()? as u64,
+                opts.lse.unwrap_or(true) && arm64::host_features().lse,
+            );
+            #[cfg(not(target_arch = "aarch64"))]
+            let (runtime_fn, plt_target, lse) = (
+                FOREIGN_ADDRESS_PLACEHOLDER,
+                FOREIGN_ADDRESS_PLACEHOLDER,
+                opts.lse.unwrap_or(false),
+            );
+            let code = arm64::generate(
+                program,
+                helpers,
+                &arm64::Arm64Options {
+                    checked: opts.checked,
+                    bti: opts.bti,
+                    pac: opts.pac,
+                    lse,
+                    runtime_fn,
+                    plt_target,
+                },
+            )?;
+            Ok(GeneratedCode {
+                arch,
+                patch_site: code.patch_site,
+                patch_site_len: arm64::INSN_BYTES,
+                body: code.body,
+                plt: Some((code.plt, code.plt_literal)),
+                insn_offsets: Some(code.insn_offsets),
+                bytes: code.code,
+            })
+        }
+    }
 }
 
 /// Owner ids for the registry, one per compiled program.
@@ -376,6 +560,8 @@ pub struct JitProgram {
     helpers: Helpers,
     checked: bool,
     id: u64,
+    patch_site: usize,
+    body: usize,
 }
 
 // The image is immutable machine code and the other fields are plain data; every run gets its own
@@ -393,6 +579,44 @@ impl JitProgram {
         helpers: &Helpers,
         opts: JitOptions,
     ) -> Result<JitProgram, JitError> {
+        #[cfg(target_arch = "aarch64")]
+        return Self::compile_arm64(program, helpers, opts);
+        #[cfg(not(target_arch = "aarch64"))]
+        Self::compile_x86_64(program, helpers, opts)
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn compile_arm64(
+        program: &Program,
+        helpers: &Helpers,
+        opts: JitOptions,
+    ) -> Result<JitProgram, JitError> {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let placed = arm64::place(
+            program,
+            helpers,
+            opts.checked,
+            (opts.bti, opts.pac, opts.lse),
+            id,
+        )?;
+        Ok(JitProgram {
+            entry: placed.image.rx(),
+            image: Some(placed.image),
+            code: placed.code.code,
+            helpers: helpers.clone(),
+            checked: opts.checked,
+            id,
+            patch_site: placed.code.patch_site,
+            body: placed.code.body,
+        })
+    }
+
+    #[cfg(not(target_arch = "aarch64"))]
+    fn compile_x86_64(
+        program: &Program,
+        helpers: &Helpers,
+        opts: JitOptions,
+    ) -> Result<JitProgram, JitError> {
         let cg = x86_64::CodegenOptions {
             checked: opts.checked,
             runtime_fn: runtime_fn_addr()?,
@@ -402,7 +626,12 @@ impl JitProgram {
         let image = arena.alloc(code.len(), x86_64::IMAGE_ALIGN)?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let placed = arena.write(&image, 0, &code).and_then(|()| {
-            Registry::global().register(image.rx(), image.len(), ImageKind::Program, id)
+            Registry::global().register(
+                image.rx(),
+                image.len(),
+                crate::text::ImageKind::Program,
+                id,
+            )
         });
         if let Err(e) = placed {
             // SAFETY: the image was never published, so nothing can be running it.
@@ -416,6 +645,8 @@ impl JitProgram {
             helpers: helpers.clone(),
             checked: opts.checked,
             id,
+            patch_site: x86_64::PATCH_SITE_OFFSET,
+            body: x86_64::BODY_OFFSET,
         })
     }
 
@@ -456,7 +687,7 @@ impl JitProgram {
     fn execute(&self, args: [u64; 5], ctx: &mut RunContext<'_>) -> Result<u64, ExecError> {
         let _online = crate::reclaim::ReadGuard::new();
         let [r1, r2, r3, r4, r5] = args;
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         let r0 = {
             // SAFETY: `entry` is the start of this program's image, generated for exactly the
             // `JitFn` ABI, and the image stays mapped while `self` is borrowed.
@@ -467,7 +698,7 @@ impl JitProgram {
             unsafe { f(r1, r2, r3, r4, r5, ctx) }
         };
         // Unreachable in practice: `compile` fails on other hosts, so no `JitProgram` exists.
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let r0 = {
             let _ = (r1, r2, r3, r4, r5);
             ctx.error = Some(ExecError::EngineUnavailable {
@@ -494,12 +725,12 @@ impl JitProgram {
 
     /// Offset of the patch site from [`JitProgram::entry`].
     pub fn patch_site_offset(&self) -> usize {
-        x86_64::PATCH_SITE_OFFSET
+        self.patch_site
     }
 
     /// Offset of the instruction after the patch site, where a trampoline calls the body.
     pub fn body_offset(&self) -> usize {
-        x86_64::BODY_OFFSET
+        self.body
     }
 
     /// Whether memory accesses are checked.
@@ -519,6 +750,8 @@ impl Drop for JitProgram {
             return;
         };
         // Unregister first so the poker cannot find text that is about to be freed.
+        #[cfg(target_arch = "aarch64")]
+        crate::text::poke::unregister_program_site(image.rx());
         let _ = Registry::global().unregister(image.rx());
         if let Ok(arena) = CodeArena::global() {
             // SAFETY: runs borrow `self`, so none is in progress and none can start. Anyone who

@@ -45,7 +45,11 @@ pub struct ArenaOptions {
     /// After every write, `mprotect` the touched RX pages to their unchanged protection. Needed
     /// where writes through the RW alias are not seen by instruction fetch until the RX page's
     /// protection changes: qemu-user caches translated code per page and invalidates it on
-    /// `mprotect`, not on stores through another mapping. Cheap; off by default.
+    /// `mprotect`, not on stores through another mapping. Cheap; off by default. On arm64 an
+    /// arena created without it runs a self-test and turns it on by itself when instruction
+    /// fetch is found to miss such writes (see [`CodeArena::stale_alias_workaround_active`]).
+    /// On arm64 the workaround makes the touched RX pages RWX for the duration of two
+    /// `mprotect` calls (what qemu needs to notice): do not force it on real hardware.
     pub stale_alias_workaround: bool,
     /// Bytes added per growth step (rounded up to [`MAX_PAGE_SIZE`]); a larger image grows the
     /// arena by as much as it needs.
@@ -260,6 +264,8 @@ pub struct CodeArena {
     /// lock-free `Acquire` reader never computes an alias into an unmapped range.
     committed: AtomicUsize,
     state: Mutex<State>,
+    /// Whether the arm64 self-test at creation saw stale code (and so enabled the workaround).
+    stale_alias_detected: bool,
 }
 
 impl CodeArena {
@@ -284,7 +290,8 @@ impl CodeArena {
             memfd_create("livebpf-text", MemfdFlags::CLOEXEC).map_err(TextError::MemfdCreate)?;
         let rx = Reservation::new(max_size)?;
         let rw = Reservation::new(max_size)?;
-        Ok(Self {
+        #[allow(unused_mut)] // only changed on arm64
+        let mut arena = Self {
             id: NEXT_ARENA_ID.fetch_add(1, Ordering::Relaxed),
             opts,
             fd,
@@ -292,7 +299,61 @@ impl CodeArena {
             rw,
             committed: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
-        })
+            stale_alias_detected: false,
+        };
+        #[cfg(target_arch = "aarch64")]
+        if !arena.opts.stale_alias_workaround && arena.probe_stale_alias()? {
+            arena.opts.stale_alias_workaround = true;
+            arena.stale_alias_detected = true;
+        }
+        Ok(arena)
+    }
+
+    /// arm64 self-test for instruction fetch that misses writes through the RW alias: write a
+    /// function through the alias, run it, rewrite it, sync exactly as every write does, and
+    /// run it again. Real hardware runs the new code (the cache maintenance in `sync_icache`
+    /// is what the architecture requires); qemu-user keeps its translation of the RX page until
+    /// the page's protection changes, so it returns the old result, and then the arena enables
+    /// [`ArenaOptions::stale_alias_workaround`]. The workaround only re-applies the RX view's
+    /// own protection, so W^X holds either way.
+    #[cfg(target_arch = "aarch64")]
+    fn probe_stale_alias(&self) -> Result<bool, TextError> {
+        // bti c; movz w0, #n; ret — `bti c` (a hint elsewhere) lets it run on PROT_BTI pages.
+        let function = |n: u32| -> [u8; 12] {
+            let words = [0xd503_245f_u32, 0x5280_0000 | n << 5, 0xd65f_03c0];
+            let mut bytes = [0u8; 12];
+            for (chunk, w) in bytes.chunks_exact_mut(4).zip(words) {
+                chunk.copy_from_slice(&w.to_le_bytes());
+            }
+            bytes
+        };
+        let a = self.alloc(12, 16)?;
+        let run = |n: u32| -> Result<u32, TextError> {
+            self.write(&a, 0, &function(n))?;
+            // SAFETY: `a` holds the complete `extern "C" fn() -> u32` just written and synced
+            // by `write`; only this thread knows the allocation.
+            Ok(unsafe {
+                let f: extern "C" fn() -> u32 = std::mem::transmute(a.rx_ptr());
+                f()
+            })
+        };
+        let result = run(1).and_then(|first| Ok((first, run(2)?)));
+        // SAFETY: the probe function has returned and its address never left this function.
+        unsafe { self.free(a)? };
+        let (first, second) = result?;
+        Ok(first == 1 && second == 1)
+    }
+
+    /// Whether [`ArenaOptions::stale_alias_workaround`] is in force: requested in the options,
+    /// or enabled because the arm64 self-test at creation saw stale code (under qemu-user).
+    pub fn stale_alias_workaround_active(&self) -> bool {
+        self.opts.stale_alias_workaround
+    }
+
+    /// Whether the workaround was enabled by the arm64 self-test rather than by the options.
+    /// Always false on other architectures and when the options already asked for it.
+    pub fn stale_alias_detected(&self) -> bool {
+        self.stale_alias_detected
     }
 
     /// The process-wide arena, created with [`ArenaOptions::default`] on first use unless
@@ -578,16 +639,26 @@ impl CodeArena {
             let start = (off / MAX_PAGE_SIZE) * MAX_PAGE_SIZE;
             let end = (off + len).next_multiple_of(MAX_PAGE_SIZE);
             let addr = self.rx.base + start;
-            // SAFETY: the range is our own RX mapping and gets exactly the protection it already
-            // has, so no thread executing or reading it is affected.
-            unsafe {
-                mprotect(
-                    addr as *mut c_void,
-                    end - start,
-                    MprotectFlags::from_bits_retain(self.rx_prot().bits()),
-                )
-            }
-            .map_err(|errno| TextError::Mprotect { addr, errno })?;
+            let protect = |prot: ProtFlags| {
+                // SAFETY: the range is our own RX mapping; every protection applied here keeps
+                // it readable and executable, so no thread executing or reading it is affected.
+                unsafe {
+                    mprotect(
+                        addr as *mut c_void,
+                        end - start,
+                        MprotectFlags::from_bits_retain(prot.bits()),
+                    )
+                }
+                .map_err(|errno| TextError::Mprotect { addr, errno })
+            };
+            // qemu-user (checked with 7.2) drops its translations of a page only when the page
+            // *becomes writable* (`page_set_flags`); re-applying RX does nothing there. So on
+            // arm64 the pages are made RWX for the two system calls' duration. That briefly
+            // weakens W^X, which is why the workaround is only enabled where the creation-time
+            // self-test proves it necessary (an emulator), never on real hardware.
+            #[cfg(target_arch = "aarch64")]
+            protect(self.rx_prot() | ProtFlags::WRITE)?;
+            protect(self.rx_prot())?;
         }
         Ok(())
     }

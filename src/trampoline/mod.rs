@@ -32,9 +32,14 @@
 //! `run_time_ns`.
 
 // The runtime functions below are only reachable from generated images, which exist for x86-64
-// so far.
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+// and arm64.
+#![cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 
+#[cfg(target_arch = "aarch64")]
+mod arm64;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
@@ -50,7 +55,7 @@ use crate::helpers::Helpers;
 use crate::isa::Program;
 use crate::jit::{JitError, JitOptions, JitProgram, JitStack, RunContext};
 use crate::reclaim::{self, Retirable};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::text::ImageKind;
 use crate::text::poke::{PokeError, PokeInsn};
 use crate::text::{Allocation, CodeArena, Registry, TextError};
@@ -94,6 +99,8 @@ pub enum AttachError {
     Text(#[from] TextError),
     #[error("trampolines are not implemented for this {0} host yet")]
     UnsupportedHost(&'static str),
+    #[error("the trampoline image could not be generated: {0} (a livebpf bug; please report it)")]
+    Image(&'static str),
 }
 
 /// Run statistics of a program.
@@ -350,12 +357,12 @@ impl Drop for Link {
 
 /// `text_poke` where trampolines are supported; a typed error elsewhere.
 fn poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
         crate::text::poke::text_poke(ip, old, new)?;
         Ok(())
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = (ip, old, new);
         Err(AttachError::UnsupportedHost(std::env::consts::ARCH))
@@ -499,10 +506,13 @@ fn retire_image(image: TrampImage) {
 }
 
 fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachError> {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
         let _ = target;
+        #[cfg(target_arch = "x86_64")]
         let layout = x86_64::generate(links)?;
+        #[cfg(target_arch = "aarch64")]
+        let layout = arm64::generate(links)?;
         let arena = CodeArena::global()?;
         let alloc = arena.alloc(layout.code.len(), 16)?;
         let placed = arena.write(&alloc, 0, &layout.code).and_then(|()| {
@@ -522,7 +532,7 @@ fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachE
             _links: links.iter().map(|l| l.shared.clone()).collect(),
         })
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = (target, links);
         Err(AttachError::UnsupportedHost(std::env::consts::ARCH))

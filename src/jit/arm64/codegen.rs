@@ -31,7 +31,8 @@
 //!  fault: mov x7, xzr; b epilogue
 //!  body:  one block per eBPF instruction
 //!  cold:  out-of-line slow paths of checked accesses (set the request, call the thunk)
-//!  thunk: saves live registers, calls runtime_call(ctx, x11, x10), restores them; 0 -> fault,
+//!  thunk: saves live registers (x0–x4, x7, x11, x12, x15, x30), calls
+//!         runtime_call(ctx, x11, x10), restores them; 0 -> fault,
 //!         else returns to x12 with the result in x10 (`ret x12`: returns are not BTI-checked)
 //!  PLT:   [nop]                           so that the literal is 8-byte aligned
 //!         ldr x10, #8
@@ -80,8 +81,8 @@
 
 use super::enc::{self, Cond, Gpr, LdSt, Logic, Lse, PairMode};
 use super::enc::{
-    FP, LR, SP, X0, X1, X2, X3, X4, X5, X7, X9, X10, X11, X12, X13, X14, X19, X20, X21, X22,
-    X25, X26, XZR,
+    FP, LR, SP, X0, X1, X2, X3, X4, X5, X7, X9, X10, X11, X12, X13, X14, X19, X20, X21, X22, X25,
+    X26, XZR,
 };
 use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
 use crate::helpers::Helpers;
@@ -343,9 +344,7 @@ pub fn generate(
 ) -> Result<Arm64Code, JitError> {
     validate(program)?;
     let mut e = Emitter::default();
-    let insn_labels = (0..program.insns().len())
-        .map(|_| e.new_label())
-        .collect();
+    let insn_labels = (0..program.insns().len()).map(|_| e.new_label()).collect();
     let mut g = Gen {
         fault: e.new_label(),
         thunk: e.new_label(),
@@ -464,19 +463,20 @@ impl Gen<'_> {
         }
         let e = &mut self.e;
         e.bind(self.thunk);
-        // 80 bytes: x0–x4, r0, the access address, the return address and x30.
+        // 80 bytes: x0–x4, r0, the access address, the return address, x30 and the value of a
+        // store of an immediate (x15), which the runtime (Rust code) may clobber.
         e.emit(enc::stp(PairMode::Pre, X0, X1, SP, -80).expect("in range"));
         e.emit(enc::stp(PairMode::Offset, X2, X3, SP, 16).expect("in range"));
         e.emit(enc::stp(PairMode::Offset, X4, X7, SP, 32).expect("in range"));
         e.emit(enc::stp(PairMode::Offset, ADDR, BACK, SP, 48).expect("in range"));
-        e.emit(enc::ldst_uimm(LdSt::Str, Size::DW, LR, SP, 64).expect("in range"));
+        e.emit(enc::stp(PairMode::Offset, LR, VAL, SP, 64).expect("in range"));
         e.emit(enc::mov_reg(true, X0, CTX));
         e.emit(enc::mov_reg(true, X1, ADDR));
         e.emit(enc::mov_reg(true, X2, TMP));
         e.emit_all(&enc::mov_imm(true, X16, self.opts.runtime_fn));
         e.emit(enc::blr(X16));
         e.emit(enc::mov_reg(true, TMP, X0));
-        e.emit(enc::ldst_uimm(LdSt::Ldr, Size::DW, LR, SP, 64).expect("in range"));
+        e.emit(enc::ldp(PairMode::Offset, LR, VAL, SP, 64).expect("in range"));
         e.emit(enc::ldp(PairMode::Offset, ADDR, BACK, SP, 48).expect("in range"));
         e.emit(enc::ldp(PairMode::Offset, X4, X7, SP, 32).expect("in range"));
         e.emit(enc::ldp(PairMode::Offset, X2, X3, SP, 16).expect("in range"));
@@ -557,7 +557,11 @@ impl Gen<'_> {
                     Source::Imm(v) => {
                         // Only the low `size` bytes are stored.
                         let wide = size == Size::DW;
-                        let v = if wide { v as i64 as u64 } else { v as u32 as u64 };
+                        let v = if wide {
+                            v as i64 as u64
+                        } else {
+                            v as u32 as u64
+                        };
                         self.e.emit_all(&enc::mov_imm(wide, VAL, v));
                         VAL
                     }
@@ -638,7 +642,13 @@ impl Gen<'_> {
     fn alu(&mut self, w64: bool, op: AluOp, d: Gpr, src: Source) {
         // The source value as the interpreter sees it: immediates sign-extended for 64 bits,
         // taken as u32 for 32 bits.
-        let imm = |v: i32| if w64 { v as i64 as u64 } else { v as u32 as u64 };
+        let imm = |v: i32| {
+            if w64 {
+                v as i64 as u64
+            } else {
+                v as u32 as u64
+            }
+        };
         let mask = if w64 { u64::MAX } else { u32::MAX as u64 };
         // The register operand, materialising an immediate into IMM.
         let reg = |g: &mut Self, src: Source| match src {
@@ -653,11 +663,7 @@ impl Gen<'_> {
                 if let Source::Imm(v) = src {
                     let v = imm(v);
                     let neg = v.wrapping_neg() & mask;
-                    let (plus, minus) = if op == AluOp::Add {
-                        (v, neg)
-                    } else {
-                        (neg, v)
-                    };
+                    let (plus, minus) = if op == AluOp::Add { (v, neg) } else { (neg, v) };
                     let word = u32::try_from(plus)
                         .ok()
                         .and_then(|p| enc::add_imm(w64, d, d, p))
@@ -961,7 +967,13 @@ impl Gen<'_> {
     }
 
     fn jump(&mut self, w64: bool, cond: JmpCond, d: Gpr, src: Source, target: Label) {
-        let value = |v: i32| if w64 { v as i64 as u64 } else { v as u32 as u64 };
+        let value = |v: i32| {
+            if w64 {
+                v as i64 as u64
+            } else {
+                v as u32 as u64
+            }
+        };
         match (cond, src) {
             (JmpCond::Set, Source::Reg(s)) => self.e.emit(enc::tst_reg(w64, d, map(s))),
             (JmpCond::Set, Source::Imm(v)) => match enc::tst_imm(w64, d, value(v)) {
@@ -1024,7 +1036,10 @@ impl Gen<'_> {
         // Fails when r10 ≤ fp_limit: all frames are in use.
         self.e.emit(ldr_ctx(TMP, CTX_FP_LIMIT));
         self.e.emit(enc::cmp_reg(true, BPF_FP, TMP));
-        self.slow_path(Some(Cond::Ls), rt::info(rt::CALL_DEPTH, pc, 1, Access::Load));
+        self.slow_path(
+            Some(Cond::Ls),
+            rt::info(rt::CALL_DEPTH, pc, 1, Access::Load),
+        );
         let e = &mut self.e;
         e.emit(enc::stp(PairMode::Pre, X19, X20, SP, -48).expect("in range"));
         e.emit(enc::stp(PairMode::Offset, X21, X22, SP, 16).expect("in range"));
@@ -1050,4 +1065,281 @@ fn pop_pair(a: Gpr, b: Gpr) -> u32 {
 /// `ldr rt, [x26, #field]` for a `RunContext` field.
 fn ldr_ctx(rt: Gpr, field: i32) -> u32 {
     enc::ldst_uimm(LdSt::Ldr, Size::DW, rt, CTX, field as i64).expect("context fields are small")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isa::Program;
+    use capstone::arch::BuildsCapstone;
+    use capstone::prelude::*;
+
+    const RUNTIME: u64 = 0x1122_3344_5566_7788;
+    const DUMMY: u64 = 0x0000_7f00_dead_bee0;
+
+    fn opts(checked: bool, bti: bool, pac: bool, lse: bool) -> Arm64Options {
+        Arm64Options {
+            checked,
+            bti,
+            pac,
+            lse,
+            runtime_fn: RUNTIME,
+            plt_target: DUMMY,
+        }
+    }
+
+    fn gen_code(insns: Vec<Insn>, o: Arm64Options) -> Arm64Code {
+        let p = Program::new(insns).unwrap();
+        generate(&p, &Helpers::conformance(), &o).unwrap()
+    }
+
+    /// Capstone's listing of `code[..len]`, one string per word; panics on undecodable words.
+    fn listing(code: &[u8]) -> Vec<String> {
+        let cs = Capstone::new()
+            .arm64()
+            .mode(capstone::arch::arm64::ArchMode::Arm)
+            .build()
+            .unwrap();
+        code.chunks_exact(4)
+            .enumerate()
+            .map(|(i, w)| {
+                let insns = cs.disasm_count(w, (i * 4) as u64, 1).unwrap();
+                let insn = insns
+                    .iter()
+                    .next()
+                    .unwrap_or_else(|| panic!("undecodable word {w:02x?} at {:#x}", i * 4));
+                format!(
+                    "{} {}",
+                    insn.mnemonic().unwrap(),
+                    insn.op_str().unwrap_or("")
+                )
+                .trim()
+                .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prologue_matches_the_seed_with_every_option() {
+        for (bti, pac) in [(true, true), (true, false), (false, true), (false, false)] {
+            let c = gen_code(vec![Insn::Exit], opts(true, bti, pac, true));
+            let l = listing(&c.code[..c.plt]);
+            let mut want = Vec::new();
+            if bti {
+                want.push("bti jc");
+            }
+            want.extend(["mov x9, x30", "nop"]);
+            if pac {
+                want.push("paciasp");
+            }
+            want.extend(["stp x29, x30, [sp, #-0x10]!", "mov x29, sp"]);
+            assert_eq!(&l[..want.len()], want.as_slice(), "bti {bti} pac {pac}");
+            assert_eq!(c.patch_site, poke_offset(bti) * 4);
+            assert_eq!(c.body, c.patch_site + 4);
+            assert_eq!(l[c.patch_site / 4], "nop");
+            // The epilogue authenticates before returning.
+            let ret = l.iter().position(|s| s == "ret").unwrap();
+            let pop = if pac {
+                assert_eq!(l[ret - 1], "autiasp");
+                ret - 2
+            } else {
+                ret - 1
+            };
+            assert_eq!(l[pop], "ldp x29, x30, [sp], #0x10");
+        }
+        assert_eq!(POKE_OFFSET, 2);
+        assert_eq!(BODY_OFFSET, 3);
+    }
+
+    #[test]
+    fn plt_is_aligned_and_points_at_the_dummy() {
+        // Programs of both parities of length, so the padding nop appears in one of them.
+        let mut paddings = std::collections::HashSet::new();
+        for n in 0..4 {
+            let mut insns = vec![
+                Insn::Alu {
+                    width: Width::W64,
+                    op: AluOp::Mov,
+                    dst: Reg::R0,
+                    src: Source::Imm(1),
+                };
+                n
+            ];
+            insns.push(Insn::Exit);
+            let c = gen_code(insns, opts(false, true, false, true));
+            assert_eq!(c.plt_literal % 8, 0);
+            assert_eq!(c.plt_literal, c.plt + 8);
+            assert_eq!(c.code.len(), c.plt + PLT_BYTES);
+            let l = listing(&c.code[..c.plt + 8]);
+            assert_eq!(l[c.plt / 4], format!("ldr x10, #{:#x}", c.plt_literal));
+            assert_eq!(l[c.plt / 4 + 1], "br x10");
+            let lit = u64::from_le_bytes(c.code[c.plt_literal..].try_into().unwrap());
+            assert_eq!(lit, DUMMY);
+            paddings.insert(l[c.plt / 4 - 1] == "nop");
+        }
+        assert_eq!(paddings.len(), 2, "both with and without the padding nop");
+    }
+
+    #[test]
+    fn every_instruction_kind_decodes_cleanly() {
+        let mut insns = Vec::new();
+        for op in [
+            AluOp::Add,
+            AluOp::Sub,
+            AluOp::Mul,
+            AluOp::Div,
+            AluOp::SDiv,
+            AluOp::Mod,
+            AluOp::SMod,
+            AluOp::Or,
+            AluOp::And,
+            AluOp::Xor,
+            AluOp::Lsh,
+            AluOp::Rsh,
+            AluOp::Arsh,
+            AluOp::Mov,
+        ] {
+            for width in [Width::W32, Width::W64] {
+                for src in [
+                    Source::Reg(Reg::R4),
+                    Source::Imm(-7),
+                    Source::Imm(0),
+                    Source::Imm(0x12345),
+                ] {
+                    insns.push(Insn::Alu {
+                        width,
+                        op,
+                        dst: Reg::R3,
+                        src,
+                    });
+                }
+            }
+        }
+        for size in [Size::B, Size::H, Size::W, Size::DW] {
+            for (base, off) in [
+                (Reg::R1, 3),
+                (Reg::R10, -8),
+                (Reg::R10, -400),
+                (Reg::R2, 30000),
+            ] {
+                insns.push(Insn::Load {
+                    size,
+                    signed: size != Size::DW,
+                    dst: Reg::R0,
+                    base,
+                    off,
+                });
+                insns.push(Insn::Store {
+                    size,
+                    base,
+                    off,
+                    src: Source::Imm(-2),
+                });
+                insns.push(Insn::LoadAcquire {
+                    size,
+                    dst: Reg::R5,
+                    base,
+                    off,
+                });
+                insns.push(Insn::StoreRelease {
+                    size,
+                    base,
+                    off,
+                    src: Reg::R5,
+                });
+            }
+        }
+        for op in AtomicOp::ALL {
+            for size in [Size::W, Size::DW] {
+                insns.push(Insn::Atomic {
+                    size,
+                    op,
+                    base: Reg::R10,
+                    off: -16,
+                    src: Reg::R2,
+                });
+            }
+        }
+        insns.push(Insn::Call { id: 5 });
+        insns.push(Insn::Call { id: 999 });
+        insns.push(Insn::CallX { reg: Reg::R2 });
+        insns.push(Insn::CallLocal { off: 0 });
+        insns.push(Insn::Exit);
+        let p = Program::new(insns).unwrap();
+        for checked in [true, false] {
+            for lse in [true, false] {
+                let c =
+                    generate(&p, &Helpers::conformance(), &opts(checked, true, true, lse)).unwrap();
+                let l = listing(&c.code[..c.plt + 8]);
+                assert!(!l.iter().any(|s| s.starts_with("udf")), "placeholder left");
+                let has = |m: &str| l.iter().any(|s| s.starts_with(m));
+                assert_eq!(has("casal"), lse);
+                assert_eq!(has("ldaxr"), !lse);
+                assert!(has("ldar") && has("stlr") && has("sdiv") && has("msub"));
+                assert_eq!(c.insn_offsets.len(), p.insns().len());
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_hand_built_programs_are_rejected() {
+        let p = Program::new(vec![
+            Insn::Alu {
+                width: Width::W64,
+                op: AluOp::Mov,
+                dst: Reg::R10,
+                src: Source::Imm(0),
+            },
+            Insn::Exit,
+        ])
+        .unwrap();
+        assert!(matches!(
+            generate(&p, &Helpers::new(), &opts(true, true, true, true)),
+            Err(JitError::FramePointerWrite { pc: 0 })
+        ));
+        let p = Program::new(vec![
+            Insn::Atomic {
+                size: Size::B,
+                op: AtomicOp::Add,
+                base: Reg::R10,
+                off: -8,
+                src: Reg::R1,
+            },
+            Insn::Exit,
+        ])
+        .unwrap();
+        assert!(matches!(
+            generate(&p, &Helpers::new(), &opts(true, true, true, true)),
+            Err(JitError::InvalidInstruction { pc: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn far_conditional_branches_fail_with_a_clear_error() {
+        // 32 000 helper calls of 12 words each: 1.5 MiB of code, beyond `b.cond`'s ±1 MiB.
+        let n = 32_000;
+        let program = |first: Insn| {
+            let mut insns = vec![first];
+            insns.extend(std::iter::repeat_n(Insn::Call { id: 5 }, n));
+            insns.push(Insn::Exit);
+            Program::new(insns).unwrap()
+        };
+        let o = opts(false, true, true, true);
+        let over = program(Insn::Jump {
+            width: Width::W64,
+            cond: JmpCond::Eq,
+            dst: Reg::R1,
+            src: Source::Imm(0),
+            off: n as i16,
+        });
+        match generate(&over, &Helpers::conformance(), &o) {
+            Err(JitError::InvalidInstruction { pc: 0, reason }) => {
+                assert!(reason.contains("1 MiB"), "{reason}")
+            }
+            other => panic!("expected a range error, got {other:?}"),
+        }
+        // An unconditional `b` reaches ±128 MiB.
+        let ja = program(Insn::Ja { off: n as i16 });
+        assert!(generate(&ja, &Helpers::conformance(), &o).is_ok());
+    }
 }

@@ -501,11 +501,7 @@ pub const fn ldst_simm9(op: LdSt, size: Size, rt: Gpr, rn: Gpr, off: i64) -> Opt
     }
     let imm9 = (off as u32) & 0x1ff;
     Some(
-        size_bits(size) << 30
-            | 0x3800_0000
-            | ldst_opc(op) << 22
-            | imm9 << 12
-            | rrr(rt, rn, Gpr(0)),
+        size_bits(size) << 30 | 0x3800_0000 | ldst_opc(op) << 22 | imm9 << 12 | rrr(rt, rn, Gpr(0)),
     )
 }
 
@@ -771,4 +767,548 @@ pub fn decode_branch(pc: usize, word: u32) -> Option<(bool, usize)> {
     // Sign-extend the 26-bit word offset.
     let imm = ((word << 6) as i32 >> 6) as i64 * 4;
     Some((link, (pc as i64).wrapping_add(imm) as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every encoder against capstone (an independent disassembler), with the expected text
+    //! written out here; a few words also against hand-checked values from the Arm ARM.
+    use super::*;
+    use capstone::arch::BuildsCapstone;
+    use capstone::prelude::*;
+
+    const BASE: u64 = 0x1000;
+
+    fn cs() -> Capstone {
+        Capstone::new()
+            .arm64()
+            .mode(arch::arm64::ArchMode::Arm)
+            .build()
+            .expect("capstone supports arm64")
+    }
+
+    /// Capstone's text for `word` at address [`BASE`].
+    fn dis(cs: &Capstone, word: u32) -> String {
+        let insns = cs
+            .disasm_count(&word.to_le_bytes(), BASE, 1)
+            .expect("disassembles");
+        let insn = insns.iter().next().unwrap_or_else(|| {
+            panic!("{word:#010x} is not a valid instruction");
+        });
+        format!(
+            "{} {}",
+            insn.mnemonic().unwrap_or(""),
+            insn.op_str().unwrap_or("")
+        )
+        .trim()
+        .to_string()
+    }
+
+    fn check(cases: &[(u32, &str)]) {
+        let cs = cs();
+        let mut bad = Vec::new();
+        for &(word, want) in cases {
+            let got = dis(&cs, word);
+            if got != want {
+                bad.push(format!("{word:#010x}: capstone `{got}`, expected `{want}`"));
+            }
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+
+    fn x(r: Gpr) -> String {
+        match r.num() {
+            31 => "xzr".into(),
+            n => format!("x{n}"),
+        }
+    }
+
+    fn w(r: Gpr) -> String {
+        match r.num() {
+            31 => "wzr".into(),
+            n => format!("w{n}"),
+        }
+    }
+
+    fn reg(sf: bool, r: Gpr) -> String {
+        if sf { x(r) } else { w(r) }
+    }
+
+    /// An unsigned immediate as capstone prints those: decimal up to 9, else hex.
+    fn uimm(v: u64) -> String {
+        if v > 9 {
+            format!("#{v:#x}")
+        } else {
+            format!("#{v}")
+        }
+    }
+
+    /// Capstone's immediate notation: decimal up to 9, hex above, sign in front.
+    fn imm(v: i64) -> String {
+        let mag = v.unsigned_abs();
+        let sign = if v < 0 { "-" } else { "" };
+        if mag > 9 {
+            format!("#{sign}{mag:#x}")
+        } else {
+            format!("#{sign}{mag}")
+        }
+    }
+
+    const REGS: [Gpr; 6] = [X0, X7, X11, X19, X25, LR];
+
+    #[test]
+    fn hand_checked_words() {
+        // Values from the Arm ARM's encoding diagrams (and the Linux JIT's well-known words).
+        assert_eq!(NOP, 0xd503_201f);
+        assert_eq!(mov_reg(true, X9, LR), 0xaa1e_03e9);
+        assert_eq!(mov_sp(FP, SP), 0x9100_03fd);
+        assert_eq!(stp(PairMode::Pre, FP, LR, SP, -16), Some(0xa9bf_7bfd));
+        assert_eq!(ldp(PairMode::Post, FP, LR, SP, 16), Some(0xa8c1_7bfd));
+        assert_eq!(ret(LR), 0xd65f_03c0);
+        assert_eq!(movz(true, X0, 42, 0), 0xd280_0540);
+        assert_eq!(ldr_literal(true, X10, 8), Some(0x5800_004a));
+        assert_eq!(br(X10), 0xd61f_0140);
+    }
+
+    #[test]
+    fn moves_of_immediates() {
+        let mut cases = vec![
+            (
+                movz(true, X1, 0x1234, 16),
+                "mov x1, #0x12340000".to_string(),
+            ),
+            (
+                movk(true, X1, 0xbeef, 48),
+                "movk x1, #0xbeef, lsl #48".into(),
+            ),
+            (
+                movk(false, X1, 0xbeef, 16),
+                "movk w1, #0xbeef, lsl #16".into(),
+            ),
+            (movn(true, X2, 0, 0), "mov x2, #-1".into()),
+            (movn(false, X2, 5, 0), "mov w2, #-6".into()),
+        ];
+        for r in REGS {
+            cases.push((movz(true, r, 7, 0), format!("mov {}, #7", x(r))));
+            cases.push((movz(false, r, 0xffff, 0), format!("mov {}, #0xffff", w(r))));
+        }
+        let cases: Vec<_> = cases.iter().map(|(w, s)| (*w, s.as_str())).collect();
+        check(&cases);
+    }
+
+    /// `mov_imm` sequences compute their value (simulated) in at most 4 words.
+    #[test]
+    fn mov_imm_sequences_compute_their_value() {
+        let values = [
+            0u64,
+            1,
+            0xffff,
+            0x1_0000,
+            0xffff_ffff,
+            0x8000_0000,
+            u64::MAX,
+            u64::MAX - 0x1234,
+            0xffff_ffff_0000_0000,
+            0x1234_5678_9abc_def0,
+            0xffff_1234_ffff_ffff,
+            0x0000_ffff_0000_ffff,
+        ];
+        for sf in [true, false] {
+            for &v in &values {
+                let words = mov_imm(sf, X3, v);
+                assert!(!words.is_empty() && words.len() <= if sf { 4 } else { 2 });
+                let mut r: u64 = 0xdead_beef_dead_beef;
+                for word in &words {
+                    let hw = (word >> 21) & 3;
+                    let imm = ((word >> 5) & 0xffff) as u64;
+                    let shifted = imm << (16 * hw);
+                    r = match word & 0x7f80_0000 {
+                        0x5280_0000 => shifted,
+                        0x1280_0000 => !shifted,
+                        0x7280_0000 => (r & !(0xffff << (16 * hw))) | shifted,
+                        _ => panic!("{word:#x} is not a move-wide"),
+                    };
+                    if !sf {
+                        r &= 0xffff_ffff;
+                    }
+                }
+                let want = if sf { v } else { v & 0xffff_ffff };
+                assert_eq!(r, want, "sf {sf} value {v:#x}: {words:08x?}");
+            }
+        }
+    }
+
+    #[test]
+    fn add_sub_compare() {
+        let mut cases: Vec<(u32, String)> = Vec::new();
+        for sf in [true, false] {
+            for (rd, rn, rm) in [(X0, X1, X2), (X7, X19, X25), (LR, X11, X0)] {
+                let (d, n, m) = (reg(sf, rd), reg(sf, rn), reg(sf, rm));
+                cases.push((add_reg(sf, rd, rn, rm), format!("add {d}, {n}, {m}")));
+                cases.push((sub_reg(sf, rd, rn, rm), format!("sub {d}, {n}, {m}")));
+                cases.push((subs_reg(sf, rd, rn, rm), format!("subs {d}, {n}, {m}")));
+                cases.push((cmp_reg(sf, rn, rm), format!("cmp {n}, {m}")));
+                cases.push((neg(sf, rd, rm), format!("neg {d}, {m}")));
+                for v in [0u32, 1, 9, 10, 4095] {
+                    let i = imm(v as i64);
+                    cases.push((
+                        add_imm(sf, rd, rn, v).unwrap(),
+                        format!("add {d}, {n}, {i}"),
+                    ));
+                    cases.push((
+                        sub_imm(sf, rd, rn, v).unwrap(),
+                        format!("sub {d}, {n}, {i}"),
+                    ));
+                    cases.push((cmp_imm(sf, rn, v).unwrap(), format!("cmp {n}, {i}")));
+                    cases.push((cmn_imm(sf, rn, v).unwrap(), format!("cmn {n}, {i}")));
+                }
+                cases.push((
+                    add_imm(sf, rd, rn, 0x5000).unwrap(),
+                    format!("add {d}, {n}, #5, lsl #12"),
+                ));
+                cases.push((
+                    subs_imm(sf, rd, rn, 0xfff000).unwrap(),
+                    format!("subs {d}, {n}, #0xfff, lsl #12"),
+                ));
+            }
+        }
+        cases.push((
+            add_imm(true, SP, SP, 16).unwrap(),
+            "add sp, sp, #0x10".into(),
+        ));
+        cases.push((
+            sub_imm(true, SP, FP, 48).unwrap(),
+            "sub sp, x29, #0x30".into(),
+        ));
+        cases.push((mov_sp(FP, SP), "mov x29, sp".into()));
+        cases.push((mov_sp(SP, X9), "mov sp, x9".into()));
+        let cases: Vec<_> = cases.iter().map(|(w, s)| (*w, s.as_str())).collect();
+        check(&cases);
+        assert_eq!(add_imm(true, X0, X0, 4096 + 1), None);
+        assert_eq!(sub_imm(true, X0, X0, 1 << 24), None);
+    }
+
+    #[test]
+    fn logical_register_and_immediate() {
+        let mut cases: Vec<(u32, String)> = Vec::new();
+        for sf in [true, false] {
+            let (d, n, m) = (reg(sf, X3), reg(sf, X20), reg(sf, X13));
+            for (op, name) in [
+                (Logic::And, "and"),
+                (Logic::Orr, "orr"),
+                (Logic::Eor, "eor"),
+                (Logic::Ands, "ands"),
+            ] {
+                cases.push((
+                    logic_reg(op, sf, X3, X20, X13),
+                    format!("{name} {d}, {n}, {m}"),
+                ));
+            }
+            cases.push((bic_reg(sf, X3, X20, X13), format!("bic {d}, {n}, {m}")));
+            cases.push((mvn(sf, X3, X13), format!("mvn {d}, {m}")));
+            cases.push((mov_reg(sf, X3, X13), format!("mov {d}, {m}")));
+            cases.push((tst_reg(sf, X20, X13), format!("tst {n}, {m}")));
+        }
+        // Logical immediates of every element size, rotated runs, both widths.
+        let imms64 = [
+            0x5555_5555_5555_5555u64,
+            0x3333_3333_3333_3333,
+            0x0f0f_0f0f_0f0f_0f0f,
+            0x00ff_00ff_00ff_00ff,
+            0x0000_ffff_0000_ffff,
+            0x0000_0000_ffff_ffff,
+            0xffff_ffff_0000_0000,
+            0x7fff_ffff_ffff_ffff,
+            0x8000_0000_0000_0001,
+            1,
+            7,
+            0xff0,
+            0xc000_0000_0000_0003,
+        ];
+        for v in imms64 {
+            cases.push((
+                logic_imm(Logic::And, true, X1, X2, v).unwrap(),
+                format!("and x1, x2, {}", uimm(v)),
+            ));
+            cases.push((
+                logic_imm(Logic::Orr, true, X1, X2, v).unwrap(),
+                format!("orr x1, x2, {}", uimm(v)),
+            ));
+            // Capstone prints the `tst` alias's immediate as signed.
+            cases.push((
+                tst_imm(true, X2, v).unwrap(),
+                format!("tst x2, {}", imm(v as i64)),
+            ));
+        }
+        for v in [
+            0x5555_5555u64,
+            0xffff,
+            0x8000_0001,
+            0xfffffffe,
+            1,
+            0x00ff_00ff,
+        ] {
+            cases.push((
+                logic_imm(Logic::Eor, false, X1, X2, v).unwrap(),
+                format!("eor w1, w2, {}", uimm(v)),
+            ));
+        }
+        let cases: Vec<_> = cases.iter().map(|(w, s)| (*w, s.as_str())).collect();
+        check(&cases);
+        for v in [0u64, u64::MAX, 0x1234, 0x5] {
+            assert_eq!(bitmask_imm(true, v), None, "{v:#x}");
+        }
+        assert_eq!(bitmask_imm(false, 0xffff_ffff), None);
+        assert_eq!(bitmask_imm(false, 0), None);
+    }
+
+    #[test]
+    fn shifts_multiply_divide_extend_reverse() {
+        let mut cases: Vec<(u32, String)> = Vec::new();
+        for sf in [true, false] {
+            let (d, n, m) = (reg(sf, X7), reg(sf, X1), reg(sf, X22));
+            cases.push((lslv(sf, X7, X1, X22), format!("lsl {d}, {n}, {m}")));
+            cases.push((lsrv(sf, X7, X1, X22), format!("lsr {d}, {n}, {m}")));
+            cases.push((asrv(sf, X7, X1, X22), format!("asr {d}, {n}, {m}")));
+            cases.push((udiv(sf, X7, X1, X22), format!("udiv {d}, {n}, {m}")));
+            cases.push((sdiv(sf, X7, X1, X22), format!("sdiv {d}, {n}, {m}")));
+            cases.push((mul(sf, X7, X1, X22), format!("mul {d}, {n}, {m}")));
+            let a = reg(sf, X13);
+            cases.push((
+                madd(sf, X7, X1, X22, X13),
+                format!("madd {d}, {n}, {m}, {a}"),
+            ));
+            cases.push((
+                msub(sf, X7, X1, X22, X13),
+                format!("msub {d}, {n}, {m}, {a}"),
+            ));
+            let width = if sf { 64 } else { 32 };
+            for s in [1, 5, 13, width - 1] {
+                let i = imm(s as i64);
+                cases.push((lsl_imm(sf, X7, X1, s), format!("lsl {d}, {n}, {i}")));
+                cases.push((lsr_imm(sf, X7, X1, s), format!("lsr {d}, {n}, {i}")));
+                cases.push((asr_imm(sf, X7, X1, s), format!("asr {d}, {n}, {i}")));
+            }
+            cases.push((rev(sf, X7, X1), format!("rev {d}, {n}")));
+            cases.push((rev16(sf, X7, X1), format!("rev16 {d}, {n}")));
+            cases.push((sxt(sf, 8, X7, X1), format!("sxtb {d}, w1")));
+            cases.push((sxt(sf, 16, X7, X1), format!("sxth {d}, w1")));
+        }
+        cases.push((sxt(true, 32, X7, X1), "sxtw x7, w1".into()));
+        cases.push((uxt(8, X7, X1), "uxtb w7, w1".into()));
+        cases.push((uxt(16, X7, X1), "uxth w7, w1".into()));
+        // A zero shift of a 32-bit value is a zero-extending move.
+        cases.push((lsl_imm(false, X7, X7, 0), "lsr w7, w7, #0".into()));
+        cases.push((ubfm(true, X1, X2, 4, 11), "ubfx x1, x2, #4, #8".into()));
+        cases.push((sbfm(true, X1, X2, 4, 11), "sbfx x1, x2, #4, #8".into()));
+        let cases: Vec<_> = cases.iter().map(|(w, s)| (*w, s.as_str())).collect();
+        check(&cases);
+    }
+
+    #[test]
+    fn loads_and_stores() {
+        let mut cases: Vec<(u32, String)> = Vec::new();
+        let names = [
+            (
+                Size::B,
+                "strb",
+                "ldrb",
+                Some("ldrsb"),
+                "sturb",
+                "ldurb",
+                Some("ldursb"),
+            ),
+            (
+                Size::H,
+                "strh",
+                "ldrh",
+                Some("ldrsh"),
+                "sturh",
+                "ldurh",
+                Some("ldursh"),
+            ),
+            (
+                Size::W,
+                "str",
+                "ldr",
+                Some("ldrsw"),
+                "stur",
+                "ldur",
+                Some("ldursw"),
+            ),
+            (Size::DW, "str", "ldr", None, "stur", "ldur", None),
+        ];
+        for (size, st, ld, lds, stu, ldu, ldsu) in names {
+            let t = if size == Size::DW { "x3" } else { "w3" };
+            let scaled = size.bytes() as i64 * 5;
+            let s = imm(scaled);
+            let u = |op, rt| ldst_uimm(op, size, rt, X20, scaled).unwrap();
+            cases.push((u(LdSt::Str, X3), format!("{st} {t}, [x20, {s}]")));
+            cases.push((u(LdSt::Ldr, X3), format!("{ld} {t}, [x20, {s}]")));
+            cases.push((
+                ldst_uimm(LdSt::Ldr, size, X3, SP, 0).unwrap(),
+                format!("{ld} {t}, [sp]"),
+            ));
+            let n = |op| ldst_simm9(op, size, X3, X25, -256).unwrap();
+            cases.push((n(LdSt::Str), format!("{stu} {t}, [x25, #-0x100]")));
+            cases.push((n(LdSt::Ldr), format!("{ldu} {t}, [x25, #-0x100]")));
+            let r = |op| ldst_reg(op, size, X3, X11, X14).unwrap();
+            cases.push((r(LdSt::Str), format!("{st} {t}, [x11, x14]")));
+            cases.push((r(LdSt::Ldr), format!("{ld} {t}, [x11, x14]")));
+            if let (Some(lds), Some(ldsu)) = (lds, ldsu) {
+                cases.push((u(LdSt::Ldrs, X3), format!("{lds} x3, [x20, {s}]")));
+                cases.push((n(LdSt::Ldrs), format!("{ldsu} x3, [x25, #-0x100]")));
+                cases.push((r(LdSt::Ldrs), format!("{lds} x3, [x11, x14]")));
+            } else {
+                assert_eq!(ldst_uimm(LdSt::Ldrs, size, X3, X20, 8), None);
+            }
+            // ldar/stlr of every size.
+            let (sfx, t) = match size {
+                Size::B => ("b", "w3"),
+                Size::H => ("h", "w3"),
+                Size::W => ("", "w3"),
+                Size::DW => ("", "x3"),
+            };
+            cases.push((ldar(size, X3, X11), format!("ldar{sfx} {t}, [x11]")));
+            cases.push((stlr(size, X3, X11), format!("stlr{sfx} {t}, [x11]")));
+        }
+        cases.push((
+            str_x_indexed(Index::Pre, LR, SP, -16).unwrap(),
+            "str x30, [sp, #-0x10]!".into(),
+        ));
+        cases.push((
+            ldr_x_indexed(Index::Post, LR, SP, 16).unwrap(),
+            "ldr x30, [sp], #0x10".into(),
+        ));
+        for (mode, text) in [
+            (PairMode::Pre, "[sp, #-0x30]!"),
+            (PairMode::Offset, "[sp, #-0x30]"),
+            (PairMode::Post, "[sp], #-0x30"),
+        ] {
+            cases.push((
+                stp(mode, X19, X20, SP, -48).unwrap(),
+                format!("stp x19, x20, {text}"),
+            ));
+            cases.push((
+                ldp(mode, X0, X1, SP, -48).unwrap(),
+                format!("ldp x0, x1, {text}"),
+            ));
+        }
+        let cases: Vec<_> = cases.iter().map(|(w, s)| (*w, s.as_str())).collect();
+        check(&cases);
+        assert_eq!(
+            ldst_uimm(LdSt::Ldr, Size::DW, X0, X1, 4),
+            None,
+            "misaligned"
+        );
+        assert_eq!(ldst_uimm(LdSt::Ldr, Size::B, X0, X1, 4096), None);
+        assert_eq!(ldst_simm9(LdSt::Ldr, Size::B, X0, X1, 256), None);
+        assert_eq!(stp(PairMode::Pre, X0, X1, SP, 512), None);
+    }
+
+    #[test]
+    fn atomics() {
+        let mut cases: Vec<(u32, String)> = Vec::new();
+        for sf in [true, false] {
+            let (s, t) = (reg(sf, X1), reg(sf, X13));
+            for (op, name) in [
+                (Lse::Add, "ldaddal"),
+                (Lse::Clr, "ldclral"),
+                (Lse::Eor, "ldeoral"),
+                (Lse::Set, "ldsetal"),
+                (Lse::Swp, "swpal"),
+            ] {
+                cases.push((lse(op, sf, X1, X13, X11), format!("{name} {s}, {t}, [x11]")));
+            }
+            cases.push((
+                casal(sf, X7, X1, X11),
+                format!("casal {}, {s}, [x11]", reg(sf, X7)),
+            ));
+            cases.push((ldaxr(sf, X13, X11), format!("ldaxr {t}, [x11]")));
+            cases.push((stlxr(sf, X9, X1, X11), format!("stlxr w9, {s}, [x11]")));
+        }
+        cases.push((DMB_ISH, "dmb ish".into()));
+        cases.push((ISB, "isb".into()));
+        let cases: Vec<_> = cases.iter().map(|(w, s)| (*w, s.as_str())).collect();
+        check(&cases);
+    }
+
+    #[test]
+    fn branches_and_pc_relative() {
+        let at = |off: i64| imm(BASE as i64 + off);
+        let mut cases: Vec<(u32, String)> = Vec::new();
+        for off in [-4096i64, -4, 0, 8, 0x7fc] {
+            cases.push((b(off).unwrap(), format!("b {}", at(off))));
+            cases.push((bl(off).unwrap(), format!("bl {}", at(off))));
+            cases.push((b_cond(Cond::Hi, off).unwrap(), format!("b.hi {}", at(off))));
+            cases.push((
+                cbz(true, X10, off).unwrap(),
+                format!("cbz x10, {}", at(off)),
+            ));
+            cases.push((
+                cbnz(false, X9, off).unwrap(),
+                format!("cbnz w9, {}", at(off)),
+            ));
+            cases.push((adr(X12, off).unwrap(), format!("adr x12, {}", at(off))));
+            cases.push((
+                ldr_literal(true, X10, off).unwrap(),
+                format!("ldr x10, {}", at(off)),
+            ));
+        }
+        cases.push((adr(X12, 3).unwrap(), format!("adr x12, {}", at(3))));
+        for (c, name) in [
+            (Cond::Eq, "eq"),
+            (Cond::Ne, "ne"),
+            (Cond::Hs, "hs"),
+            (Cond::Lo, "lo"),
+            (Cond::Ls, "ls"),
+            (Cond::Ge, "ge"),
+            (Cond::Lt, "lt"),
+            (Cond::Gt, "gt"),
+            (Cond::Le, "le"),
+        ] {
+            cases.push((b_cond(c, 16).unwrap(), format!("b.{name} {}", at(16))));
+            assert_eq!(c.invert().invert(), c);
+        }
+        cases.push((br(X10), "br x10".into()));
+        cases.push((blr(Gpr::new(16)), "blr x16".into()));
+        cases.push((ret(LR), "ret".into()));
+        cases.push((ret(X12), "ret x12".into()));
+        let cases: Vec<_> = cases.iter().map(|(w, s)| (*w, s.as_str())).collect();
+        check(&cases);
+        // Range limits.
+        assert!(b((128 << 20) - 4).is_some());
+        assert_eq!(b(128 << 20), None);
+        assert!(bl(-(128 << 20)).is_some());
+        assert_eq!(bl(-(128 << 20) - 4), None);
+        assert_eq!(b(2), None);
+        assert!(b_cond(Cond::Eq, (1 << 20) - 4).is_some());
+        assert_eq!(b_cond(Cond::Eq, 1 << 20), None);
+        assert_eq!(adr(X0, 1 << 20), None);
+        for off in [-(128i64 << 20), -4, 0, 4, (128 << 20) - 4] {
+            assert_eq!(
+                decode_branch(0x10_0000_0000, bl(off).unwrap()),
+                Some((true, (0x10_0000_0000i64 + off) as usize))
+            );
+            assert_eq!(
+                decode_branch(0x10_0000_0000, b(off).unwrap()),
+                Some((false, (0x10_0000_0000i64 + off) as usize))
+            );
+        }
+        assert_eq!(decode_branch(0, NOP), None);
+    }
+
+    #[test]
+    fn hints() {
+        check(&[
+            (NOP, "nop"),
+            (BTI_C, "bti c"),
+            (BTI_J, "bti j"),
+            (BTI_JC, "bti jc"),
+            (PACIASP, "paciasp"),
+            (AUTIASP, "autiasp"),
+            (brk(1), "brk #1"),
+            (UDF, "udf #0"),
+        ]);
+    }
 }

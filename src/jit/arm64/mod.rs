@@ -78,21 +78,22 @@ mod place {
 
     /// Generates `program` for this host and places it: allocate, write, register the image
     /// and its patch site / PLT. `bti` is forced on when the arena maps text with `PROT_BTI`
-    /// (the entry must be a landing pad there).
+    /// (the entry must be a landing pad there); `lse` (`None`: use them if the CPU has them) is
+    /// forced off on CPUs without LSE.
     pub(crate) fn place(
         program: &Program,
         helpers: &Helpers,
         checked: bool,
-        bti: bool,
-        pac: bool,
+        (bti, pac, lse): (bool, bool, Option<bool>),
         owner: u64,
     ) -> Result<Placed, JitError> {
         let arena = CodeArena::global()?;
+        let host_lse = host_features().lse;
         let opts = Arm64Options {
             checked,
             bti: bti || arena.options().bti,
             pac,
-            lse: host_features().lse,
+            lse: lse.unwrap_or(host_lse) && host_lse,
             runtime_fn: crate::jit::runtime_call as *const () as u64,
             plt_target: dummy_trampoline()? as u64,
         };

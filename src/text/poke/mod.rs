@@ -33,11 +33,31 @@
 //! instruction. Traps that are not ours go to the handler installed before, or the default action.
 //! After step 3's sync no thread can still hold the old bytes or the `int3` in its pipeline, so
 //! every thread runs the new instruction once `text_poke` returns.
+//!
+//! # arm64: one word, and a PLT for far targets
+//! The Arm ARM (DDI 0487, B2.2.5, "concurrent modification and execution of instructions")
+//! allows a word another core may be executing to be replaced with one aligned 32-bit store when
+//! both the old and the new instruction are among `B`, `BL`, `NOP`, `BRK`, `ISB`, `SVC`, `HVC`,
+//! `SMC`: the other core then executes either the old or the new one, never a mix. The site is
+//! therefore always `nop`, `b` or `bl` (±128 MiB). A program-entry site whose target is further
+//! away branches to the program's PLT (`ldr x10, #8; br x10; .quad target`) after its literal was
+//! set with one aligned 64-bit store; leaving a far target resets the literal to the shared dummy
+//! trampoline first, which behaves like the nop. After the store: `dc cvau`/`ic ivau` on the line
+//! (`CodeArena::sync_text`), then `membarrier(SYNC_CORE)` so that every thread context-
+//! synchronises and runs the new word once `text_poke` returns. See `arm64.rs` for how the
+//! poker finds a program's PLT.
 
 use thiserror::Error;
 
 use super::TextError;
 
+#[cfg(target_arch = "aarch64")]
+mod arm64;
+#[cfg(target_arch = "aarch64")]
+pub use arm64::{
+    A64_NOP, DUMMY_TRAMPOLINE, PATCH_SITE_LEN, PATCH_SITE_OFFSET, ProgramSite, decode_a64,
+    dummy_trampoline, encode_a64, register_program_site, text_poke, unregister_program_site,
+};
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
