@@ -44,9 +44,9 @@ pub enum Engine {
 
 impl Engine {
     /// The JIT where this host can run its code, else the interpreter. This is the one place
-    /// that lists the hosts with a JIT backend; add `aarch64` once the arm64 backend runs.
+    /// that lists the hosts with a JIT backend.
     pub const fn default_for_host() -> Engine {
-        if cfg!(target_arch = "x86_64") {
+        if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
             Engine::Jit
         } else {
             Engine::Interp

@@ -414,7 +414,7 @@ fn livebpf_owned(args: &[String]) -> Output {
     livebpf(&args, None)
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[test]
 fn trace_attaches_and_detaches_under_load_without_errors_or_leaks() {
     let fexit = trace_example("count_exit.s");
@@ -445,7 +445,7 @@ fn trace_attaches_and_detaches_under_load_without_errors_or_leaks() {
     assert!(stderr(&o).is_empty(), "{}", stderr(&o));
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[test]
 fn trace_with_fentry_only_of_a_target_that_writes_its_input() {
     // A target that writes its input: each run gets a fresh copy, so every result is the same.
@@ -462,7 +462,7 @@ fn trace_with_fentry_only_of_a_target_that_writes_its_input() {
     assert_eq!(field(&s, "live_images"), 0, "{s:?}");
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[test]
 fn trace_of_a_faulting_target_reports_errors_and_fails() {
     let oob = temp("trace-oob.s", b"ldxdw %r0, [%r1+256]\nexit\n");
@@ -479,7 +479,7 @@ fn trace_of_a_faulting_target_reports_errors_and_fails() {
     assert_one_line_error(&o, "out-of-bounds load of 8 bytes");
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[test]
 fn trace_counts_tracer_errors() {
     // The tracer reads past its 48-byte context: each of its runs fails (the target's do not).
@@ -502,24 +502,6 @@ fn trace_counts_tracer_errors() {
     assert_eq!(field(&s, "errors"), field(&s, "fentry"), "{s:?}");
     assert!(field(&s, "errors") >= 20, "{s:?}");
     assert_one_line_error(&o, "fentry runs failed");
-}
-
-/// Trampolines exist for x86-64 hosts only so far: elsewhere trace must say so in one line, and
-/// once they land there, it must work.
-#[cfg(not(target_arch = "x86_64"))]
-#[test]
-fn trace_on_other_hosts_works_or_says_why() {
-    let o = livebpf_owned(&trace_args(
-        &trace_example("target.s"),
-        &["--threads", "2", "--cycles", "5"],
-    ));
-    if o.status.success() {
-        let s = summary(&stdout(&o));
-        assert_eq!(field(&s, "errors"), 0, "{s:?}");
-        assert_eq!(field(&s, "live_images"), 0, "{s:?}");
-    } else {
-        assert_one_line_error(&o, "host");
-    }
 }
 
 #[test]

@@ -405,8 +405,11 @@ mod exec {
 mod exec {
     use super::*;
 
-    /// mov x0, #42; ret (little-endian words d2800540, d65f03c0)
-    const RET_42: [u8; 8] = [0x40, 0x05, 0x80, 0xd2, 0xc0, 0x03, 0x5f, 0xd6];
+    /// bti c; mov x0, #42; ret (words d503245f, d2800540, d65f03c0). The landing pad is needed
+    /// where the arena maps pages with PROT_BTI (the default on CPUs with BTI).
+    const RET_42: [u8; 12] = [
+        0x5f, 0x24, 0x03, 0xd5, 0x40, 0x05, 0x80, 0xd2, 0xc0, 0x03, 0x5f, 0xd6,
+    ];
 
     #[test]
     fn write_then_execute() {

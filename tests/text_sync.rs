@@ -34,9 +34,9 @@ fn running_threads_pick_up_freshly_published_code() {
     }
     #[cfg(target_arch = "aarch64")]
     fn ret_imm(imm: u16) -> Vec<u8> {
-        // movz x0, #imm; ret
+        // bti c (a landing pad, for PROT_BTI pages); movz x0, #imm; ret
         let movz = 0xd280_0000u32 | (u32::from(imm) << 5);
-        [movz, 0xd65f_03c0]
+        [0xd503_245f, movz, 0xd65f_03c0]
             .iter()
             .flat_map(|w| w.to_le_bytes())
             .collect()

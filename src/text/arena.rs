@@ -61,14 +61,33 @@ pub struct ArenaOptions {
 }
 
 impl Default for ArenaOptions {
+    /// x86-64: 1 GiB, so every `rel32` between images fits. arm64: 128 MiB, so every `B`/`BL`
+    /// between images fits and the PLT is only needed for targets outside the arena; pages are
+    /// guarded with `PROT_BTI` when the CPU implements BTI.
     fn default() -> Self {
         Self {
-            bti: false,
+            bti: host_has_bti(),
             stale_alias_workaround: false,
             chunk_size: 2 << 20,
-            max_size: 1 << 30,
+            max_size: if cfg!(target_arch = "aarch64") {
+                128 << 20
+            } else {
+                1 << 30
+            },
         }
     }
+}
+
+/// Whether the CPU implements BTI (`HWCAP2_BTI` in the auxiliary vector).
+fn host_has_bti() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        const HWCAP2_BTI: u64 = 1 << 17;
+        // SAFETY: getauxval only reads the auxiliary vector; unknown keys return 0.
+        (unsafe { libc::getauxval(libc::AT_HWCAP2) }) & HWCAP2_BTI != 0
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    false
 }
 
 /// A block of executable memory handed out by [`CodeArena::alloc`].
