@@ -15,3 +15,8 @@ pub mod jit;
 pub mod reclaim;
 pub mod text;
 pub mod trampoline;
+
+/// The README's examples, compiled and run as doctests so they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
