@@ -66,8 +66,9 @@ fn publish_active(site: usize, kind: u8, target: usize) {
     ACTIVE_SEQ.fetch_add(1, Ordering::Release);
 }
 
-/// A consistent snapshot of the poke in progress: (site, kind, target). Async-signal-safe.
-fn read_active() -> (usize, u8, usize) {
+/// A consistent snapshot of the poke in progress: (sequence, site, kind, target).
+/// Async-signal-safe.
+fn read_active() -> (usize, usize, u8, usize) {
     loop {
         let before = ACTIVE_SEQ.load(Ordering::Acquire);
         if before % 2 == 1 {
@@ -76,6 +77,7 @@ fn read_active() -> (usize, u8, usize) {
             continue;
         }
         let snapshot = (
+            before,
             ACTIVE_SITE.load(Ordering::Relaxed),
             ACTIVE_KIND.load(Ordering::Relaxed),
             ACTIVE_TARGET.load(Ordering::Relaxed),
@@ -250,31 +252,41 @@ unsafe fn handle_site_trap(uc: *mut libc::ucontext_t) -> bool {
     if !arena.contains(site) {
         return false;
     }
-    let (active_site, kind, target) = read_active();
-    if active_site == site {
-        match kind {
-            KIND_CALL => {
-                let rsp = (gregs[libc::REG_RSP as usize] as usize).wrapping_sub(8);
-                // SAFETY: emulating `call` pushes the return address exactly where the thread's own
-                // `call` would have: its stack, just below the stack pointer. The kernel put the
-                // signal frame below the 128-byte red zone, so this slot is not part of it.
-                unsafe { (rsp as *mut u64).write(site as u64 + 5) };
-                gregs[libc::REG_RSP as usize] = rsp as i64;
-                gregs[libc::REG_RIP as usize] = target as i64;
+    // A late handler may race with later pokes: retry while the published poke changes.
+    loop {
+        let (seq, active_site, kind, target) = read_active();
+        if active_site == site {
+            match kind {
+                KIND_CALL => {
+                    let rsp = (gregs[libc::REG_RSP as usize] as usize).wrapping_sub(8);
+                    // SAFETY: emulating `call` pushes the return address exactly where the
+                    // thread's own `call` would have: its stack, just below the stack pointer. The
+                    // kernel put the signal frame below the 128-byte red zone, so this slot is not
+                    // part of it.
+                    unsafe { (rsp as *mut u64).write(site as u64 + 5) };
+                    gregs[libc::REG_RSP as usize] = rsp as i64;
+                    gregs[libc::REG_RIP as usize] = target as i64;
+                }
+                KIND_JUMP => gregs[libc::REG_RIP as usize] = target as i64,
+                _ => gregs[libc::REG_RIP as usize] = (site + PATCH_SITE_LEN) as i64,
             }
-            KIND_JUMP => gregs[libc::REG_RIP as usize] = target as i64,
-            _ => gregs[libc::REG_RIP as usize] = (site + PATCH_SITE_LEN) as i64,
+            return true;
         }
-        return true;
+        // The poke this thread trapped on finished before the handler ran: if the int3 is gone,
+        // re-execute the site.
+        // SAFETY: `site` lies in the arena's RX view (checked above), which is always readable.
+        let byte = unsafe { AtomicU8::from_ptr(site as *mut u8) }.load(Ordering::Acquire);
+        if byte != X86_INT3 {
+            gregs[libc::REG_RIP as usize] = site as i64;
+            return true;
+        }
+        // An int3 is there again. If a new poke was published meanwhile it may be that poke's
+        // (a poke publishes before it writes its int3, and the acquire load above orders this
+        // check after that publication): look again. Otherwise the int3 is not a poke's.
+        if ACTIVE_SEQ.load(Ordering::Acquire) == seq {
+            return false;
+        }
     }
-    // The poke finished before this handler ran: if the int3 is gone, re-execute the site.
-    // SAFETY: `site` lies in the arena's RX view (checked above), which is always readable.
-    let byte = unsafe { AtomicU8::from_ptr(site as *mut u8) }.load(Ordering::Acquire);
-    if byte != X86_INT3 {
-        gregs[libc::REG_RIP as usize] = site as i64;
-        return true;
-    }
-    false
 }
 
 /// Passes a trap that is not ours to the previous handler, or to the default action.
