@@ -477,6 +477,29 @@ impl Insn {
         }
     }
 
+    /// The register this instruction writes, if any (fetching atomics write their source, cmpxchg
+    /// writes r0).
+    pub fn written_reg(&self) -> Option<Reg> {
+        match *self {
+            Insn::Alu { dst, .. }
+            | Insn::Neg { dst, .. }
+            | Insn::Endian { dst, .. }
+            | Insn::LoadImm64 { dst, .. }
+            | Insn::Load { dst, .. }
+            | Insn::LoadAcquire { dst, .. } => Some(dst),
+            Insn::Atomic { op, src, .. } => match op {
+                AtomicOp::FetchAdd
+                | AtomicOp::FetchOr
+                | AtomicOp::FetchAnd
+                | AtomicOp::FetchXor
+                | AtomicOp::Xchg => Some(src),
+                AtomicOp::CmpXchg => Some(Reg::R0),
+                AtomicOp::Add | AtomicOp::Or | AtomicOp::And | AtomicOp::Xor => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Jump target as a slot index, for an instruction at slot `pc`; `None` if this is not a jump.
     pub fn jump_target(&self, pc: usize) -> Option<i64> {
         let next = pc as i64 + 1;
@@ -1051,8 +1074,9 @@ pub struct Program {
 }
 
 impl Program {
-    /// Validates `insns`: jump and call targets in range and on instruction boundaries, and the
-    /// last instruction `exit` or an unconditional jump.
+    /// Validates `insns` — hand-built or decoded — so every engine can rely on the same rules: no
+    /// write to r10, atomic read-modify-writes of 32 or 64 bits, jump and call targets in range
+    /// and on instruction boundaries, and the last instruction `exit` or an unconditional jump.
     pub fn new(insns: Vec<Insn>) -> Result<Program, DecodeError> {
         if insns.is_empty() {
             return Err(DecodeError {
@@ -1071,6 +1095,21 @@ impl Program {
         }
         let len = insn_at.len();
         for (i, insn) in insns.iter().enumerate() {
+            let at = |kind| DecodeError {
+                index: slot_of[i],
+                kind,
+            };
+            if insn.written_reg() == Some(Reg::R10) {
+                return Err(at(DecodeErrorKind::FramePointerWrite));
+            }
+            if let Insn::Atomic { size, .. } = insn
+                && !matches!(size, Size::W | Size::DW)
+            {
+                return Err(at(DecodeErrorKind::BadField {
+                    field: "size (atomic read-modify-write needs W or DW)",
+                    value: size.bytes() as i64,
+                }));
+            }
             if let Some(target) = insn.jump_target(slot_of[i]) {
                 let err = |kind| DecodeError {
                     index: slot_of[i],
@@ -1353,6 +1392,24 @@ mod tests {
         // jump into the middle of an lddw: ja +1; lddw; exit
         let e = decode_err(&[0x0001_0005, 0x18, 0, 0x95]);
         assert!(matches!(e.kind, DecodeErrorKind::JumpIntoLddw { .. }));
+        // Hand-built programs follow the same rules as decoded ones.
+        let writes_r10 = Insn::Alu {
+            width: Width::W64,
+            op: AluOp::Mov,
+            dst: Reg::R10,
+            src: Source::Imm(0),
+        };
+        let e = Program::new(vec![Insn::Exit, writes_r10, Insn::Exit]).unwrap_err();
+        assert_eq!((e.index, e.kind), (1, DecodeErrorKind::FramePointerWrite));
+        let byte_atomic = Insn::Atomic {
+            size: Size::B,
+            op: AtomicOp::Add,
+            base: Reg::R10,
+            off: -8,
+            src: Reg::R1,
+        };
+        let e = Program::new(vec![byte_atomic, Insn::Exit]).unwrap_err();
+        assert!(matches!(e.kind, DecodeErrorKind::BadField { .. }), "{e}");
         // length not a multiple of 8
         let e = Program::decode(&[0x95, 0, 0]).unwrap_err();
         assert_eq!(e.kind, DecodeErrorKind::BadLength(3));

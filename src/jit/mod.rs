@@ -54,10 +54,6 @@ pub enum JitError {
         "the program has {slots} instruction slots; the JIT supports at most {max} (split it into smaller programs)"
     )]
     ProgramTooLarge { slots: usize, max: usize },
-    #[error(
-        "instruction {pc} writes r10, the read-only frame pointer; such programs cannot be decoded from bytecode, only built by hand"
-    )]
-    FramePointerWrite { pc: usize },
     #[error("instruction {pc} cannot be compiled: {reason}")]
     InvalidInstruction { pc: usize, reason: &'static str },
     #[error("the generated code is inconsistent: {0} (a JIT bug; please report it)")]
@@ -404,6 +400,19 @@ fn runtime_dispatch(ctx: *mut RunContext<'static>, arg: u64, info: u64) -> u64 {
     };
     ctx.error = Some(error);
     0
+}
+
+/// Rejects programs whose slot indices do not fit the error information generated code carries
+/// (everything else a backend relies on, `Program::new` already guarantees).
+pub(crate) fn check_size(program: &Program) -> Result<(), JitError> {
+    let slots = program.slot_count();
+    if slots > rt::MAX_PC {
+        return Err(JitError::ProgramTooLarge {
+            slots,
+            max: rt::MAX_PC,
+        });
+    }
+    Ok(())
 }
 
 /// The type of a compiled program's entry; see the module documentation.

@@ -141,62 +141,13 @@ fn op_size(size: Size) -> OpSize {
     }
 }
 
-/// The register an instruction writes, if any.
-fn written_reg(insn: &Insn) -> Option<Reg> {
-    match *insn {
-        Insn::Alu { dst, .. }
-        | Insn::Neg { dst, .. }
-        | Insn::Endian { dst, .. }
-        | Insn::LoadImm64 { dst, .. }
-        | Insn::Load { dst, .. }
-        | Insn::LoadAcquire { dst, .. } => Some(dst),
-        Insn::Atomic { op, src, .. } => match op {
-            AtomicOp::FetchAdd
-            | AtomicOp::FetchOr
-            | AtomicOp::FetchAnd
-            | AtomicOp::FetchXor
-            | AtomicOp::Xchg => Some(src),
-            AtomicOp::CmpXchg => Some(Reg::R0),
-            AtomicOp::Add | AtomicOp::Or | AtomicOp::And | AtomicOp::Xor => None,
-        },
-        _ => None,
-    }
-}
-
-/// Rejects what a decoded program can never contain but a hand-built `Program` might, and that
-/// the generated code relies on: r10 is never written, atomics are 32 or 64 bits.
-fn validate(program: &Program) -> Result<(), JitError> {
-    let slots = program.slot_count();
-    if slots > rt::MAX_PC {
-        return Err(JitError::ProgramTooLarge {
-            slots,
-            max: rt::MAX_PC,
-        });
-    }
-    for (i, insn) in program.insns().iter().enumerate() {
-        let pc = program.slot_of(i);
-        if written_reg(insn) == Some(Reg::R10) {
-            return Err(JitError::FramePointerWrite { pc });
-        }
-        if let Insn::Atomic { size, .. } = insn
-            && !matches!(size, Size::W | Size::DW)
-        {
-            return Err(JitError::InvalidInstruction {
-                pc,
-                reason: "atomic read-modify-write needs size W or DW",
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Generates the image for `program` (see the module documentation for its layout).
 pub fn generate(
     program: &Program,
     helpers: &Helpers,
     opts: &CodegenOptions,
 ) -> Result<Vec<u8>, JitError> {
-    validate(program)?;
+    super::check_size(program)?;
     let mut a = Asm::new();
     let insn_labels = (0..program.insns().len()).map(|_| a.new_label()).collect();
     let mut g = Gen {
@@ -886,42 +837,5 @@ mod tests {
         for checked in [true, false] {
             listing(&gen_code(insns.clone(), checked));
         }
-    }
-
-    #[test]
-    fn rejects_frame_pointer_writes_and_odd_atomics() {
-        let p = Program::new(vec![
-            Insn::Alu {
-                width: Width::W64,
-                op: AluOp::Mov,
-                dst: Reg::R10,
-                src: Source::Imm(0),
-            },
-            Insn::Exit,
-        ])
-        .unwrap();
-        let opts = CodegenOptions {
-            checked: true,
-            runtime_fn: 0,
-        };
-        assert!(matches!(
-            generate(&p, &Helpers::new(), &opts),
-            Err(JitError::FramePointerWrite { pc: 0 })
-        ));
-        let p = Program::new(vec![
-            Insn::Atomic {
-                size: Size::B,
-                op: AtomicOp::Add,
-                base: Reg::R10,
-                off: -8,
-                src: Reg::R1,
-            },
-            Insn::Exit,
-        ])
-        .unwrap();
-        assert!(matches!(
-            generate(&p, &Helpers::new(), &opts),
-            Err(JitError::InvalidInstruction { pc: 0, .. })
-        ));
     }
 }

@@ -194,55 +194,6 @@ fn map(r: Reg) -> Gpr {
     REG_MAP[r.index()]
 }
 
-/// The register an instruction writes, if any.
-fn written_reg(insn: &Insn) -> Option<Reg> {
-    match *insn {
-        Insn::Alu { dst, .. }
-        | Insn::Neg { dst, .. }
-        | Insn::Endian { dst, .. }
-        | Insn::LoadImm64 { dst, .. }
-        | Insn::Load { dst, .. }
-        | Insn::LoadAcquire { dst, .. } => Some(dst),
-        Insn::Atomic { op, src, .. } => match op {
-            AtomicOp::FetchAdd
-            | AtomicOp::FetchOr
-            | AtomicOp::FetchAnd
-            | AtomicOp::FetchXor
-            | AtomicOp::Xchg => Some(src),
-            AtomicOp::CmpXchg => Some(Reg::R0),
-            AtomicOp::Add | AtomicOp::Or | AtomicOp::And | AtomicOp::Xor => None,
-        },
-        _ => None,
-    }
-}
-
-/// Rejects what a decoded program never contains but a hand-built one might, and that the code
-/// relies on: r10 is never written, atomics are 32 or 64 bits.
-fn validate(program: &Program) -> Result<(), JitError> {
-    let slots = program.slot_count();
-    if slots > rt::MAX_PC {
-        return Err(JitError::ProgramTooLarge {
-            slots,
-            max: rt::MAX_PC,
-        });
-    }
-    for (i, insn) in program.insns().iter().enumerate() {
-        let pc = program.slot_of(i);
-        if written_reg(insn) == Some(Reg::R10) {
-            return Err(JitError::FramePointerWrite { pc });
-        }
-        if let Insn::Atomic { size, .. } = insn
-            && !matches!(size, Size::W | Size::DW)
-        {
-            return Err(JitError::InvalidInstruction {
-                pc,
-                reason: "atomic read-modify-write needs size W or DW",
-            });
-        }
-    }
-    Ok(())
-}
-
 /// A position in the code, bound once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Label(usize);
@@ -342,7 +293,7 @@ pub fn generate(
     helpers: &Helpers,
     opts: &Arm64Options,
 ) -> Result<Arm64Code, JitError> {
-    validate(program)?;
+    crate::jit::check_size(program)?;
     let mut e = Emitter::default();
     let insn_labels = (0..program.insns().len()).map(|_| e.new_label()).collect();
     let mut g = Gen {
@@ -1279,39 +1230,6 @@ mod tests {
                 assert_eq!(c.insn_offsets.len(), p.insns().len());
             }
         }
-    }
-
-    #[test]
-    fn invalid_hand_built_programs_are_rejected() {
-        let p = Program::new(vec![
-            Insn::Alu {
-                width: Width::W64,
-                op: AluOp::Mov,
-                dst: Reg::R10,
-                src: Source::Imm(0),
-            },
-            Insn::Exit,
-        ])
-        .unwrap();
-        assert!(matches!(
-            generate(&p, &Helpers::new(), &opts(true, true, true, true)),
-            Err(JitError::FramePointerWrite { pc: 0 })
-        ));
-        let p = Program::new(vec![
-            Insn::Atomic {
-                size: Size::B,
-                op: AtomicOp::Add,
-                base: Reg::R10,
-                off: -8,
-                src: Reg::R1,
-            },
-            Insn::Exit,
-        ])
-        .unwrap();
-        assert!(matches!(
-            generate(&p, &Helpers::new(), &opts(true, true, true, true)),
-            Err(JitError::InvalidInstruction { pc: 0, .. })
-        ));
     }
 
     #[test]
