@@ -45,13 +45,20 @@ fn calls(c: &mut Criterion) -> Vec<(&'static str, f64)> {
     let tracer = empty();
     let mut group = c.benchmark_group("call");
     let mut table = Vec::new();
-    let setups: [(&'static str, &[AttachKind]); 4] = [
-        ("bare", &[]),
-        ("fentry-empty", &[AttachKind::Fentry]),
-        ("fexit-empty", &[AttachKind::Fexit]),
-        ("fentry+fexit", &[AttachKind::Fentry, AttachKind::Fexit]),
+    // (name, links, run statistics on)
+    let setups: [(&'static str, &[AttachKind], bool); 5] = [
+        ("bare", &[], false),
+        ("fentry-empty", &[AttachKind::Fentry], false),
+        ("fentry-empty, stats on", &[AttachKind::Fentry], true),
+        ("fexit-empty", &[AttachKind::Fexit], false),
+        (
+            "fentry+fexit",
+            &[AttachKind::Fentry, AttachKind::Fexit],
+            false,
+        ),
     ];
-    for (name, kinds) in setups {
+    for (name, kinds, stats) in setups {
+        livebpf::trampoline::set_stats_enabled(stats);
         let prog = target();
         let _links: Vec<_> = kinds
             .iter()
@@ -66,6 +73,7 @@ fn calls(c: &mut Criterion) -> Vec<(&'static str, f64)> {
         });
         table.push((name, ns_per_call(&prog)));
     }
+    livebpf::trampoline::set_stats_enabled(false);
     group.finish();
     table
 }
@@ -155,7 +163,7 @@ fn main() {
     let bare = table[0].1;
     println!("\nper-call cost (ns, quick timing; overhead over the bare call):");
     for (name, ns) in &table {
-        println!("  {name:14} {ns:7.2} ns  (+{:.2} ns)", ns - bare);
+        println!("  {name:24} {ns:7.2} ns  (+{:.2} ns)", ns - bare);
     }
     // One runner: this machine has two cores, one of them attaching.
     let window = Duration::from_secs(2);
