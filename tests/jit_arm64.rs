@@ -4,9 +4,13 @@
 //! this test binary maps text with `PROT_BTI`, so every run here is also a BTI-enforced run.
 #![cfg(target_arch = "aarch64")]
 
-use std::ops::Range;
+mod common;
 
-use livebpf::asm::assemble_program;
+use common::progen::{
+    self, ALU_OPS, BuildOptions, CallxOptions, Case, CaseOptions, EDGE_VALUES, IDENTITY_ID,
+    ItemOptions, MIX_ID, UNKNOWN_ID, access, asm, data_reg, endian, lddw, mix, neg, size, source,
+    width,
+};
 use livebpf::exec::{Access, ExecError, MemRegion};
 use livebpf::helpers::Helpers;
 use livebpf::interp::Interpreter;
@@ -16,7 +20,6 @@ use livebpf::jit::{JitOptions, JitProgram};
 use livebpf::text::poke::{A64_NOP, PATCH_SITE_LEN};
 use livebpf::text::{ArenaOptions, CodeArena, ImageKind, Registry, TextError};
 use proptest::prelude::*;
-use proptest::test_runner::Config as ProptestConfig;
 
 /// The global arena: with `PROT_BTI` when the CPU enforces BTI.
 fn arena() -> &'static CodeArena {
@@ -30,15 +33,6 @@ fn arena() -> &'static CodeArena {
         Err(e) => panic!("{e}"),
     }
 }
-
-/// A deterministic helper that depends on all five arguments.
-extern "C" fn mix(a: u64, b: u64, c: u64, d: u64, e: u64) -> u64 {
-    a.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        ^ b.rotate_left(7)
-        ^ c.wrapping_add(d.rotate_right(13))
-        ^ e.wrapping_mul(3)
-}
-
 /// Clobbers every caller-saved register a helper may clobber (x0–x18 but x18), returns 7.
 extern "C" fn clobber(_: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
     let r: u64;
@@ -58,11 +52,7 @@ extern "C" fn clobber(_: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
     }
     r
 }
-
-const MIX_ID: u32 = 1;
 const CLOBBER_ID: u32 = 2;
-const IDENTITY_ID: u32 = 5;
-const UNKNOWN_ID: u32 = 77;
 
 fn helpers() -> Helpers {
     let mut h = Helpers::conformance();
@@ -97,129 +87,30 @@ fn modes(trusted_ok: bool) -> Vec<(String, JitOptions)> {
     }
     out
 }
-
-fn asm(src: &str) -> Program {
-    assemble_program(src).unwrap_or_else(|e| panic!("{e}\n{src}"))
-}
-
-/// Stack addresses differ between engines: an address away from the input (where only the
-/// stacks can be) is reduced to its alignment (`addr % 8`), which must agree.
-fn normalize(r: Result<u64, ExecError>, mem: &Range<u64>) -> Result<u64, ExecError> {
-    let near_input = mem.start.saturating_sub(4096)..mem.end.saturating_add(4096);
-    let stackish = |a: u64| (0x10000..0x8000_0000_0000).contains(&a) && !near_input.contains(&a);
-    match r {
-        Err(ExecError::MisalignedAtomic { pc, addr, size }) if stackish(addr) => {
-            Err(ExecError::MisalignedAtomic {
-                pc,
-                addr: addr % 8,
-                size,
-            })
-        }
-        Err(ExecError::OutOfBounds {
-            pc,
-            addr,
-            size,
-            access,
-        }) if stackish(addr) => Err(ExecError::OutOfBounds {
-            pc,
-            addr: addr % 8,
-            size,
-            access,
-        }),
-        other => other,
-    }
-}
-
-/// Runs `program` on the interpreter and on the JIT in every mode over the same buffer; compares
-/// results and final memory; returns the interpreter's result.
+/// Runs `program` on the interpreter and on the JIT in every mode over the same buffer (see
+/// `progen::differential`); returns the interpreter's result.
 fn differential(program: &Program, mem: &[u8], trusted_ok: bool) -> Result<u64, ExecError> {
     arena();
-    let h = helpers();
-    // The input sits 16-aligned in the middle of a 64 KiB block, so no stack of either engine
-    // is within 4 KiB of it (see `normalize`).
-    let mut backing = vec![0u8; (64 << 10) + mem.len()];
-    let at = (32 << 10) + backing.as_ptr().align_offset(16);
-    let buf = &mut backing[at..at + mem.len()];
-    buf.copy_from_slice(mem);
-    let range = buf.as_ptr() as u64..buf.as_ptr() as u64 + buf.len() as u64;
-    let want = Interpreter::new(program).with_helpers(h.clone()).run(buf);
-    let want_mem = buf.to_vec();
-    for (mode, opts) in modes(trusted_ok) {
-        buf.copy_from_slice(mem);
-        let jit = JitProgram::compile(program, &h, opts).expect("compiles");
-        let got = jit.run(buf);
-        assert_eq!(
-            normalize(got, &range),
-            normalize(want.clone(), &range),
-            "{mode} JIT vs interpreter\n{}",
-            livebpf::asm::disassemble(program.insns())
-        );
-        assert_eq!(buf, want_mem, "{mode} JIT left different memory");
-    }
-    want
+    progen::differential(program, mem, &helpers(), &modes(trusted_ok))
 }
 
 fn check(src: &str, mem: &[u8], expected: Result<u64, ExecError>) {
     let got = differential(&asm(src), mem, expected.is_ok());
     assert_eq!(got, expected, "{src}");
 }
-
-const EDGE_VALUES: [u64; 10] = [
-    0,
-    1,
-    7,
-    u64::MAX,
-    i64::MIN as u64,
-    i64::MAX as u64,
-    0xffff_ffff,
-    0x8000_0000,
-    0xffff_ffff_8000_0000,
-    0x1234_5678_9abc_def0,
-];
+/// The multiplier of `fold_registers`.
+const FOLD_MUL: i32 = 31;
 
 /// Folds r0–r9 into r0 so that every register's final value matters.
 fn fold_registers() -> Vec<Insn> {
-    let mut v = Vec::new();
-    for r in 1..=9 {
-        v.push(Insn::Alu {
-            width: Width::W64,
-            op: AluOp::Mul,
-            dst: Reg::R0,
-            src: Source::Imm(31),
-        });
-        v.push(Insn::Alu {
-            width: Width::W64,
-            op: AluOp::Xor,
-            dst: Reg::R0,
-            src: Source::Reg(Reg::new(r).unwrap()),
-        });
-    }
-    v
+    progen::fold_registers(FOLD_MUL)
 }
 
 // ---------------------------------------------------------------- ALU
 
 #[test]
 fn alu_of_every_operation_width_and_operand_on_edge_values() {
-    let ops = [
-        AluOp::Add,
-        AluOp::Sub,
-        AluOp::Mul,
-        AluOp::Div,
-        AluOp::SDiv,
-        AluOp::Mod,
-        AluOp::SMod,
-        AluOp::Or,
-        AluOp::And,
-        AluOp::Xor,
-        AluOp::Lsh,
-        AluOp::Rsh,
-        AluOp::Arsh,
-        AluOp::Mov,
-        AluOp::MovSx8,
-        AluOp::MovSx16,
-        AluOp::MovSx32,
-    ];
+    let ops = ALU_OPS;
     let imms = [
         0,
         1,
@@ -827,40 +718,6 @@ fn concurrent_runs_of_one_program() {
 
 // ---------------------------------------------------------------- random programs
 
-#[derive(Clone, Debug)]
-enum Item {
-    Plain(Vec<Insn>),
-    /// A conditional jump forward over `skip` items.
-    Jump {
-        width: Width,
-        cond: JmpCond,
-        dst: Reg,
-        src: Source,
-        skip: usize,
-    },
-    Ja {
-        skip: usize,
-    },
-    CallSub,
-}
-
-#[derive(Clone, Debug)]
-struct Case {
-    init: [u64; 10],
-    mem: Vec<u8>,
-    main: Vec<Item>,
-    sub: Vec<Item>,
-}
-
-fn reg() -> impl Strategy<Value = Reg> {
-    (0u8..10).prop_map(|n| Reg::new(n).unwrap())
-}
-
-/// Any register but r1 (the input's address, kept so that input accesses stay meaningful).
-fn data_reg() -> impl Strategy<Value = Reg> {
-    prop_oneof![Just(0u8), 2u8..10].prop_map(|n| Reg::new(n).unwrap())
-}
-
 fn imm() -> impl Strategy<Value = i32> {
     prop_oneof![
         3 => -4200i32..4200,
@@ -877,40 +734,14 @@ fn value() -> impl Strategy<Value = u64> {
     ]
 }
 
-fn source() -> impl Strategy<Value = Source> {
-    prop_oneof![reg().prop_map(Source::Reg), imm().prop_map(Source::Imm)]
-}
-
-fn width() -> impl Strategy<Value = Width> {
-    prop_oneof![Just(Width::W32), Just(Width::W64)]
-}
-
-fn size() -> impl Strategy<Value = Size> {
-    proptest::sample::select(vec![Size::B, Size::H, Size::W, Size::DW])
-}
-
 fn alu() -> impl Strategy<Value = Insn> {
-    let ops = vec![
-        AluOp::Add,
-        AluOp::Sub,
-        AluOp::Mul,
-        AluOp::Div,
-        AluOp::SDiv,
-        AluOp::Mod,
-        AluOp::SMod,
-        AluOp::Or,
-        AluOp::And,
-        AluOp::Xor,
-        AluOp::Lsh,
-        AluOp::Rsh,
-        AluOp::Arsh,
-        AluOp::Mov,
-        AluOp::MovSx8,
-        AluOp::MovSx16,
-        AluOp::MovSx32,
-    ];
-    let binary = (width(), proptest::sample::select(ops), data_reg(), source()).prop_map(
-        |(width, op, dst, src)| {
+    let binary = (
+        width(),
+        proptest::sample::select(ALU_OPS.to_vec()),
+        data_reg(),
+        source(imm()),
+    )
+        .prop_map(|(width, op, dst, src)| {
             let sx = matches!(op, AluOp::MovSx8 | AluOp::MovSx16 | AluOp::MovSx32);
             let (op, src) = match (op, src) {
                 // Sign-extending moves have register sources; 32-bit has no movsx32.
@@ -924,61 +755,13 @@ fn alu() -> impl Strategy<Value = Insn> {
                 dst,
                 src,
             }
-        },
-    );
+        });
     prop_oneof![
         8 => binary,
-        1 => (width(), data_reg()).prop_map(|(width, dst)| Insn::Neg { width, dst }),
-        1 => (proptest::sample::select(vec![
-                livebpf::isa::Endian::Le,
-                livebpf::isa::Endian::Be,
-                livebpf::isa::Endian::Swap,
-            ]), proptest::sample::select(vec![16u8, 32, 64]), data_reg())
-            .prop_map(|(kind, bits, dst)| Insn::Endian { kind, bits, dst }),
-        1 => (data_reg(), value()).prop_map(|(dst, imm)| Insn::LoadImm64 { dst, imm }),
+        1 => neg(data_reg()),
+        1 => endian(data_reg()),
+        1 => lddw(data_reg(), value()),
     ]
-}
-
-/// A load, store (reg or imm), atomic, load-acquire or store-release at `[base + off]`.
-fn access(kind: u8, size: Size, base: Reg, off: i16, r: Reg) -> Insn {
-    match kind {
-        0 => Insn::Load {
-            size,
-            signed: size != Size::DW && off % 2 == 0,
-            dst: r,
-            base,
-            off,
-        },
-        1 => Insn::Store {
-            size,
-            base,
-            off,
-            src: if off % 2 == 0 {
-                Source::Reg(r)
-            } else {
-                Source::Imm(-5)
-            },
-        },
-        2 => Insn::Atomic {
-            size: if size == Size::DW { Size::DW } else { Size::W },
-            op: AtomicOp::ALL[off.unsigned_abs() as usize % AtomicOp::ALL.len()],
-            base,
-            off,
-            src: r,
-        },
-        3 => Insn::StoreRelease {
-            size,
-            base,
-            off,
-            src: r,
-        },
-        _ => Insn::LoadAcquire {
-            size,
-            dst: r,
-            base,
-            off,
-        },
-    }
 }
 
 /// An access to the stack: through r10 inside the frame, or through a copy of r10.
@@ -1034,203 +817,52 @@ fn input_access() -> impl Strategy<Value = Vec<Insn>> {
         vec![access(kind, size, Reg::R1, off, r)]
     })
 }
-
-fn item(with_sub_calls: bool) -> BoxedStrategy<Item> {
-    let jump = (
-        width(),
-        proptest::sample::select(JmpCond::ALL.to_vec()),
-        reg(),
-        source(),
-        0usize..6,
-    )
-        .prop_map(|(width, cond, dst, src, skip)| Item::Jump {
-            width,
-            cond,
-            dst,
-            src,
-            skip,
-        });
-    // Unknown ids end a run, so they are rare.
-    let helper = prop_oneof![
-        10 => Just(MIX_ID),
-        3 => Just(IDENTITY_ID),
-        3 => Just(CLOBBER_ID),
-        1 => Just(UNKNOWN_ID)
-    ]
-    .prop_map(|id| Item::Plain(vec![Insn::Call { id }]));
-    let callx = (
-        2u8..=9,
-        prop_oneof![6 => Just(MIX_ID as i32), 3 => Just(IDENTITY_ID as i32), 1 => Just(UNKNOWN_ID as i32)],
-    )
-        .prop_map(|(r, id)| {
-            let reg = Reg::new(r).unwrap();
-            Item::Plain(vec![
-                Insn::Alu {
-                    width: Width::W64,
-                    op: AluOp::Mov,
-                    dst: reg,
-                    src: Source::Imm(id),
-                },
-                Insn::CallX { reg },
-            ])
-        });
-    let call_sub = if with_sub_calls { 2 } else { 1 };
-    prop_oneof![
-        12 => alu().prop_map(|i| Item::Plain(vec![i])),
-        5 => stack_access().prop_map(Item::Plain),
-        3 => input_access().prop_map(Item::Plain),
-        3 => jump,
-        1 => (0usize..4).prop_map(|skip| Item::Ja { skip }),
-        2 => helper,
-        1 => callx,
-        call_sub => Just(Item::CallSub),
-    ]
-    .boxed()
+fn item_options() -> ItemOptions {
+    ItemOptions {
+        alu: alu().boxed(),
+        imm: imm().boxed(),
+        accesses: vec![(5, stack_access().boxed()), (3, input_access().boxed())],
+        // Unknown ids end a run, so they are rare.
+        helpers: vec![
+            (10, MIX_ID),
+            (3, IDENTITY_ID),
+            (3, CLOBBER_ID),
+            (1, UNKNOWN_ID),
+        ],
+        callx: CallxOptions {
+            regs: 2..=9,
+            ids: vec![(6, MIX_ID), (3, IDENTITY_ID), (1, UNKNOWN_ID)],
+            set: None,
+        },
+        call_sub: 2,
+        // The subprogram may call itself: recursion ends at the depth limit at the latest.
+        call_sub_in_sub: 1,
+    }
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    (
-        proptest::array::uniform10(value()),
-        prop_oneof![Just(0usize), Just(8), Just(64)]
-            .prop_flat_map(|n| proptest::collection::vec(any::<u8>(), n)),
-        proptest::collection::vec(item(true), 1..40),
-        // The subprogram may call itself: recursion ends at the depth limit at the latest.
-        proptest::collection::vec(item(false), 0..10),
-    )
-        .prop_map(|(init, mem, main, sub)| Case {
-            init,
-            mem,
-            main,
-            sub,
-        })
+    progen::case(&CaseOptions {
+        value: value().boxed(),
+        mem_lens: vec![0, 8, 64],
+        items: item_options(),
+        sub_len: 0..10,
+    })
 }
 
-enum Target {
-    Index(usize),
-    Sub,
-}
-
-/// Appends a block's instructions and records the fixups of its jumps and calls.
-fn emit_block(items: &[Item], out: &mut Vec<Insn>, fixes: &mut Vec<(usize, Target)>) {
-    let mut starts = Vec::with_capacity(items.len() + 1);
-    let mut local = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        starts.push(out.len());
-        match item {
-            Item::Plain(v) => out.extend_from_slice(v),
-            Item::Jump {
-                width,
-                cond,
-                dst,
-                src,
-                skip,
-            } => {
-                local.push((out.len(), i + 1 + skip));
-                out.push(Insn::Jump {
-                    width: *width,
-                    cond: *cond,
-                    dst: *dst,
-                    src: *src,
-                    off: 0,
-                });
-            }
-            Item::Ja { skip } => {
-                local.push((out.len(), i + 1 + skip));
-                out.push(Insn::Ja { off: 0 });
-            }
-            Item::CallSub => {
-                fixes.push((out.len(), Target::Sub));
-                out.push(Insn::CallLocal { off: 0 });
-            }
-        }
-    }
-    starts.push(out.len());
-    for (at, target_item) in local {
-        fixes.push((at, Target::Index(starts[target_item.min(items.len())])));
-    }
-}
+/// The stack's contents matter too: `[r10-8]`, `[r10-16]`, `[r10-56]` and `[r10-504]` are
+/// added into r0 after the main block.
+const BUILD: BuildOptions = BuildOptions {
+    stack_slots: &[1, 2, 7, 63],
+    fold_mul: FOLD_MUL,
+};
 
 fn build(case: &Case) -> Program {
-    let mut insns = Vec::new();
-    for (n, v) in case.init.iter().enumerate() {
-        if n != 1 {
-            insns.push(Insn::LoadImm64 {
-                dst: Reg::new(n as u8).unwrap(),
-                imm: *v,
-            });
-        }
-    }
-    let mut fixes = Vec::new();
-    emit_block(&case.main, &mut insns, &mut fixes);
-    // The stack's contents matter too.
-    for k in [1i16, 2, 7, 63] {
-        insns.push(Insn::Load {
-            size: Size::DW,
-            signed: false,
-            dst: Reg::R9,
-            base: Reg::R10,
-            off: -8 * k,
-        });
-        insns.push(Insn::Alu {
-            width: Width::W64,
-            op: AluOp::Add,
-            dst: Reg::R0,
-            src: Source::Reg(Reg::R9),
-        });
-    }
-    insns.extend(fold_registers());
-    insns.push(Insn::Exit);
-    let sub_start = insns.len();
-    emit_block(&case.sub, &mut insns, &mut fixes);
-    insns.push(Insn::Exit);
-    let mut slot_of = Vec::with_capacity(insns.len());
-    let mut slot = 0i64;
-    for insn in &insns {
-        slot_of.push(slot);
-        slot += insn.slots() as i64;
-    }
-    for (at, target) in fixes {
-        let t = match target {
-            Target::Index(t) => t,
-            Target::Sub => sub_start,
-        };
-        let off = slot_of[t] - slot_of[at] - 1;
-        insns[at] = match insns[at] {
-            Insn::Jump {
-                width,
-                cond,
-                dst,
-                src,
-                ..
-            } => Insn::Jump {
-                width,
-                cond,
-                dst,
-                src,
-                off: off as i16,
-            },
-            Insn::Ja { .. } => Insn::Ja { off: off as i16 },
-            _ => Insn::CallLocal { off: off as i32 },
-        };
-    }
-    Program::new(insns).expect("generated programs are valid")
-}
-
-fn proptest_config() -> ProptestConfig {
-    // Each case compiles and runs 8 images; under qemu-user that costs ~10 ms.
-    let cases = std::env::var("LIVEBPF_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    progen::build(case, &BUILD)
 }
 
 proptest! {
-    #![proptest_config(proptest_config())]
+    // Each case compiles and runs 8 images; under qemu-user that costs ~10 ms.
+    #![proptest_config(progen::proptest_config("LIVEBPF_PROPTEST_CASES", 200))]
 
     #[test]
     fn random_programs_match_the_interpreter(case in case()) {

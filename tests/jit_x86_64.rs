@@ -2,30 +2,21 @@
 //! random programs, error reporting, the image's layout and registration, and concurrent runs.
 #![cfg(target_arch = "x86_64")]
 
-use std::ops::Range;
+mod common;
 
-use livebpf::asm::assemble_program;
+use common::progen::{
+    self, ALU_OPS, ATOMIC, BuildOptions, CallxOptions, Case, CaseOptions, EDGE_VALUES, IDENTITY_ID,
+    ItemOptions, LOAD, LOAD_ACQUIRE, MIX_ID, STORE, UNKNOWN_ID, access, asm, endian, lddw, mix,
+    neg, normalize, reg, size, source, width,
+};
 use livebpf::exec::{Access, ExecError, MemRegion};
 use livebpf::helpers::Helpers;
 use livebpf::interp::Interpreter;
-use livebpf::isa::{AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, Width};
+use livebpf::isa::{AluOp, AtomicOp, Insn, Program, Reg, Size, Source, Width};
 use livebpf::jit::x86_64::{BODY_OFFSET, PATCH_SITE_LEN, PATCH_SITE_NOP, PATCH_SITE_OFFSET};
 use livebpf::jit::{JitOptions, JitProgram};
 use livebpf::text::{ImageKind, Registry};
 use proptest::prelude::*;
-use proptest::test_runner::Config as ProptestConfig;
-
-/// A deterministic helper that depends on all five arguments.
-extern "C" fn mix(a: u64, b: u64, c: u64, d: u64, e: u64) -> u64 {
-    a.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        ^ b.rotate_left(7)
-        ^ c.wrapping_add(d.rotate_right(13))
-        ^ e.wrapping_mul(3)
-}
-
-const MIX_ID: u32 = 1;
-const IDENTITY_ID: u32 = 5;
-const UNKNOWN_ID: u32 = 77;
 
 fn helpers() -> Helpers {
     let mut h = Helpers::conformance();
@@ -40,71 +31,14 @@ fn trusted() -> JitOptions {
     unsafe { JitOptions::trusted() }
 }
 
-fn asm(src: &str) -> Program {
-    assemble_program(src).unwrap_or_else(|e| panic!("{e}\n{src}"))
-}
-
-/// Stack addresses differ between engines: an address in user space away from the input (where
-/// only the stacks can be) is reduced to what must agree, its alignment (`addr % 8`). Input
-/// addresses agree exactly because every engine runs on the same buffer, and the out-of-bounds
-/// addresses the tests make up lie below 64 KiB or in the kernel half.
-fn normalize(r: Result<u64, ExecError>, mem: &Range<u64>) -> Result<u64, ExecError> {
-    let near_input = mem.start.saturating_sub(4096)..mem.end.saturating_add(4096);
-    let stackish = |a: u64| (0x10000..0x8000_0000_0000).contains(&a) && !near_input.contains(&a);
-    match r {
-        Err(ExecError::MisalignedAtomic { pc, addr, size }) if stackish(addr) => {
-            Err(ExecError::MisalignedAtomic {
-                pc,
-                addr: addr % 8,
-                size,
-            })
-        }
-        Err(ExecError::OutOfBounds {
-            pc,
-            addr,
-            size,
-            access,
-        }) if stackish(addr) => Err(ExecError::OutOfBounds {
-            pc,
-            addr: addr % 8,
-            size,
-            access,
-        }),
-        other => other,
-    }
-}
-
 /// Runs `program` on the interpreter and the JIT (checked, and trusted if `trusted_ok`) over the
-/// same buffer, so input addresses in results and errors agree; compares results and the final
-/// memory, and returns the interpreter's result.
+/// same buffer (see `progen::differential`); returns the interpreter's result.
 fn differential(program: &Program, mem: &[u8], trusted_ok: bool) -> Result<u64, ExecError> {
-    let h = helpers();
-    // The input sits 16-aligned (aligned offsets are aligned addresses) in the middle of a
-    // 64 KiB heap block, so no stack of either engine is within 4 KiB of it (see `normalize`).
-    let mut backing = vec![0u8; 64 << 10];
-    let at = (32 << 10) + backing.as_ptr().align_offset(16);
-    let buf = &mut backing[at..at + mem.len()];
-    buf.copy_from_slice(mem);
-    let range = buf.as_ptr() as u64..buf.as_ptr() as u64 + buf.len() as u64;
-    let want = Interpreter::new(program).with_helpers(h.clone()).run(buf);
-    let want_mem = buf.to_vec();
-    let mut modes = vec![("checked", JitOptions::checked())];
+    let mut modes = vec![("checked".to_string(), JitOptions::checked())];
     if trusted_ok {
-        modes.push(("trusted", trusted()));
+        modes.push(("trusted".to_string(), trusted()));
     }
-    for (mode, opts) in modes {
-        buf.copy_from_slice(mem);
-        let jit = JitProgram::compile(program, &h, opts).expect("compiles");
-        let got = jit.run(buf);
-        assert_eq!(
-            normalize(got, &range),
-            normalize(want.clone(), &range),
-            "{mode} JIT vs interpreter\n{}",
-            livebpf::asm::disassemble(program.insns())
-        );
-        assert_eq!(buf, want_mem, "{mode} JIT left different memory");
-    }
-    want
+    progen::differential(program, mem, &helpers(), &modes)
 }
 
 fn check(src: &str, mem: &[u8], expected: Result<u64, ExecError>) {
@@ -113,19 +47,6 @@ fn check(src: &str, mem: &[u8], expected: Result<u64, ExecError>) {
 }
 
 // ---------------------------------------------------------------- ALU
-
-const EDGE_VALUES: [u64; 10] = [
-    0,
-    1,
-    7,
-    u64::MAX,
-    i64::MIN as u64,
-    i64::MAX as u64,
-    0xffff_ffff,
-    0x8000_0000,
-    0xffff_ffff_8000_0000,
-    0x1234_5678_9abc_def0,
-];
 
 /// The x86 registers behind r0 (rax), r3 (rdx) and r4 (rcx) are implicit operands of division
 /// and shifts; every aliasing of them must still give the interpreter's result.
@@ -200,25 +121,12 @@ fn division_modulo_and_shifts_with_every_register_aliasing() {
         }
     }
 }
+/// The multiplier of `fold_registers`.
+const FOLD_MUL: i32 = 0x0100_0193;
 
 /// r0 = a hash of r0–r9 (never r10: stack addresses differ between engines).
 fn fold_registers() -> Vec<Insn> {
-    let mut v = Vec::new();
-    for n in 1..=9 {
-        v.push(Insn::Alu {
-            width: Width::W64,
-            op: AluOp::Mul,
-            dst: Reg::R0,
-            src: Source::Imm(0x0100_0193),
-        });
-        v.push(Insn::Alu {
-            width: Width::W64,
-            op: AluOp::Xor,
-            dst: Reg::R0,
-            src: Source::Reg(Reg::new(n).unwrap()),
-        });
-    }
-    v
+    progen::fold_registers(FOLD_MUL)
 }
 
 #[test]
@@ -767,38 +675,6 @@ fn concurrent_runs_of_one_program() {
 
 // ---------------------------------------------------------------- random programs
 
-/// One generated piece of a program; jumps and calls get their offsets when the program is laid
-/// out.
-#[derive(Clone, Debug)]
-enum Item {
-    Plain(Vec<Insn>),
-    /// A forward conditional jump over `skip` items (clamped to the end of the block).
-    Jump {
-        width: Width,
-        cond: JmpCond,
-        dst: Reg,
-        src: Source,
-        skip: usize,
-    },
-    Ja {
-        skip: usize,
-    },
-    /// `call local` to the subprogram.
-    CallSub,
-}
-
-#[derive(Clone, Debug)]
-struct Case {
-    init: [u64; 10],
-    mem: Vec<u8>,
-    main: Vec<Item>,
-    sub: Vec<Item>,
-}
-
-fn reg() -> impl Strategy<Value = Reg> {
-    (0u8..=9).prop_map(|n| Reg::new(n).unwrap())
-}
-
 fn imm() -> impl Strategy<Value = i32> {
     prop_oneof![
         any::<i32>(),
@@ -824,36 +700,10 @@ fn value() -> impl Strategy<Value = u64> {
     ]
 }
 
-fn source() -> impl Strategy<Value = Source> {
-    prop_oneof![reg().prop_map(Source::Reg), imm().prop_map(Source::Imm)]
-}
-
-fn width() -> impl Strategy<Value = Width> {
-    prop_oneof![Just(Width::W32), Just(Width::W64)]
-}
-
-fn size() -> impl Strategy<Value = Size> {
-    prop_oneof![Just(Size::B), Just(Size::H), Just(Size::W), Just(Size::DW)]
-}
-
 fn alu() -> impl Strategy<Value = Insn> {
-    let ops = prop_oneof![
-        Just(AluOp::Add),
-        Just(AluOp::Sub),
-        Just(AluOp::Mul),
-        Just(AluOp::Div),
-        Just(AluOp::SDiv),
-        Just(AluOp::Mod),
-        Just(AluOp::SMod),
-        Just(AluOp::Or),
-        Just(AluOp::And),
-        Just(AluOp::Xor),
-        Just(AluOp::Lsh),
-        Just(AluOp::Rsh),
-        Just(AluOp::Arsh),
-        Just(AluOp::Mov),
-    ];
-    let plain = (width(), ops, reg(), source()).prop_map(|(width, op, dst, src)| Insn::Alu {
+    // Sign-extending moves come separately below.
+    let ops = proptest::sample::select(ALU_OPS[..14].to_vec());
+    let plain = (width(), ops, reg(), source(imm())).prop_map(|(width, op, dst, src)| Insn::Alu {
         width,
         op,
         dst,
@@ -880,20 +730,18 @@ fn alu() -> impl Strategy<Value = Insn> {
             dst,
             src: Source::Reg(src),
         });
-    let neg = (width(), reg()).prop_map(|(width, dst)| Insn::Neg { width, dst });
-    let endian = (
-        prop_oneof![Just(Endian::Le), Just(Endian::Be), Just(Endian::Swap)],
-        prop_oneof![Just(16u8), Just(32), Just(64)],
-        reg(),
-    )
-        .prop_map(|(kind, bits, dst)| Insn::Endian { kind, bits, dst });
-    let lddw = (reg(), value()).prop_map(|(dst, imm)| Insn::LoadImm64 { dst, imm });
-    prop_oneof![6 => plain, 1 => movsx, 1 => neg, 1 => endian, 1 => lddw]
+    prop_oneof![
+        6 => plain,
+        1 => movsx,
+        1 => neg(reg()),
+        1 => endian(reg()),
+        1 => lddw(reg(), value()),
+    ]
 }
 
 /// Accesses inside the current stack frame: always valid.
 fn stack_access() -> impl Strategy<Value = Insn> {
-    let store = (size(), 1i16..=512, source()).prop_map(|(size, k, src)| Insn::Store {
+    let store = (size(), 1i16..=512, source(imm())).prop_map(|(size, k, src)| Insn::Store {
         size,
         base: Reg::R10,
         off: -k.max(size.bytes() as i16),
@@ -939,7 +787,7 @@ fn stack_access() -> impl Strategy<Value = Insn> {
 /// Accesses that may fault: through r1 (the input, or whatever r1 was overwritten with), at
 /// addresses nothing is mapped at, or misaligned atomics on the stack.
 fn faulting_access() -> impl Strategy<Value = Vec<Insn>> {
-    let kind = 0u8..4;
+    let kind = proptest::sample::select(vec![LOAD, STORE, ATOMIC, LOAD_ACQUIRE]);
     let via_r1 = (kind.clone(), size(), -12i16..80, reg())
         .prop_map(|(k, size, off, r)| vec![access(k, size, Reg::R1, off, r)]);
     let bad_addr = prop_oneof![
@@ -971,244 +819,47 @@ fn faulting_access() -> impl Strategy<Value = Vec<Insn>> {
     prop_oneof![via_r1, absolute, misaligned]
 }
 
-/// A load, store (reg or imm), atomic or load-acquire at `[base + off]`.
-fn access(kind: u8, size: Size, base: Reg, off: i16, r: Reg) -> Insn {
-    match kind {
-        0 => Insn::Load {
-            size,
-            signed: size != Size::DW && off % 2 == 0,
-            dst: r,
-            base,
-            off,
-        },
-        1 => Insn::Store {
-            size,
-            base,
-            off,
-            src: if off % 2 == 0 {
-                Source::Reg(r)
-            } else {
-                Source::Imm(-5)
-            },
-        },
-        2 => Insn::Atomic {
-            size: if size == Size::DW { Size::DW } else { Size::W },
-            op: AtomicOp::ALL[off.unsigned_abs() as usize % AtomicOp::ALL.len()],
-            base,
-            off,
-            src: r,
-        },
-        _ => Insn::LoadAcquire {
-            size,
-            dst: r,
-            base,
-            off,
-        },
-    }
-}
-
-fn item(with_sub_calls: bool, faulting: bool) -> BoxedStrategy<Item> {
-    let jump = (
-        width(),
-        proptest::sample::select(JmpCond::ALL.to_vec()),
-        reg(),
-        source(),
-        0usize..6,
-    )
-        .prop_map(|(width, cond, dst, src, skip)| Item::Jump {
-            width,
-            cond,
-            dst,
-            src,
-            skip,
-        });
-    // Unknown ids end a run, so they are rare enough for most programs to run to the end.
-    let helper = prop_oneof![
-        10 => Just(MIX_ID),
-        5 => Just(IDENTITY_ID),
-        1 => Just(UNKNOWN_ID)
-    ]
-    .prop_map(|id| Item::Plain(vec![Insn::Call { id }]));
-    let callx = (
-        1u8..=9,
-        prop_oneof![
-            6 => Just(MIX_ID as i32),
-            3 => Just(IDENTITY_ID as i32),
-            1 => Just(UNKNOWN_ID as i32)
+fn item_options(faulting: bool) -> ItemOptions {
+    ItemOptions {
+        alu: alu().boxed(),
+        imm: imm().boxed(),
+        accesses: vec![
+            (6, stack_access().prop_map(|i| vec![i]).boxed()),
+            (if faulting { 2 } else { 0 }, faulting_access().boxed()),
         ],
-        proptest::bool::weighted(0.9),
-    )
-        .prop_map(|(r, id, set)| {
-            let reg = Reg::new(r).unwrap();
-            let mut v = Vec::new();
-            if set {
-                v.push(Insn::Alu {
-                    width: Width::W64,
-                    op: AluOp::Mov,
-                    dst: reg,
-                    src: Source::Imm(id),
-                });
-            }
-            v.push(Insn::CallX { reg });
-            Item::Plain(v)
-        });
-    let call_sub = if with_sub_calls { 2 } else { 0 };
-    let faults = if faulting { 2 } else { 0 };
-    prop_oneof![
-        12 => alu().prop_map(|i| Item::Plain(vec![i])),
-        6 => stack_access().prop_map(|i| Item::Plain(vec![i])),
-        3 => jump,
-        1 => (0usize..4).prop_map(|skip| Item::Ja { skip }),
-        2 => helper,
-        1 => callx,
-        call_sub => Just(Item::CallSub),
-        faults => faulting_access().prop_map(Item::Plain),
-    ]
-    .boxed()
+        // Unknown ids end a run, so they are rare enough for most programs to run to the end.
+        helpers: vec![(10, MIX_ID), (5, IDENTITY_ID), (1, UNKNOWN_ID)],
+        callx: CallxOptions {
+            regs: 1..=9,
+            ids: vec![(6, MIX_ID), (3, IDENTITY_ID), (1, UNKNOWN_ID)],
+            set: Some(0.9),
+        },
+        call_sub: 2,
+        call_sub_in_sub: 0,
+    }
 }
 
 fn case(faulting: bool) -> impl Strategy<Value = Case> {
-    (
-        proptest::array::uniform10(value()),
-        prop_oneof![Just(0usize), Just(1), Just(8), Just(64)]
-            .prop_flat_map(|n| proptest::collection::vec(any::<u8>(), n)),
-        proptest::collection::vec(item(true, faulting), 1..40),
-        proptest::collection::vec(item(false, faulting), 0..12),
-    )
-        .prop_map(|(init, mem, main, sub)| Case {
-            init,
-            mem,
-            main,
-            sub,
-        })
+    progen::case(&CaseOptions {
+        value: value().boxed(),
+        mem_lens: vec![0, 1, 8, 64],
+        items: item_options(faulting),
+        sub_len: 0..12,
+    })
 }
 
-enum Fix {
-    /// Jump to instruction index.
-    To(usize),
-    Sub,
-}
-
-/// Appends a block's instructions; returns fixups (instruction index, what it targets).
-fn emit_block(items: &[Item], out: &mut Vec<Insn>, fixes: &mut Vec<(usize, Fix)>) {
-    let mut starts = Vec::with_capacity(items.len() + 1);
-    let mut local = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        starts.push(out.len());
-        match item {
-            Item::Plain(v) => out.extend_from_slice(v),
-            Item::Jump {
-                width,
-                cond,
-                dst,
-                src,
-                skip,
-            } => {
-                local.push((out.len(), i + 1 + skip));
-                out.push(Insn::Jump {
-                    width: *width,
-                    cond: *cond,
-                    dst: *dst,
-                    src: *src,
-                    off: 0,
-                });
-            }
-            Item::Ja { skip } => {
-                local.push((out.len(), i + 1 + skip));
-                out.push(Insn::Ja { off: 0 });
-            }
-            Item::CallSub => {
-                fixes.push((out.len(), Fix::Sub));
-                out.push(Insn::CallLocal { off: 0 });
-            }
-        }
-    }
-    starts.push(out.len());
-    for (at, target_item) in local {
-        fixes.push((at, Fix::To(starts[target_item.min(items.len())])));
-    }
-}
+/// Adds the stack slots `[r10-8]`, `[r10-16]` and `[r10-512]` into r0 after the main block.
+const BUILD: BuildOptions = BuildOptions {
+    stack_slots: &[1, 2, 64],
+    fold_mul: FOLD_MUL,
+};
 
 fn build(case: &Case) -> Program {
-    let mut insns = Vec::new();
-    for (n, v) in case.init.iter().enumerate() {
-        // r1 keeps the input's address (the same buffer in every engine).
-        if n != 1 {
-            insns.push(Insn::LoadImm64 {
-                dst: Reg::new(n as u8).unwrap(),
-                imm: *v,
-            });
-        }
-    }
-    let mut fixes = Vec::new();
-    emit_block(&case.main, &mut insns, &mut fixes);
-    for k in [1, 2, 64] {
-        insns.push(Insn::Load {
-            size: Size::DW,
-            signed: false,
-            dst: Reg::R9,
-            base: Reg::R10,
-            off: -8 * k,
-        });
-        insns.push(Insn::Alu {
-            width: Width::W64,
-            op: AluOp::Add,
-            dst: Reg::R0,
-            src: Source::Reg(Reg::R9),
-        });
-    }
-    insns.extend(fold_registers());
-    insns.push(Insn::Exit);
-    let sub_start = insns.len();
-    emit_block(&case.sub, &mut insns, &mut fixes);
-    insns.push(Insn::Exit);
-    let mut slot_of = Vec::with_capacity(insns.len());
-    let mut slot = 0i64;
-    for insn in &insns {
-        slot_of.push(slot);
-        slot += insn.slots() as i64;
-    }
-    for (at, fix) in fixes {
-        let target = match fix {
-            Fix::To(t) => t,
-            Fix::Sub => sub_start,
-        };
-        let off = slot_of[target] - slot_of[at] - 1;
-        insns[at] = match insns[at] {
-            Insn::Jump {
-                width,
-                cond,
-                dst,
-                src,
-                ..
-            } => Insn::Jump {
-                width,
-                cond,
-                dst,
-                src,
-                off: off as i16,
-            },
-            Insn::Ja { .. } => Insn::Ja { off: off as i16 },
-            _ => Insn::CallLocal { off: off as i32 },
-        };
-    }
-    Program::new(insns).expect("generated programs are valid")
-}
-
-fn proptest_config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    ProptestConfig {
-        // Failures print the minimal case; no regression files outside this test's sources.
-        failure_persistence: None,
-        ..ProptestConfig::with_cases(cases)
-    }
+    progen::build(case, &BUILD)
 }
 
 proptest! {
-    #![proptest_config(proptest_config())]
+    #![proptest_config(progen::proptest_config("PROPTEST_CASES", 10_000))]
 
     /// Valid programs: same r0 (or error) and same memory under the interpreter and the JIT,
     /// checked and trusted.

@@ -1,0 +1,5 @@
+//! Code shared by the JIT test binaries (`mod common;` in each).
+// Each test binary that declares this module uses only part of it.
+#![allow(dead_code)]
+
+pub mod progen;
