@@ -154,13 +154,33 @@ pub fn fold_registers(mul: i32) -> Vec<Insn> {
 /// The property tests' configuration: `default_cases` cases unless the environment variable
 /// `cases_var` holds a number; failures print the minimal case, and no regression files are
 /// written outside the tests' sources.
+///
+/// The random seed is `LIVEBPF_PROPTEST_SEED` when set, else drawn now; it is printed to stderr,
+/// which the test harness shows when a test fails, so any failure can be replayed exactly.
 pub fn proptest_config(cases_var: &str, default_cases: u32) -> ProptestConfig {
     let cases = std::env::var(cases_var)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default_cases);
+    let seed = std::env::var("LIVEBPF_PROPTEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            h.finish()
+        });
+    eprintln!(
+        "proptest: {cases} cases, seed {seed} (replay with LIVEBPF_PROPTEST_SEED={seed} {cases_var}={cases})"
+    );
     ProptestConfig {
         failure_persistence: None,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(seed),
         ..ProptestConfig::with_cases(cases)
     }
 }
