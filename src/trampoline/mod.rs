@@ -369,8 +369,15 @@ fn poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
     }
 }
 
+/// What the target's patch site holds for `image`. x86-64 jumps to the image, which calls the body
+/// and returns to the target's caller itself, so calls and returns stay paired for the CPU's
+/// return-stack predictor; arm64 keeps the seed's `bl` (x30 carries the body's address).
 fn site_insn(image: Option<&TrampImage>) -> PokeInsn {
-    image.map_or(PokeInsn::Nop, |i| PokeInsn::Call(i.addr()))
+    match image {
+        None => PokeInsn::Nop,
+        Some(i) if cfg!(target_arch = "x86_64") => PokeInsn::Jump(i.addr()),
+        Some(i) => PokeInsn::Call(i.addr()),
+    }
 }
 
 /// Attaches `prog` to `target` as `kind`, with `cookie` passed to it in r2.
@@ -508,11 +515,13 @@ fn retire_image(image: TrampImage) {
 fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachError> {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
-        let _ = target;
         #[cfg(target_arch = "x86_64")]
-        let layout = x86_64::generate(links)?;
+        let layout = x86_64::generate(links, target.0.jit.entry() + target.0.jit.body_offset())?;
         #[cfg(target_arch = "aarch64")]
-        let layout = arm64::generate(links)?;
+        let layout = {
+            let _ = target;
+            arm64::generate(links)?
+        };
         let arena = CodeArena::global()?;
         let alloc = arena.alloc(layout.code.len(), 16)?;
         let placed = arena.write(&alloc, 0, &layout.code).and_then(|()| {

@@ -1,9 +1,11 @@
 //! x86-64 trampoline images.
 //!
-//! The target's patch site `call`s the image, so on entry `[rsp]` is the address of the target's
-//! body (just after the site) and `[rsp + 8]` the target caller's return address. The frame:
+//! The target's patch site *jumps* to the image, so on entry `[rsp]` is the target caller's return
+//! address and the image is, to the CPU, the target itself: it calls the body (just after the site)
+//! and returns to the caller with a plain `ret`. Unlike the kernel's `call` + `add rsp, 8; ret`,
+//! calls and returns stay paired, so the return-stack predictor keeps working. The frame:
 //! ```text
-//!   rbp + 8   return into the target's body (site + 5)
+//!   rbp + 8   return address of the target's caller
 //!   rbp + 0   saved rbp
 //!   rbp - 48  args[0..5] = r1..r5 (rdi, rsi, rdx, rcx, r8); args[5] = return value
 //!   rbp - 56  the target's run context (r9)
@@ -11,8 +13,8 @@
 //!   rbp - 72  result of the last fmod_ret program
 //!   rbp - 72 - CTX_SPACE   the tracer's RunContext
 //! ```
-//! On entry rsp ≡ 0 (mod 16) (the target's caller left it ≡ 8, the site's call pushed 8), so after
-//! `push rbp` the frame size is ≡ 8 (mod 16) to call out with an aligned stack.
+//! On entry rsp ≡ 8 (mod 16), as in any function, so after `push rbp` the frame size is a multiple
+//! of 16 to call out with an aligned stack.
 
 use super::{
     AttachError, AttachKind, LinkEntry, TRACE_CTX_WORDS, tramp_image_enter, tramp_image_exit,
@@ -29,8 +31,8 @@ const START: i32 = -64;
 const FMOD_RESULT: i32 = -72;
 const CTX_SPACE: i32 = (std::mem::size_of::<RunContext<'static>>() as i32 + 15) & !15;
 const TRACER_CTX: i32 = FMOD_RESULT - CTX_SPACE;
-/// Frame below the saved rbp: ≡ 8 (mod 16), see the module docs.
-const FRAME: i32 = ((-TRACER_CTX + 15) & !15) + 8;
+/// Frame below the saved rbp: a multiple of 16, see the module docs.
+const FRAME: i32 = (-TRACER_CTX + 15) & !15;
 
 /// The argument registers r1..r5 of the program ABI, and the context register.
 const ARG_REGS: [Gpr; 5] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8];
@@ -90,7 +92,7 @@ fn emit_prog(a: &mut Asm, link: &LinkEntry, fmod: Option<Label>) {
 
 /// Generates the image for `links` (position independent: the image finds its own address with a
 /// RIP-relative `lea`, and calls everything else through absolute addresses).
-pub(super) fn generate(links: &[LinkEntry]) -> Result<Layout, AttachError> {
+pub(super) fn generate(links: &[LinkEntry], body: usize) -> Result<Layout, AttachError> {
     let call_orig = links
         .iter()
         .any(|l| matches!(l.kind, AttachKind::Fexit | AttachKind::FmodRet));
@@ -119,8 +121,8 @@ pub(super) fn generate(links: &[LinkEntry]) -> Result<Layout, AttachError> {
             emit_prog(&mut a, link, Some(do_fexit));
         }
         restore_args(&mut a);
-        // Call the body: the address the site's call pushed.
-        a.load(OpSize::Q, Gpr::Rax, slot(8));
+        // Call the body: the instruction after the target's patch site.
+        a.movabs(Gpr::Rax, body as u64);
         a.call_r(Gpr::Rax);
         a.store(OpSize::Q, slot(RETVAL), Gpr::Rax);
         ip_after_call = Some(a.len());
@@ -135,8 +137,6 @@ pub(super) fn generate(links: &[LinkEntry]) -> Result<Layout, AttachError> {
         a.load(OpSize::Q, Gpr::Rax, slot(RETVAL));
         a.mov_rr(true, Gpr::Rsp, Gpr::Rbp);
         a.pop(Gpr::Rbp);
-        // Drop the return into the body: return straight to the target's caller.
-        a.alu_ri(AluOp::Add, true, Gpr::Rsp, 8);
         a.ret();
     } else {
         a.lea_label(Gpr::Rdi, image_start);
@@ -144,7 +144,9 @@ pub(super) fn generate(links: &[LinkEntry]) -> Result<Layout, AttachError> {
         restore_args(&mut a);
         a.mov_rr(true, Gpr::Rsp, Gpr::Rbp);
         a.pop(Gpr::Rbp);
-        a.ret();
+        // Tail-jump into the body (rax is free at a function entry): it returns to the caller.
+        a.movabs(Gpr::Rax, body as u64);
+        a.raw(&[0xff, 0xe0]); // jmp rax
     }
     let code = a.finish().map_err(crate::jit::JitError::from)?;
     debug_assert!(ip_after_call.is_none_or(|o| o + PATCH_SITE_LEN <= code.len()));
