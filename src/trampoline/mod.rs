@@ -9,7 +9,8 @@
 //! inside the original skip the old fexit programs), then it is freed after grace period 1, its
 //! references draining and grace period 2.
 //!
-//! An image, for the current links (the kernel's layout, in userspace):
+//! An image, for the current links (the kernel's layout, in userspace; on x86-64 the site jumps to
+//! the image, on arm64 it branches with link as in the seed):
 //! ```text
 //!   save the target's arguments (r1..r5) and its run context
 //!   image_enter(image)                     take the reference (test hook runs before it)
