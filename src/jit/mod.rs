@@ -305,8 +305,9 @@ impl RunContext<'static> {
     /// `ctx` was initialised by `init_raw`, no code runs with it any more, and it is not used
     /// again (except to be initialised anew).
     pub unsafe fn take_raw(ctx: *mut RunContext<'static>) -> Option<ExecError> {
-        // SAFETY: per the contract, `ctx` holds an initialised context we may consume.
-        unsafe { ctx.read() }.error
+        // SAFETY: per the contract, `ctx` holds an initialised context; only `error` owns
+        // anything (every other field is plain data), so taking it leaves nothing to drop.
+        unsafe { (*ctx).error.take() }
     }
 }
 

@@ -44,7 +44,7 @@ mod arm64;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
-use std::cell::{Cell, RefCell};
+use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -580,12 +580,30 @@ pub(crate) extern "C" fn tramp_image_exit(image: usize) {
 /// Size of the saved-arguments block a tracer sees: r1..r5 and the return value.
 pub(crate) const TRACE_CTX_WORDS: usize = 6;
 
-thread_local! {
+/// Per-thread state of tracer runs, in one thread-local so a run looks it up once.
+struct TraceLocal {
     /// Recursion guard, indexed by program slot.
-    static ACTIVE: RefCell<Vec<bool>> = const { RefCell::new(Vec::new()) };
+    active: Vec<bool>,
     /// Stacks for tracer runs, one per nesting level (a tracer can run a traced program).
-    static STACKS: RefCell<Vec<Box<JitStack>>> = const { RefCell::new(Vec::new()) };
-    static STACK_DEPTH: Cell<usize> = const { Cell::new(0) };
+    stacks: Vec<Box<JitStack>>,
+    depth: usize,
+}
+
+thread_local! {
+    static TRACE: UnsafeCell<TraceLocal> = const {
+        UnsafeCell::new(TraceLocal {
+            active: Vec::new(),
+            stacks: Vec::new(),
+            depth: 0,
+        })
+    };
+}
+
+/// Runs `f` on this thread's tracer state.
+fn with_trace<R>(f: impl FnOnce(&mut TraceLocal) -> R) -> R {
+    // SAFETY: the state is this thread's own, and `f` never re-enters `with_trace` (its callers
+    // below only touch plain fields), so this is the only reference while it lives.
+    TRACE.with(|t| f(unsafe { &mut *t.get() }))
 }
 
 /// Starts one tracer run: recursion guard, run context, stats. Returns 0 to skip the program,
@@ -602,25 +620,24 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
     // SAFETY: per the contract, the image keeps the link alive while it runs.
     let link = unsafe { &*link };
     let prog = &link.prog.0;
-    let first = ACTIVE.with(|a| {
-        let mut a = a.borrow_mut();
-        if a.len() <= prog.slot {
-            a.resize(prog.slot + 1, false);
+    let stack = with_trace(|t| {
+        if t.active.len() <= prog.slot {
+            t.active.resize(prog.slot + 1, false);
         }
-        !std::mem::replace(&mut a[prog.slot], true)
+        if std::mem::replace(&mut t.active[prog.slot], true) {
+            return None;
+        }
+        while t.stacks.len() <= t.depth {
+            t.stacks.push(Box::new(JitStack::new()));
+        }
+        let stack = &mut *t.stacks[t.depth] as *mut JitStack;
+        t.depth += 1;
+        Some(stack)
     });
-    if !first {
+    let Some(stack) = stack else {
         prog.misses.fetch_add(1, Ordering::Relaxed);
         return 0;
-    }
-    let depth = STACK_DEPTH.with(|d| d.replace(d.get() + 1));
-    let stack: *mut JitStack = STACKS.with(|s| {
-        let mut s = s.borrow_mut();
-        while s.len() <= depth {
-            s.push(Box::new(JitStack::new()));
-        }
-        &mut *s[depth] as *mut JitStack
-    });
+    };
     let region = MemRegion::new(args as u64, (TRACE_CTX_WORDS * 8) as u64, true);
     // SAFETY: `ctx` is trampoline frame space for one RunContext; the stack is this thread's for
     // this nesting level and stays allocated while the thread lives; `region` covers the saved
@@ -654,9 +671,9 @@ pub(crate) unsafe extern "C" fn tramp_prog_exit(
         prog.run_time_ns
             .fetch_add(now_ns().saturating_sub(start - 1), Ordering::Relaxed);
     }
-    STACK_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
-    ACTIVE.with(|a| {
-        if let Some(slot) = a.borrow_mut().get_mut(prog.slot) {
+    with_trace(|t| {
+        t.depth = t.depth.saturating_sub(1);
+        if let Some(slot) = t.active.get_mut(prog.slot) {
             *slot = false;
         }
     });
