@@ -54,7 +54,12 @@ impl<'p> Interpreter<'p> {
     }
 
     /// Lets the program access `region` too (e.g. a map value).
-    pub fn with_region(mut self, region: MemRegion) -> Self {
+    ///
+    /// # Safety
+    /// The region must be valid for reads, and for writes if marked writable, during every run,
+    /// and must not overlap memory Rust code holds references to (as for
+    /// `JitProgram::run_with_regions`): the interpreter dereferences it.
+    pub unsafe fn with_region(mut self, region: MemRegion) -> Self {
         self.extra_regions.push(region);
         self
     }

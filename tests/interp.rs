@@ -247,7 +247,8 @@ fn read_only_regions_and_budget() {
     let program = assemble_program("ldxdw %r0, [%r1]\nstdw [%r1], 0\nexit").unwrap();
     let region = MemRegion::new(data.as_ptr() as u64, 8, false);
     let mut mem = [0u8; 0];
-    let interp = Interpreter::new(&program).with_region(region);
+    // SAFETY: `data` is a live local array for every run below, read-only as declared.
+    let interp = unsafe { Interpreter::new(&program).with_region(region) };
     // r1 is 0 for empty input memory, so point it at the region with a trampoline program instead.
     assert!(interp.run(&mut mem).is_err());
     let src = format!(
@@ -255,7 +256,8 @@ fn read_only_regions_and_budget() {
         data.as_ptr() as u64
     );
     let program = assemble_program(&src).unwrap();
-    let interp = Interpreter::new(&program).with_region(region);
+    // SAFETY: `data` is a live local array for every run below, read-only as declared.
+    let interp = unsafe { Interpreter::new(&program).with_region(region) };
     assert!(matches!(
         interp.run(&mut mem),
         Err(ExecError::OutOfBounds {

@@ -340,11 +340,14 @@ fn extra_regions_follow_their_permissions() {
     let h = helpers();
     for (i, region) in regions.iter().enumerate() {
         let program = load(region);
-        let interp = Interpreter::new(&program)
-            .with_helpers(h.clone())
-            .with_region(regions[0])
-            .with_region(regions[1])
-            .run(&mut []);
+        // SAFETY: both regions are live local arrays for the whole run.
+        let interp = unsafe {
+            Interpreter::new(&program)
+                .with_helpers(h.clone())
+                .with_region(regions[0])
+                .with_region(regions[1])
+        }
+        .run(&mut []);
         let jit = JitProgram::compile(&program, &h, JitOptions::checked()).unwrap();
         // SAFETY: both regions are live local arrays for the whole run.
         let got = unsafe { jit.run_with_regions(&mut [], &regions) };
