@@ -165,23 +165,26 @@ fn not_text_and_out_of_range() {
     assert_eq!(prog.bytes(5), before);
 }
 
-#[test]
-fn site_switched_under_load() {
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    const POKES: usize = 100_000;
-    const RUNNERS: usize = 3;
-    let prog = Arc::new(program(7));
-    let stub = counting_stub(&COUNT);
+/// Switches the site at `site` between the nop and a call to a stub counting in `count`, `pokes`
+/// times, while `runners` threads call `run(thread, iteration)` (which checks its own result) in a
+/// loop. Returns (runs, stub calls) after checking 0 < stub calls <= runs.
+fn switch_site_under_load(
+    site: usize,
+    count: &'static AtomicU64,
+    pokes: usize,
+    runners: usize,
+    run: impl Fn(u64, u64) + Send + Sync + 'static,
+) -> (u64, u64) {
+    let stub = counting_stub(count);
+    let run = Arc::new(run);
     let stop = Arc::new(AtomicBool::new(false));
-    let runners: Vec<_> = (0..RUNNERS)
+    let threads: Vec<_> = (0..runners as u64)
         .map(|t| {
-            let (prog, stop) = (prog.clone(), stop.clone());
+            let (run, stop) = (run.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut calls = 0u64;
-                let mut x = t as u64 * 1_000_000_007;
                 while !stop.load(Ordering::Relaxed) {
-                    assert_eq!(prog.call(x), x.wrapping_add(7));
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    run(t, calls);
                     calls += 1;
                 }
                 calls
@@ -189,26 +192,40 @@ fn site_switched_under_load() {
         })
         .collect();
     let call = PokeInsn::Call(stub.addr());
-    for i in 0..POKES {
+    for i in 0..pokes {
         let (old, new) = if i % 2 == 0 {
             (PokeInsn::Nop, call)
         } else {
             (call, PokeInsn::Nop)
         };
-        assert_eq!(text_poke(prog.addr(), old, new), Ok(PokeOutcome::Applied));
+        assert_eq!(text_poke(site, old, new), Ok(PokeOutcome::Applied));
     }
     stop.store(true, Ordering::Relaxed);
-    let calls: u64 = runners.into_iter().map(|r| r.join().unwrap()).sum();
-    let counted = COUNT.load(Ordering::Relaxed);
-    println!(
-        "site switched {POKES} times under {RUNNERS} runners: {calls} calls, {counted} through the stub, {} int3 traps handled",
-        traps_handled()
-    );
+    let calls: u64 = threads.into_iter().map(|r| r.join().unwrap()).sum();
+    let counted = count.load(Ordering::Relaxed);
     assert!(calls > 0);
     assert!(counted > 0, "the stub was never reached");
     assert!(
         counted <= calls,
         "{counted} stub calls for {calls} program calls"
+    );
+    (calls, counted)
+}
+
+#[test]
+fn site_switched_under_load() {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    const POKES: usize = 100_000;
+    const RUNNERS: usize = 3;
+    let prog = Arc::new(program(7));
+    let site = prog.addr();
+    let (calls, counted) = switch_site_under_load(site, &COUNT, POKES, RUNNERS, move |t, n| {
+        let x = (t * 1_000_000_007).wrapping_add(n.wrapping_mul(6364136223846793005));
+        assert_eq!(prog.call(x), x.wrapping_add(7));
+    });
+    println!(
+        "site switched {POKES} times under {RUNNERS} runners: {calls} calls, {counted} through the stub, {} int3 traps handled",
+        traps_handled()
     );
 }
 
@@ -225,39 +242,11 @@ fn jit_program_site_switched_under_load() {
     const POKES: usize = 100_000;
     const RUNNERS: usize = 2;
     let program = assemble_program(include_str!("../examples/sieve.s")).unwrap();
-    let jit =
-        Arc::new(JitProgram::compile(&program, &Helpers::new(), JitOptions::checked()).unwrap());
+    let jit = JitProgram::compile(&program, &Helpers::new(), JitOptions::checked()).unwrap();
     let expected = Interpreter::new(&program).run(&mut [0u8; 64]).unwrap();
-    let stub = counting_stub(&COUNT);
-    let stop = Arc::new(AtomicBool::new(false));
-    let runners: Vec<_> = (0..RUNNERS)
-        .map(|_| {
-            let (jit, stop) = (jit.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut calls = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    assert_eq!(jit.run(&mut [0u8; 64]), Ok(expected));
-                    calls += 1;
-                }
-                calls
-            })
-        })
-        .collect();
-    let call = PokeInsn::Call(stub.addr());
-    for i in 0..POKES {
-        let (old, new) = if i % 2 == 0 {
-            (PokeInsn::Nop, call)
-        } else {
-            (call, PokeInsn::Nop)
-        };
-        assert_eq!(text_poke(jit.entry(), old, new), Ok(PokeOutcome::Applied));
-    }
-    stop.store(true, Ordering::Relaxed);
-    let calls: u64 = runners.into_iter().map(|r| r.join().unwrap()).sum();
-    let counted = COUNT.load(Ordering::Relaxed);
+    let site = jit.entry();
+    let (calls, counted) = switch_site_under_load(site, &COUNT, POKES, RUNNERS, move |_, _| {
+        assert_eq!(jit.run(&mut [0u8; 64]), Ok(expected));
+    });
     println!("JIT program site switched {POKES} times: {calls} runs, {counted} through the stub");
-    assert!(
-        calls > 0 && counted > 0 && counted <= calls,
-        "{counted} stub calls for {calls} runs"
-    );
 }
