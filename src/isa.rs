@@ -132,6 +132,33 @@ pub enum AluOp {
 }
 
 impl AluOp {
+    /// Every operation; the sign-extending moves come last.
+    pub const ALL: [AluOp; 17] = [
+        AluOp::Add,
+        AluOp::Sub,
+        AluOp::Mul,
+        AluOp::Div,
+        AluOp::SDiv,
+        AluOp::Mod,
+        AluOp::SMod,
+        AluOp::Or,
+        AluOp::And,
+        AluOp::Xor,
+        AluOp::Lsh,
+        AluOp::Rsh,
+        AluOp::Arsh,
+        AluOp::Mov,
+        AluOp::MovSx8,
+        AluOp::MovSx16,
+        AluOp::MovSx32,
+    ];
+
+    /// Whether the operation exists with an immediate source (the sign-extending moves take a
+    /// register only).
+    pub const fn takes_imm(self) -> bool {
+        !matches!(self, AluOp::MovSx8 | AluOp::MovSx16 | AluOp::MovSx32)
+    }
+
     /// (opcode bits, offset field).
     const fn code(self) -> (u8, i16) {
         match self {

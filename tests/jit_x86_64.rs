@@ -705,7 +705,12 @@ fn value() -> impl Strategy<Value = u64> {
 
 fn alu() -> impl Strategy<Value = Insn> {
     // Sign-extending moves come separately below.
-    let ops = proptest::sample::select(ALU_OPS[..14].to_vec());
+    let ops = proptest::sample::select(
+        ALU_OPS
+            .into_iter()
+            .filter(|op| op.takes_imm())
+            .collect::<Vec<_>>(),
+    );
     let plain = (width(), ops, reg(), source(imm())).prop_map(|(width, op, dst, src)| Insn::Alu {
         width,
         op,

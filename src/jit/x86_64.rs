@@ -774,22 +774,7 @@ mod tests {
         // Generated code for a sample of every instruction form decodes without gaps.
         let r = Reg::new;
         let mut insns = Vec::new();
-        for op in [
-            AluOp::Add,
-            AluOp::Sub,
-            AluOp::Mul,
-            AluOp::Div,
-            AluOp::SDiv,
-            AluOp::Mod,
-            AluOp::SMod,
-            AluOp::Or,
-            AluOp::And,
-            AluOp::Xor,
-            AluOp::Lsh,
-            AluOp::Rsh,
-            AluOp::Arsh,
-            AluOp::Mov,
-        ] {
+        for op in AluOp::ALL.into_iter().filter(|op| op.takes_imm()) {
             for width in [Width::W32, Width::W64] {
                 for src in [Source::Reg(Reg::R4), Source::Imm(-7), Source::Imm(0)] {
                     for dst in [Reg::R0, Reg::R3, Reg::R4, Reg::R9] {

@@ -43,25 +43,7 @@ pub const EDGE_VALUES: [u64; 10] = [
 ];
 
 /// Every ALU operation (the sign-extending moves last).
-pub const ALU_OPS: [AluOp; 17] = [
-    AluOp::Add,
-    AluOp::Sub,
-    AluOp::Mul,
-    AluOp::Div,
-    AluOp::SDiv,
-    AluOp::Mod,
-    AluOp::SMod,
-    AluOp::Or,
-    AluOp::And,
-    AluOp::Xor,
-    AluOp::Lsh,
-    AluOp::Rsh,
-    AluOp::Arsh,
-    AluOp::Mov,
-    AluOp::MovSx8,
-    AluOp::MovSx16,
-    AluOp::MovSx32,
-];
+pub const ALU_OPS: [AluOp; 17] = AluOp::ALL;
 
 pub fn asm(src: &str) -> Program {
     assemble_program(src).unwrap_or_else(|e| panic!("{e}\n{src}"))

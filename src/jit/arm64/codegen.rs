@@ -1134,22 +1134,7 @@ mod tests {
     #[test]
     fn every_instruction_kind_decodes_cleanly() {
         let mut insns = Vec::new();
-        for op in [
-            AluOp::Add,
-            AluOp::Sub,
-            AluOp::Mul,
-            AluOp::Div,
-            AluOp::SDiv,
-            AluOp::Mod,
-            AluOp::SMod,
-            AluOp::Or,
-            AluOp::And,
-            AluOp::Xor,
-            AluOp::Lsh,
-            AluOp::Rsh,
-            AluOp::Arsh,
-            AluOp::Mov,
-        ] {
+        for op in AluOp::ALL.into_iter().filter(|op| op.takes_imm()) {
             for width in [Width::W32, Width::W64] {
                 for src in [
                     Source::Reg(Reg::R4),
