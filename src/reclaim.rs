@@ -60,6 +60,9 @@ static GLOBAL_EPOCH: AtomicU64 = AtomicU64::new(1);
 
 /// Per-thread state the writer scans.
 struct ThreadRecord {
+    /// The kernel's id of the thread (for diagnostics and signal-mask checks by the poker).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    tid: i32,
     /// 0 when quiescent, else the global epoch when the outermost section began.
     epoch: AtomicU64,
     /// Images this thread holds a reference to, innermost last; unused slots are 0.
@@ -69,6 +72,7 @@ struct ThreadRecord {
 impl ThreadRecord {
     fn new() -> ThreadRecord {
         ThreadRecord {
+            tid: rustix::thread::gettid().as_raw_nonzero().get(),
             epoch: AtomicU64::new(0),
             inside: std::array::from_fn(|_| AtomicUsize::new(0)),
         }
@@ -253,6 +257,14 @@ pub fn image_referenced(image: usize) -> bool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains(&image)
+}
+
+/// Kernel thread ids of the threads that have run JIT code and not exited: the threads that may
+/// execute a patch site.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn registered_thread_ids() -> Vec<i32> {
+    let threads = THREADS.lock().unwrap_or_else(|e| e.into_inner());
+    threads.iter().map(|r| r.tid).collect()
 }
 
 /// Makes every thread of the process execute a full memory barrier.
