@@ -80,11 +80,10 @@ fn calls(c: &mut Criterion) -> Vec<(&'static str, f64)> {
 
 fn read_side(c: &mut Criterion) {
     let mut group = c.benchmark_group("read-side");
-    group.bench_function("livebpf read_lock+read_unlock", |b| {
+    group.bench_function("livebpf ReadGuard", |b| {
         b.iter(|| {
-            reclaim::read_lock();
-            black_box(());
-            reclaim::read_unlock();
+            let guard = reclaim::ReadGuard::new();
+            black_box(&guard);
         })
     });
     group.bench_function("crossbeam-epoch pin", |b| {
@@ -112,7 +111,7 @@ fn attach_latency(c: &mut Criterion) {
             total
         })
     });
-    reclaim::flush();
+    reclaim::flush().expect("flush outside a run");
 }
 
 /// Runs per second of `threads` runners for `window`, optionally while this thread attaches
@@ -150,7 +149,7 @@ fn throughput(threads: usize, window: Duration, churn: bool) -> (f64, u64) {
         r.join().expect("runner");
     }
     let secs = start.elapsed().as_secs_f64();
-    reclaim::flush();
+    reclaim::flush().expect("flush outside a run");
     (total.load(Ordering::Relaxed) as f64 / secs, cycles)
 }
 

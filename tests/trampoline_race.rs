@@ -79,12 +79,16 @@ static HELPER_ENTERED: AtomicBool = AtomicBool::new(false);
 static RELEASE_HELPER: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn block_quiescent(r1: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
-    reclaim::blocking(|| {
-        HELPER_ENTERED.store(true, Ordering::SeqCst);
-        while !RELEASE_HELPER.load(Ordering::SeqCst) {
-            std::thread::yield_now();
-        }
-    });
+    // SAFETY: this helper is called by the traced original, whose trampoline image holds the
+    // reference that keeps the code this thread returns into alive.
+    unsafe {
+        reclaim::blocking(|| {
+            HELPER_ENTERED.store(true, Ordering::SeqCst);
+            while !RELEASE_HELPER.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+        })
+    };
     r1
 }
 
@@ -116,7 +120,7 @@ fn retired_images_outlive_every_thread_that_can_be_inside() {
     assert_stays_retired(image, baseline + 1, RetireState::Gp1);
     RELEASE_ENTRY.store(true, Ordering::SeqCst);
     assert_eq!(runner.join().unwrap(), Ok(42));
-    reclaim::flush();
+    reclaim::flush().expect("flush outside a run");
     assert_eq!(live_images(), baseline);
     assert_eq!(
         states_of(image),
@@ -150,7 +154,7 @@ fn retired_images_outlive_every_thread_that_can_be_inside() {
     assert_stays_retired(image, baseline + 1, RetireState::Draining);
     RELEASE_HELPER.store(true, Ordering::SeqCst);
     assert_eq!(runner.join().unwrap(), Ok(42));
-    reclaim::flush();
+    reclaim::flush().expect("flush outside a run");
     assert_eq!(live_images(), baseline);
     set_enter_hook(None);
     reclaim::set_observer(None);

@@ -120,7 +120,7 @@ fn twenty_thousand_cycles_under_four_runners() {
     target.call([1, 1, 0, 0, 0]).unwrap();
     assert_eq!(FENTRY.load(Ordering::Relaxed), entries);
     assert_eq!(FEXIT.load(Ordering::Relaxed), exits);
-    reclaim::flush();
+    reclaim::flush().expect("flush outside a run");
     assert_eq!(live_images(), baseline, "retired images were not all freed");
     println!(
         "stress: {CYCLES} cycles, {RUNNERS} runners, {runs} runs, fentry={entries} fexit={exits}, live_images={}",

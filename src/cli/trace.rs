@@ -129,7 +129,7 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let elapsed = started.elapsed();
 
     // Every link is gone; once the reclaimer has freed what was retired, nothing may be left.
-    reclaim::flush();
+    reclaim::flush().expect("flush outside a run");
     let live_images = trampoline::live_images();
 
     let runs: u64 = counters

@@ -284,8 +284,8 @@ pub fn live_images() -> usize {
 }
 
 impl Retirable for TrampImage {
-    fn image_addr(&self) -> usize {
-        self.addr()
+    fn image_addr(&self) -> Option<usize> {
+        self.alloc.as_ref().map(Allocation::rx)
     }
 
     fn free(mut self: Box<Self>) {
@@ -305,9 +305,9 @@ impl Retirable for TrampImage {
 struct RetiredProg(#[allow(dead_code)] Prog);
 
 impl Retirable for RetiredProg {
-    fn image_addr(&self) -> usize {
-        // Programs take no image references; only the grace periods matter.
-        0
+    fn image_addr(&self) -> Option<usize> {
+        // Nothing takes references on a replacement; only the grace periods matter.
+        None
     }
 
     fn free(self: Box<Self>) {}

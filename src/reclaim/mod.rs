@@ -1,0 +1,552 @@
+//! Safe retirement of live code: a userspace grace period plus per-image references.
+//!
+//! # The question
+//! A thread may have fetched the branch at a patch site into a trampoline image and then been
+//! preempted before doing anything else. When the site is poked away and the image retired, how do
+//! we know that thread is not (or will not be) inside the image we free?
+//!
+//! # The answer, in three parts (the kernel's `bpf_tramp_image_put`)
+//! 1. **Grace period 1** ([`synchronize`]). Every thread that runs JIT code is *online* for the
+//!    whole run (`JitProgram::run` brackets the call with [`read_lock`] / [`read_unlock`]); a
+//!    thread is *quiescent* outside runs and inside [`blocking`] sections. A grace period waits
+//!    until every thread that was online when it started has been quiescent at least once. The
+//!    poke that unlinked the image happened before the grace period started, and the poke ended
+//!    with a core-serialising membarrier, so a thread that is online later than that can only
+//!    fetch the new instruction. A thread that fetched the *old* branch was online before it and
+//!    stays online (there is no quiescent point between a site and the trampoline's reference),
+//!    so the grace period waits for it: it either left the run, or took the image's reference.
+//! 2. **The image reference** ([`image_enter`] / [`image_exit`]). Trampoline code takes it right
+//!    after entry and drops it just before its epilogue. It covers everything in between —
+//!    tracer programs and the call of the original — including time spent quiescent in a
+//!    blocking helper, which the grace period deliberately does not wait for. After grace
+//!    period 1 no thread can take a new reference (nobody can still be on the way in), so the
+//!    count only falls; we wait for it to reach zero.
+//! 3. **Grace period 2.** A thread that dropped the reference still executes the image's last
+//!    few instructions (restore registers, return). It is online while doing so, so a second grace
+//!    period covers them. Then the image is freed.
+//!
+//! # Costs on the run path
+//! [`read_lock`] and [`read_unlock`] are a thread-local load and a relaxed store each, with only
+//! a compiler fence: no atomic read-modify-write and no hardware fence. References are a push and
+//! a pop on a per-thread stack of image addresses, again plain relaxed stores. The writer pays:
+//! `membarrier(PRIVATE_EXPEDITED)` makes every thread of the process execute a full memory barrier
+//! (this is userspace RCU's "memb" flavour), which is what turns the readers' plain stores into
+//! ordered ones from the writer's point of view.
+//!
+//! # Memory ordering
+//! Reader: `epoch = GLOBAL` (relaxed load), `record.epoch = epoch` (relaxed store), compiler
+//! fence, run; compiler fence, `record.epoch = 0` (relaxed store). Writer ([`synchronize`]):
+//! `target = GLOBAL += 1`; membarrier (M1); wait for each record `epoch == 0 || epoch >= target`;
+//! membarrier (M2). M1 splits every reader into "before" and "after" its barrier point. A reader
+//! section whose `record.epoch` store preceded M1 is seen by the scan and waited for. A section
+//! that started after its M1 point performs all its loads and instruction fetches after the
+//! unlink (which precedes M1), so it cannot reach the retired image and need not be waited for.
+//! M2 orders the readers' last accesses (before their `epoch = 0` store, which the scan saw)
+//! before whatever the writer does next (freeing), since the barrier completes their earlier loads.
+
+mod core;
+
+use self::core::{Domain, Reader, Retiring, Worker};
+pub use self::core::{MAX_NESTED_IMAGES, RetireState};
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, LazyLock, Mutex, OnceLock};
+use std::time::Duration;
+
+/// What [`core`] is built on in the library: std's primitives, and a compiler fence on the read
+/// side (the writer's membarrier supplies the hardware ordering; see the module docs).
+mod shim {
+    pub use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    pub use std::sync::{Arc, Mutex, MutexGuard};
+
+    #[inline(always)]
+    pub fn reader_fence() {
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
+    }
+
+    pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The process's retirement domain.
+static DOMAIN: LazyLock<Domain> = LazyLock::new(Domain::new);
+
+/// The calling thread's registration, made on first use and undone when the thread exits.
+struct Local {
+    domain: &'static Domain,
+    reader: Reader,
+}
+
+impl Local {
+    fn new() -> Local {
+        let domain: &'static Domain = &DOMAIN;
+        Local {
+            reader: domain.register(current_tid()),
+            domain,
+        }
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        self.domain.unregister(&self.reader);
+    }
+}
+
+thread_local! {
+    static LOCAL: Local = Local::new();
+}
+
+fn current_tid() -> i32 {
+    rustix::thread::gettid().as_raw_nonzero().get()
+}
+
+/// Runs `f` on this thread's registration; `None` once the thread-local is destroyed (code
+/// running in another thread-local's destructor).
+#[inline]
+fn with_local<R>(f: impl FnOnce(&Local) -> R) -> Option<R> {
+    LOCAL.try_with(f).ok()
+}
+
+/// A read-side section: while it lives, this thread may execute JIT code and patch sites, and
+/// retired images wait for it. Every JIT run holds one; nesting is allowed.
+///
+/// Leaking a guard (`mem::forget`) keeps the thread online: grace periods, and so retirement,
+/// then wait forever. Nothing unsound happens.
+pub struct ReadGuard {
+    /// A registration of its own when the thread's thread-local is already destroyed.
+    fallback: Option<Reader>,
+}
+
+impl ReadGuard {
+    /// Goes online (or deeper, when already online).
+    #[inline]
+    pub fn new() -> ReadGuard {
+        if with_local(|l| l.reader.read_lock(l.domain)).is_some() {
+            return ReadGuard { fallback: None };
+        }
+        // Running from a thread-local destructor: register for the length of this section.
+        let reader = DOMAIN.register(current_tid());
+        reader.read_lock(&DOMAIN);
+        ReadGuard {
+            fallback: Some(reader),
+        }
+    }
+}
+
+impl Default for ReadGuard {
+    fn default() -> Self {
+        ReadGuard::new()
+    }
+}
+
+impl Drop for ReadGuard {
+    #[inline]
+    fn drop(&mut self) {
+        match &self.fallback {
+            None => {
+                with_local(|l| l.reader.read_unlock());
+            }
+            Some(reader) => {
+                reader.read_unlock();
+                DOMAIN.unregister(reader);
+            }
+        }
+    }
+}
+
+/// Runs `f` with this thread quiescent, for helpers that block (sleep, wait on a lock or I/O), so
+/// that grace periods do not wait for them.
+///
+/// # Safety
+/// While `f` runs, retirement may free any image whose reference this thread does not hold.
+/// The caller must be where every image it will return into is referenced: a helper called by
+/// a traced program or by a tracer is (the trampoline image holds the reference; a program's
+/// own image is only freed after its last run). A helper called by a program installed with
+/// freplace is not: nothing references the replacement, so it must not block this way.
+pub unsafe fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    let saved = with_local(|l| l.reader.quiesce());
+    let result = f();
+    if let Some(saved) = saved {
+        with_local(|l| l.reader.resume(l.domain, saved));
+    }
+    result
+}
+
+/// Whether this thread is in a read-side section.
+pub fn is_online() -> bool {
+    with_local(|l| l.reader.is_online()).unwrap_or(false)
+}
+
+/// Takes this thread's reference on `image` (trampoline code, on entry). `image` is non-zero.
+pub(crate) fn image_enter(image: usize) {
+    if with_local(|l| l.reader.image_enter(l.domain, image)).is_none() {
+        DOMAIN.enter_shared(image);
+    }
+}
+
+/// Drops the reference taken by the matching [`image_enter`].
+pub(crate) fn image_exit(image: usize) {
+    if with_local(|l| l.reader.image_exit(l.domain, image)).is_none() {
+        DOMAIN.exit_shared(image);
+    }
+}
+
+/// Kernel thread ids of the threads that have run JIT code and not exited: the threads that may
+/// execute a patch site.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn registered_thread_ids() -> Vec<i32> {
+    DOMAIN.thread_ids()
+}
+
+/// Makes every thread of the process execute a full memory barrier (retrying: a registered
+/// membarrier does not fail in practice, and retirement must not give up).
+fn barrier_all_threads() {
+    while crate::text::sync_all_threads().is_err() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn backoff(spins: u32) {
+    if spins < 64 {
+        std::hint::spin_loop();
+    } else if spins < 256 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// Waits for a grace period: every thread that was in a read-side section when this was called
+/// has left it (or gone quiescent in [`blocking`]) at least once. The wait depends only on the
+/// threads' state, never on a time-out. Called from a read-side section it would wait for the
+/// caller itself, so it refuses with [`ReclaimError::Online`].
+pub fn synchronize() -> Result<(), ReclaimError> {
+    if is_online() {
+        return Err(ReclaimError::Online);
+    }
+    DOMAIN.synchronize(&mut barrier_all_threads, &mut backoff);
+    Ok(())
+}
+
+/// Errors of the reclaim API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReclaimError {
+    /// A wait for retirement was asked for from inside a JIT run.
+    #[error(
+        "cannot wait for a grace period from inside a JIT run (a helper or tracer): it would wait for itself; wait from outside the run"
+    )]
+    Online,
+}
+
+/// What to free once retirement completes (the trampoline layer's images and programs).
+pub trait Retirable: Send {
+    /// The address whose references trampoline code takes, or `None` when nothing takes
+    /// references on it (then only the grace periods protect it).
+    fn image_addr(&self) -> Option<usize>;
+    /// Called on the reclaimer thread after both grace periods and the reference drain.
+    fn free(self: Box<Self>);
+}
+
+/// Test hook: observes each state change of each retired item (its image address, 0 for items
+/// without one, and the new state).
+pub type RetireObserver = fn(usize, RetireState);
+
+/// One retired item not yet freed, for [`pending_retirements`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingRetirement {
+    /// The image whose references must drain, if the item has one.
+    pub image: Option<usize>,
+    /// What the item waits for.
+    pub state: RetireState,
+}
+
+type Item = Box<dyn Retirable>;
+
+struct Reclaimer {
+    queue: Mutex<Vec<Retiring<Item>>>,
+    wake: Condvar,
+    /// Items retired and not yet freed.
+    pending: AtomicUsize,
+    /// What each item waits for, by id.
+    status: Mutex<BTreeMap<u64, PendingRetirement>>,
+    next_id: AtomicU64,
+    idle: Condvar,
+    idle_lock: Mutex<()>,
+    observer: Mutex<Option<RetireObserver>>,
+    /// Whether the reclaimer thread runs (cleared in a forked child, which has none).
+    started: AtomicBool,
+}
+
+static RECLAIMER: OnceLock<Reclaimer> = OnceLock::new();
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    shim::lock(m)
+}
+
+fn reclaimer() -> &'static Reclaimer {
+    let r = RECLAIMER.get_or_init(|| Reclaimer {
+        queue: Mutex::new(Vec::new()),
+        wake: Condvar::new(),
+        pending: AtomicUsize::new(0),
+        status: Mutex::new(BTreeMap::new()),
+        next_id: AtomicU64::new(1),
+        idle: Condvar::new(),
+        idle_lock: Mutex::new(()),
+        observer: Mutex::new(None),
+        started: AtomicBool::new(false),
+    });
+    if !r.started.swap(true, Ordering::AcqRel) {
+        let spawned = std::thread::Builder::new()
+            .name("livebpf-reclaim".into())
+            .spawn(move || reclaim_loop(r));
+        if spawned.is_err() {
+            // Items stay queued; the next `retire` tries again.
+            r.started.store(false, Ordering::Release);
+        }
+    }
+    r
+}
+
+fn set_state(r: &Reclaimer, item: &Retiring<Item>, state: RetireState) {
+    lock(&r.status).insert(
+        item.id,
+        PendingRetirement {
+            image: item.image,
+            state,
+        },
+    );
+    let observer = *lock(&r.observer);
+    if let Some(f) = observer {
+        f(item.image.unwrap_or(0), state);
+    }
+}
+
+fn reclaim_loop(r: &'static Reclaimer) {
+    let mut worker: Worker<Item> = Worker::default();
+    loop {
+        let fresh = {
+            let mut q = lock(&r.queue);
+            if q.is_empty() {
+                if worker.is_draining() {
+                    // Poll the drains, but wake at once for new work.
+                    q = r
+                        .wake
+                        .wait_timeout(q, Duration::from_micros(200))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                } else {
+                    while q.is_empty() {
+                        q = r.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
+            std::mem::take(&mut *q)
+        };
+        let freed = worker.step(
+            &DOMAIN,
+            fresh,
+            &mut barrier_all_threads,
+            &mut backoff,
+            &mut |item, state| set_state(r, item, state),
+        );
+        if freed.is_empty() {
+            continue;
+        }
+        let n = freed.len();
+        {
+            let mut status = lock(&r.status);
+            for item in &freed {
+                status.remove(&item.id);
+            }
+        }
+        for item in freed {
+            item.item.free();
+        }
+        r.pending.fetch_sub(n, Ordering::AcqRel);
+        let _guard = lock(&r.idle_lock);
+        r.idle.notify_all();
+    }
+}
+
+/// Hands an unlinked item to the reclaimer thread, which frees it after grace period 1, the drain
+/// of its image's references and grace period 2. Retirements are independent: one whose
+/// references do not drain (a thread blocked inside the image) holds up no other. The caller
+/// must already have poked every site that could branch into the image (and, for images with
+/// fexit, its `ip_after_call`).
+pub fn retire(item: Box<dyn Retirable>) {
+    let r = reclaimer();
+    let item = Retiring {
+        image: item.image_addr().filter(|&a| a != 0),
+        item,
+        id: r.next_id.fetch_add(1, Ordering::Relaxed),
+    };
+    r.pending.fetch_add(1, Ordering::AcqRel);
+    set_state(r, &item, RetireState::Gp1);
+    lock(&r.queue).push(item);
+    r.wake.notify_one();
+}
+
+/// Items retired and not yet freed.
+pub fn pending() -> usize {
+    RECLAIMER
+        .get()
+        .map_or(0, |r| r.pending.load(Ordering::Acquire))
+}
+
+/// Every item retired and not yet freed, with what it waits for (a `Draining` item that stays
+/// is held by a thread inside its image, e.g. blocked in a helper).
+pub fn pending_retirements() -> Vec<PendingRetirement> {
+    RECLAIMER
+        .get()
+        .map_or_else(Vec::new, |r| lock(&r.status).values().copied().collect())
+}
+
+/// Blocks until every item retired so far has been freed. From inside a JIT run it would wait
+/// for itself, so there it returns [`ReclaimError::Online`] at once.
+pub fn flush() -> Result<(), ReclaimError> {
+    if is_online() {
+        return Err(ReclaimError::Online);
+    }
+    let Some(r) = RECLAIMER.get() else {
+        return Ok(());
+    };
+    let mut guard = lock(&r.idle_lock);
+    while r.pending.load(Ordering::Acquire) != 0 {
+        guard = r
+            .idle
+            .wait_timeout(guard, Duration::from_millis(10))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    Ok(())
+}
+
+/// Installs a test observer of retirement state changes.
+pub fn set_observer(observer: Option<RetireObserver>) {
+    *lock(&reclaimer().observer) = observer;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn no_barrier() {}
+
+    #[test]
+    fn grace_period_waits_for_online_threads_only() {
+        let domain = Arc::new(Domain::new());
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let d = domain.clone();
+        let reader = std::thread::spawn(move || {
+            let r = d.register(1);
+            r.read_lock(&d);
+            entered_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+            assert!(r.read_unlock());
+            d.unregister(&r);
+        });
+        entered_rx.recv().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let (d, flag) = (domain.clone(), done.clone());
+        let writer = std::thread::spawn(move || {
+            d.synchronize(&mut no_barrier, &mut backoff);
+            flag.store(true, Ordering::SeqCst);
+        });
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(1));
+            assert!(!done.load(Ordering::SeqCst), "grace period ended early");
+        }
+        release_tx.send(()).unwrap();
+        writer.join().unwrap();
+        reader.join().unwrap();
+        // With no reader online a grace period completes on its own.
+        domain.synchronize(&mut no_barrier, &mut backoff);
+    }
+
+    #[test]
+    fn quiescing_inside_a_section_lets_grace_periods_pass_and_references_hold() {
+        let domain = Arc::new(Domain::new());
+        let r = domain.register(1);
+        r.read_lock(&domain);
+        assert!(r.is_online());
+        r.image_enter(&domain, 0x1234);
+        assert!(domain.referenced(0x1234));
+        let saved = r.quiesce();
+        assert!(!r.is_online());
+        let d = domain.clone();
+        std::thread::spawn(move || d.synchronize(&mut no_barrier, &mut backoff))
+            .join()
+            .unwrap();
+        r.resume(&domain, saved);
+        assert!(r.is_online());
+        r.image_exit(&domain, 0x1234);
+        assert!(!domain.referenced(0x1234));
+        assert!(r.read_unlock());
+        assert!(!r.is_online());
+        assert!(!r.read_unlock(), "an unbalanced unlock is refused");
+    }
+
+    #[test]
+    fn empty_slots_are_no_reference() {
+        // The fault behind "one freplace detach wedges all reclamation": a drain of address 0
+        // matched every empty slot.
+        let domain = Domain::new();
+        let _r = domain.register(1);
+        assert!(!domain.referenced(0x40));
+    }
+
+    #[test]
+    fn overflowing_the_reference_stack_still_tracks() {
+        let domain = Domain::new();
+        let r = domain.register(1);
+        for i in 0..MAX_NESTED_IMAGES + 3 {
+            r.image_enter(&domain, 0x10_000 + i);
+        }
+        assert!(domain.referenced(0x10_000 + MAX_NESTED_IMAGES + 2));
+        for i in (0..MAX_NESTED_IMAGES + 3).rev() {
+            r.image_exit(&domain, 0x10_000 + i);
+        }
+        for i in 0..MAX_NESTED_IMAGES + 3 {
+            assert!(!domain.referenced(0x10_000 + i));
+        }
+    }
+
+    #[test]
+    fn a_stuck_drain_does_not_hold_up_other_retirements() {
+        let domain = Domain::new();
+        let holder = domain.register(1);
+        holder.image_enter(&domain, 0xaaa0);
+        let mut worker: Worker<&'static str> = Worker::default();
+        let item = |image, name: &'static str, id| Retiring {
+            image: Some(image),
+            item: name,
+            id,
+        };
+        let step = |w: &mut Worker<&'static str>, fresh: Vec<Retiring<&'static str>>| {
+            w.step(
+                &domain,
+                fresh,
+                &mut no_barrier,
+                &mut backoff,
+                &mut |_, _| {},
+            )
+            .into_iter()
+            .map(|r| r.item)
+            .collect::<Vec<_>>()
+        };
+        assert!(step(&mut worker, vec![item(0xaaa0, "held", 1)]).is_empty());
+        assert!(step(&mut worker, vec![item(0xbbb0, "free", 2)]).is_empty());
+        // "free" drained at once; "held" stays while its reference does.
+        assert_eq!(step(&mut worker, vec![]), vec!["free"]);
+        assert!(step(&mut worker, vec![]).is_empty());
+        assert!(worker.is_draining());
+        holder.image_exit(&domain, 0xaaa0);
+        assert_eq!(step(&mut worker, vec![]), vec!["held"]);
+        assert!(!worker.is_draining());
+    }
+}
