@@ -277,9 +277,9 @@ fn cycle(
         })
     };
     let detach_one = |link: trampoline::Link, tracer: &Tracer<'_>| {
-        link.detach().map_err(|source| CliError::Detach {
+        link.detach().map_err(|e| CliError::Detach {
             what: tracer.path.display().to_string(),
-            source,
+            source: e.error,
         })
     };
     for c in 0..args.cycles {

@@ -92,6 +92,10 @@ pub enum AttachError {
     },
     #[error("a program cannot be attached to itself")]
     SelfAttach,
+    #[error(
+        "cannot attach: {0}; Linux refuses this too (a replacement chain or cycle would loop forever), so attach to the original program instead"
+    )]
+    Recursive(&'static str),
     #[error("patching the target failed: {0}")]
     Poke(#[from] PokeError),
     #[error("building the trampoline failed: {0}")]
@@ -151,6 +155,10 @@ struct ProgInner {
     errors: AtomicU64,
     /// Links attached to this program as a target.
     attach: Mutex<AttachState>,
+    /// How many targets this program replaces through freplace (changed under `ATTACH_LOCK`).
+    replaces: AtomicUsize,
+    /// The error of the last failed tracer run, for reports.
+    last_error: Mutex<Option<ExecError>>,
 }
 
 impl Drop for ProgInner {
@@ -185,6 +193,8 @@ impl Prog {
             misses: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             attach: Mutex::new(AttachState::default()),
+            replaces: AtomicUsize::new(0),
+            last_error: Mutex::new(None),
         })))
     }
 
@@ -231,6 +241,20 @@ impl Prog {
     pub fn trampoline_image(&self) -> Option<usize> {
         let state = self.0.attach.lock().unwrap_or_else(|e| e.into_inner());
         state.image.as_ref().map(|i| i.addr())
+    }
+
+    /// The error the last failed run of this program as a tracer ended with.
+    pub fn last_error(&self) -> Option<ExecError> {
+        self.0
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether this program currently replaces another one (freplace).
+    pub fn is_replacement(&self) -> bool {
+        self.0.replaces.load(Ordering::Relaxed) != 0
     }
 
     /// Links currently attached to this program as a target.
@@ -341,10 +365,16 @@ impl Link {
         self.kind
     }
 
-    /// Detaches now, reporting errors (dropping the link detaches and ignores them).
-    pub fn detach(mut self) -> Result<(), AttachError> {
-        self.attached = false;
-        detach(&self.target, self.id, self.kind)
+    /// Detaches now. On failure nothing changed: the error gives the link back, still
+    /// attached, to retry or keep (dropping a link detaches and ignores errors).
+    pub fn detach(mut self) -> Result<(), DetachError> {
+        match detach(&self.target, self.id, self.kind) {
+            Ok(()) => {
+                self.attached = false;
+                Ok(())
+            }
+            Err(error) => Err(DetachError { link: self, error }),
+        }
     }
 }
 
@@ -355,6 +385,20 @@ impl Drop for Link {
         }
     }
 }
+
+/// A failed [`Link::detach`]: the link, still attached, and why.
+#[derive(Debug, Error)]
+#[error("detaching failed: {error}; the link is still attached (retry, or keep it)")]
+pub struct DetachError {
+    /// The link, unchanged.
+    pub link: Link,
+    /// What went wrong.
+    pub error: AttachError,
+}
+
+/// Serialises attach and detach across targets, so rules that involve two programs (freplace
+/// chains) are checked against a stable state, and so `fork` never copies a half-made change.
+pub(crate) static ATTACH_LOCK: Mutex<()> = Mutex::new(());
 
 /// `text_poke` where trampolines are supported; a typed error elsewhere.
 fn poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
@@ -391,6 +435,24 @@ pub fn attach(
     if Arc::ptr_eq(&target.0, &prog.0) {
         return Err(AttachError::SelfAttach);
     }
+    let _serial = ATTACH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if kind == AttachKind::Freplace {
+        if target.is_replacement() {
+            return Err(AttachError::Recursive(
+                "the target is itself a replacement (freplace of an freplace program)",
+            ));
+        }
+        if prog.is_replacement() {
+            return Err(AttachError::Recursive(
+                "the replacement already replaces another program",
+            ));
+        }
+        if prog.link_count() != 0 {
+            return Err(AttachError::Recursive(
+                "the replacement is itself a target of attached programs",
+            ));
+        }
+    }
     let mut state = target.0.attach.lock().unwrap_or_else(|e| e.into_inner());
     let id = state.next_id;
     if kind == AttachKind::Freplace {
@@ -412,6 +474,7 @@ pub fn attach(
             PokeInsn::Jump(prog.0.jit.entry()),
         )?;
         state.freplace = Some((id, prog.clone()));
+        prog.0.replaces.fetch_add(1, Ordering::Relaxed);
     } else {
         if state.freplace.is_some() {
             return Err(AttachError::Conflict {
@@ -447,6 +510,7 @@ pub fn attach(
 }
 
 fn detach(target: &Prog, id: u64, kind: AttachKind) -> Result<(), AttachError> {
+    let _serial = ATTACH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let mut state = target.0.attach.lock().unwrap_or_else(|e| e.into_inner());
     if kind == AttachKind::Freplace {
         let Some((fid, prog)) = state.freplace.take() else {
@@ -464,6 +528,7 @@ fn detach(target: &Prog, id: u64, kind: AttachKind) -> Result<(), AttachError> {
             state.freplace = Some((fid, prog));
             return Err(e);
         }
+        prog.0.replaces.fetch_sub(1, Ordering::Relaxed);
         reclaim::retire(Box::new(RetiredProg(prog)));
         return Ok(());
     }
@@ -599,11 +664,12 @@ thread_local! {
     };
 }
 
-/// Runs `f` on this thread's tracer state.
-fn with_trace<R>(f: impl FnOnce(&mut TraceLocal) -> R) -> R {
+/// Runs `f` on this thread's tracer state; `None` once the thread-local is destroyed (a traced
+/// program run from another thread-local's destructor: its tracers are skipped as misses).
+fn with_trace<R>(f: impl FnOnce(&mut TraceLocal) -> R) -> Option<R> {
     // SAFETY: the state is this thread's own, and `f` never re-enters `with_trace` (its callers
     // below only touch plain fields), so this is the only reference while it lives.
-    TRACE.with(|t| f(unsafe { &mut *t.get() }))
+    TRACE.try_with(|t| f(unsafe { &mut *t.get() })).ok()
 }
 
 /// Starts one tracer run: recursion guard, run context, stats. Returns 0 to skip the program,
@@ -633,7 +699,8 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
         let stack = &mut *t.stacks[t.depth] as *mut JitStack;
         t.depth += 1;
         Some(stack)
-    });
+    })
+    .flatten();
     let Some(stack) = stack else {
         prog.misses.fetch_add(1, Ordering::Relaxed);
         return 0;
@@ -663,8 +730,9 @@ pub(crate) unsafe extern "C" fn tramp_prog_exit(
     let prog = &link.prog.0;
     // SAFETY: initialised by the matching enter; dropped exactly once here.
     let error = unsafe { RunContext::take_raw(ctx) };
-    if error.is_some() {
+    if let Some(error) = error {
         prog.errors.fetch_add(1, Ordering::Relaxed);
+        *prog.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
     if start > 1 {
         prog.run_cnt.fetch_add(1, Ordering::Relaxed);
