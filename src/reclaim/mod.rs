@@ -46,7 +46,7 @@
 
 mod core;
 
-use self::core::{Domain, Reader, Retiring, Worker};
+use self::core::{Domain, DomainHold, Reader, Retiring, Worker};
 pub use self::core::{MAX_NESTED_IMAGES, RetireState};
 
 use std::collections::BTreeMap;
@@ -81,6 +81,8 @@ struct Local {
 
 impl Local {
     fn new() -> Local {
+        register_fork_hooks();
+        REGISTERED.set(true);
         let domain: &'static Domain = &DOMAIN;
         Local {
             reader: domain.register(current_tid()),
@@ -97,6 +99,70 @@ impl Drop for Local {
 
 thread_local! {
     static LOCAL: Local = Local::new();
+    /// Whether `LOCAL` was made on this thread (readable without creating it).
+    static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// What the fork prepare handler holds until the parent or child handler.
+    static FORK_HELD: std::cell::RefCell<Option<ForkHeld>> = const { std::cell::RefCell::new(None) };
+}
+
+struct ForkHeld {
+    domain: DomainHold<'static>,
+    queue: Option<std::sync::MutexGuard<'static, Vec<Retiring<Item>>>>,
+    status: Option<std::sync::MutexGuard<'static, BTreeMap<u64, PendingRetirement>>>,
+}
+
+fn register_fork_hooks() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        crate::text::fork::register_inner(crate::text::fork::Hooks {
+            prepare: fork_prepare,
+            parent: fork_parent,
+            child: fork_child,
+        })
+    });
+}
+
+fn fork_prepare() {
+    let reclaimer = RECLAIMER.get();
+    let held = ForkHeld {
+        domain: DOMAIN.hold(),
+        queue: reclaimer.map(|r| lock(&r.queue)),
+        status: reclaimer.map(|r| lock(&r.status)),
+    };
+    FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
+}
+
+fn fork_parent() {
+    FORK_HELD.with(|h| h.borrow_mut().take());
+}
+
+/// The child has only the forking thread: forget the others (their records would hold grace
+/// periods forever), and restart the reclaimer, whose thread did not survive. Items it was
+/// draining are lost with it (their memory leaks in the child; nothing unsafe); queued ones are
+/// retired by the new thread.
+fn fork_child() {
+    let Some(mut held) = FORK_HELD.with(|h| h.borrow_mut().take()) else {
+        return;
+    };
+    let keep = if REGISTERED.get() {
+        LOCAL
+            .try_with(|l| held.domain.retain_only(Some(&l.reader)))
+            .is_ok()
+    } else {
+        false
+    };
+    if !keep {
+        held.domain.retain_only(None);
+    }
+    if let (Some(r), Some(queue), Some(status)) =
+        (RECLAIMER.get(), held.queue.as_ref(), held.status.as_mut())
+    {
+        status.retain(|id, _| queue.iter().any(|item| item.id == *id));
+        r.pending.store(queue.len(), Ordering::Release);
+        r.started.store(false, Ordering::Release);
+    }
+    // The next `retire` or `flush` starts a new reclaimer thread.
+    drop(held);
 }
 
 fn current_tid() -> i32 {
@@ -410,9 +476,11 @@ pub fn flush() -> Result<(), ReclaimError> {
     if is_online() {
         return Err(ReclaimError::Online);
     }
-    let Some(r) = RECLAIMER.get() else {
+    if RECLAIMER.get().is_none() {
         return Ok(());
-    };
+    }
+    // Starts the reclaimer thread if it is not running (in a forked child).
+    let r = reclaimer();
     let mut guard = lock(&r.idle_lock);
     while r.pending.load(Ordering::Acquire) != 0 {
         guard = r

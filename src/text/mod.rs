@@ -30,6 +30,7 @@
 //! ```
 
 mod arena;
+pub(crate) mod fork;
 pub mod poke;
 mod registry;
 mod sync;
@@ -150,6 +151,12 @@ pub enum TextError {
         existing_len: usize,
         existing_kind: ImageKind,
     },
+
+    /// An arena made before `fork`, used in the child.
+    #[error(
+        "this code arena belongs to the parent process (it was created before fork); the child cannot use it — use CodeArena::global(), which the child gets a private copy of, or create a new arena"
+    )]
+    Forked,
 
     /// `unregister` of a start address that is not registered.
     #[error("no image is registered at {start:#x}; pass the start address given to register")]

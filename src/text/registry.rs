@@ -146,6 +146,12 @@ impl Registry {
         self.read().iter().map(|(&s, e)| e.symbol(s, 0)).collect()
     }
 
+    /// Holds the registry's write lock until the guard drops (across `fork`, so the child never
+    /// inherits it locked by a thread it does not have).
+    pub(crate) fn hold(&'static self) -> RegistryHold {
+        RegistryHold(self.write())
+    }
+
     // Nothing panics while holding the lock, so a poisoned map is still consistent.
     fn read(&self) -> RwLockReadGuard<'_, BTreeMap<usize, Entry>> {
         self.map.read().unwrap_or_else(PoisonError::into_inner)
@@ -155,3 +161,8 @@ impl Registry {
         self.map.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+/// The registry held by [`Registry::hold`].
+pub(crate) struct RegistryHold(
+    #[allow(dead_code)] RwLockWriteGuard<'static, BTreeMap<usize, Entry>>,
+);

@@ -400,6 +400,28 @@ pub struct DetachError {
 /// chains) are checked against a stable state, and so `fork` never copies a half-made change.
 pub(crate) static ATTACH_LOCK: Mutex<()> = Mutex::new(());
 
+thread_local! {
+    /// `ATTACH_LOCK`, held by the fork prepare handler until the parent or child handler.
+    static FORK_HELD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, ()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Takes `ATTACH_LOCK` across `fork` so that no attach is half-done in the child.
+fn serialise_attach() -> std::sync::MutexGuard<'static, ()> {
+    static HOOKS: std::sync::Once = std::sync::Once::new();
+    HOOKS.call_once(|| {
+        crate::text::fork::register_outer(crate::text::fork::Hooks {
+            prepare: || {
+                let guard = ATTACH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+                FORK_HELD.with(|h| *h.borrow_mut() = Some(guard));
+            },
+            parent: || drop(FORK_HELD.with(|h| h.borrow_mut().take())),
+            child: || drop(FORK_HELD.with(|h| h.borrow_mut().take())),
+        })
+    });
+    ATTACH_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `text_poke` where trampolines are supported; a typed error elsewhere.
 fn poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -435,7 +457,7 @@ pub fn attach(
     if Arc::ptr_eq(&target.0, &prog.0) {
         return Err(AttachError::SelfAttach);
     }
-    let _serial = ATTACH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serialise_attach();
     if kind == AttachKind::Freplace {
         if target.is_replacement() {
             return Err(AttachError::Recursive(
@@ -510,7 +532,7 @@ pub fn attach(
 }
 
 fn detach(target: &Prog, id: u64, kind: AttachKind) -> Result<(), AttachError> {
-    let _serial = ATTACH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serialise_attach();
     let mut state = target.0.attach.lock().unwrap_or_else(|e| e.into_inner());
     if kind == AttachKind::Freplace {
         let Some((fid, prog)) = state.freplace.take() else {

@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
 
-use super::{PokeError, PokeInsn, PokeOutcome};
+use super::{PokeError, PokeInsn, PokeOutcome, TEXT_LOCK};
 use crate::text::{CodeArena, ImageKind, Registry, TextError, sync_all_threads};
 
 /// Offset of the patch site from a program's entry with the JIT's default options
@@ -215,9 +215,6 @@ fn effective(site: usize, word: u32, literal: Option<u64>, plt: Option<Plt>) -> 
         _ => insn,
     })
 }
-
-/// Serialises all pokes (the kernel's `text_mutex`).
-static TEXT_LOCK: Mutex<()> = Mutex::new(());
 
 /// An atomic view of the 4-byte word at the RW alias of `rx`.
 fn word_at(arena: &CodeArena, rx: usize) -> Result<&'static AtomicU32, PokeError> {

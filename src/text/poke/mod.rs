@@ -65,6 +65,9 @@ pub use x86_64::{
     PATCH_SITE_LEN, PATCH_SITE_OFFSET, X86_NOP5, decode_x86, encode_x86, text_poke, traps_handled,
 };
 
+/// Serialises all pokes (the kernel's `text_mutex`); `fork` holds it across the fork.
+pub(crate) static TEXT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// What a patch site holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PokeInsn {

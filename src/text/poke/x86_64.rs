@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering, fence};
 use std::sync::{Mutex, OnceLock};
 
-use super::{PokeError, PokeInsn, PokeOutcome};
+use super::{PokeError, PokeInsn, PokeOutcome, TEXT_LOCK};
 use crate::text::{CodeArena, ImageKind, Registry, sync_all_threads};
 
 /// Offset of the patch site from a program's entry: the 5-byte nop is the first instruction.
@@ -41,9 +41,6 @@ pub fn decode_x86(ip: usize, bytes: [u8; 5]) -> Option<PokeInsn> {
         _ => None,
     }
 }
-
-/// Serialises all pokes (the kernel's `text_mutex`).
-static TEXT_LOCK: Mutex<()> = Mutex::new(());
 
 /// The poke in progress, read by the SIGTRAP handler, as a seqlock: written only under
 /// `TEXT_LOCK` (sequence odd while the three fields change), read by handlers that retry until they
