@@ -15,7 +15,7 @@ use livebpf::jit::arm64::host_features;
 use livebpf::jit::{JitOptions, JitProgram};
 use livebpf::text::poke::{
     A64_NOP, DUMMY_TRAMPOLINE, PokeError, PokeInsn, PokeOutcome, ProgramSite, decode_a64,
-    dummy_trampoline, register_program_site, text_poke, unregister_program_site,
+    dummy_trampoline, plt_quiesced, register_program_site, text_poke, unregister_program_site,
 };
 use livebpf::text::{
     Allocation, ArenaOptions, CodeArena, ImageKind, Registry, TextError, sync_all_threads,
@@ -294,17 +294,27 @@ fn far_targets_go_through_the_plt() {
     );
     assert_eq!(text_poke(e, c1, c2), Ok(PokeOutcome::AlreadyApplied));
 
-    // far -> near: the literal back to the dummy, then a direct `bl`.
+    // far -> near: a direct `bl`; the literal keeps the old target for threads that executed
+    // the old `bl plt` and have yet to load it.
     let cn = PokeInsn::Call(near.addr());
     assert_eq!(text_poke(e, c2, cn), Ok(PokeOutcome::Applied));
     assert_eq!(word_at(l.site), bl_to(l.site, near.addr()));
-    assert_eq!(literal_at(l.literal), dummy);
+    assert_eq!(literal_at(l.literal), far2.addr as u64);
     assert_eq!(run(&prog, 1), 6);
     assert_eq!(NEAR.load(Ordering::Relaxed), 1);
 
-    // near -> far jump, then far jump -> nop.
+    // near -> far jump: the literal last served a call, so it is refused until a grace period
+    // is declared (a stale `bl plt` must never enter a replacement).
     let j = PokeInsn::Jump(far_alt.addr);
-    assert_eq!(text_poke(e, cn, j), Ok(PokeOutcome::Applied));
+    assert!(matches!(
+        text_poke(e, cn, j),
+        Err(PokeError::PltKindChange { was_call: true, .. })
+    ));
+    assert_eq!(word_at(l.site), bl_to(l.site, near.addr()));
+    assert_eq!(text_poke(e, cn, PokeInsn::Nop), Ok(PokeOutcome::Applied));
+    // SAFETY: this test's own program; no other thread runs it.
+    unsafe { plt_quiesced(prog.entry()) };
+    assert_eq!(text_poke(e, PokeInsn::Nop, j), Ok(PokeOutcome::Applied));
     assert_eq!(
         word_at(l.site),
         enc::b(l.plt as i64 - l.site as i64).unwrap()
@@ -313,8 +323,22 @@ fn far_targets_go_through_the_plt() {
     assert_eq!(run(&prog, 1), 777);
     assert_eq!(text_poke(e, j, PokeInsn::Nop), Ok(PokeOutcome::Applied));
     assert_eq!(word_at(l.site), A64_NOP);
-    assert_eq!(literal_at(l.literal), dummy);
+    assert_eq!(literal_at(l.literal), far_alt.addr as u64);
     assert_eq!(run(&prog, 1), 6);
+    // A thread that executed the old `b plt` just before the nop was stored still runs the
+    // replacement (it used to land in the dummy trampoline and return r1).
+    let rw = arena().rw_alias(l.site).unwrap();
+    let set_word = |w: u32| {
+        // SAFETY: the site is a 4-aligned word of this test's own image, which no other
+        // thread runs; the store is single-copy atomic.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(rw.cast()).store(w, Ordering::Release) };
+        arena().sync_text(l.site, 4).unwrap();
+        sync_all_threads().unwrap();
+    };
+    set_word(enc::b(l.plt as i64 - l.site as i64).unwrap());
+    assert_eq!(run(&prog, 1), 777);
+    set_word(A64_NOP);
+    let _ = dummy;
     assert_eq!(FAR1.load(Ordering::Relaxed), 1);
     assert_eq!(FAR2.load(Ordering::Relaxed), 1);
 }

@@ -102,6 +102,10 @@ pub enum AttachError {
     Jit(#[from] JitError),
     #[error("placing the trampoline failed: {0}")]
     Text(#[from] TextError),
+    #[error(
+        "cannot attach or detach from inside a JIT run (a helper or tracer) when a grace period is needed; do it from outside the run"
+    )]
+    InsideRun,
     #[error("trampolines are not implemented for this {0} host yet")]
     UnsupportedHost(&'static str),
     #[error("the trampoline image could not be generated: {0} (a livebpf bug; please report it)")]
@@ -426,8 +430,24 @@ fn serialise_attach() -> std::sync::MutexGuard<'static, ()> {
 fn poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
-        crate::text::poke::text_poke(ip, old, new)?;
-        Ok(())
+        match crate::text::poke::text_poke(ip, old, new) {
+            #[cfg(target_arch = "aarch64")]
+            Err(PokeError::PltKindChange { .. }) if old == PokeInsn::Nop => {
+                // The site's PLT last served the other kind (a far fentry, now a far
+                // freplace, or back). The site holds the nop, so after a grace period no
+                // thread can still load the literal.
+                reclaim::synchronize().map_err(|_| AttachError::InsideRun)?;
+                if let Some(sym) = crate::text::Registry::global().lookup(ip) {
+                    // SAFETY: the grace period began after the site left the PLT (it holds
+                    // the nop), so every thread that executed the old branch has finished.
+                    unsafe { crate::text::poke::plt_quiesced(sym.start) };
+                }
+                crate::text::poke::text_poke(ip, old, new)?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(()),
+        }
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {

@@ -91,8 +91,30 @@ pub fn register_program_site(start: usize, site: ProgramSite) -> Result<(), Poke
     Ok(())
 }
 
+/// Image start → whether its PLT literal last served a far call (`true`) or jump (`false`).
+static LITERAL_KIND: Mutex<BTreeMap<usize, bool>> = Mutex::new(BTreeMap::new());
+
+/// Declares that a grace period has passed since the program's site (at image `start`) last
+/// branched to its PLT, so its literal may now serve a far target of the other kind.
+///
+/// # Safety
+/// Every thread that could have executed the site's old branch to the PLT has since left the
+/// code it was running (e.g. `reclaim::synchronize` returned after the site was poked away
+/// from the PLT), so none can still load the literal.
+pub unsafe fn plt_quiesced(start: usize) {
+    let _guard = TEXT_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    LITERAL_KIND
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&start);
+}
+
 /// Forgets the layout of the image at `start` (before the image is unregistered and freed).
 pub fn unregister_program_site(start: usize) -> Option<ProgramSite> {
+    LITERAL_KIND
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&start);
     SITES
         .write()
         .unwrap_or_else(PoisonError::into_inner)
@@ -268,11 +290,6 @@ pub fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome,
     let (new_word, new_far) = site_word(site, new, plt)?;
     let word = word_at(arena, site)?;
     let literal = plt.map(|p| literal_at(arena, p.literal)).transpose()?;
-    // Needed (and created) before the lock: it may allocate in the arena.
-    let dummy = match plt {
-        Some(_) => Some(dummy_trampoline()? as u64),
-        None => None,
-    };
 
     let _guard = TEXT_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     // Relaxed loads: only pokers write these, and they are serialised by the lock.
@@ -301,20 +318,31 @@ pub fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome,
         (Some(PokeInsn::Call(t) | PokeInsn::Jump(t)), Some(p)) if t == p.branch
     );
     let old_word = current;
-    let old_far = via_plt
-        .then(|| current_literal.map(|l| l as usize))
-        .flatten();
-    // The PLT literal first, with one single-copy-atomic aligned 64-bit store: to the new far
-    // target, or back to the dummy trampoline when leaving a far target. A thread that runs the
-    // old branch to the PLT meanwhile lands on the dummy (= nop) or the old target, which the
-    // caller keeps alive until a grace period has passed.
-    let new_literal = match (new_far, old_far) {
-        (Some(t), _) => Some(t as u64),
-        (None, Some(_)) => dummy,
-        (None, None) => None,
-    };
-    if let (Some(value), Some(lit)) = (new_literal, literal) {
-        lit.store(value, Ordering::Release);
+    // The literal is never reset when the site leaves a far target: a thread that executed the
+    // old `b`/`bl plt` just before may load it at any time until a grace period passes, and
+    // must then reach the old target (which the caller keeps alive for that long), not a
+    // dummy that would skip a replacement. For the same reason a literal is only reused for a
+    // target of the kind (call or jump) it last served: a stale `bl plt` entering a
+    // replacement, or a stale `b plt` entering a trampoline, would return to the wrong place.
+    // Changing the kind needs a grace period first, declared with `plt_quiesced`.
+    let new_link = matches!(new, PokeInsn::Call(_));
+    let image_start = sym.start;
+    if new_far.is_some() {
+        let mut kinds = LITERAL_KIND.lock().unwrap_or_else(PoisonError::into_inner);
+        match kinds.get(&image_start) {
+            Some(&link) if link != new_link => {
+                return Err(PokeError::PltKindChange {
+                    ip: site,
+                    was_call: link,
+                });
+            }
+            _ => {
+                kinds.insert(image_start, new_link);
+            }
+        }
+    }
+    if let (Some(value), Some(lit)) = (new_far, literal) {
+        lit.store(value as u64, Ordering::Release);
         // Every thread executes a full barrier before this returns, so any thread that later
         // fetches the new branch below also loads the new literal (stronger than Linux, which
         // relies on "a stale literal lands somewhere harmless").
@@ -323,6 +351,13 @@ pub fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome,
     if old_word == new_word {
         // Far → far: only the literal changed.
         return Ok(PokeOutcome::Applied);
+    }
+    // The new target may be code just written at a reused address that other cores fetched
+    // before (a freed image's): `sync_text` of that code invalidated their I-caches, but only
+    // a context synchronisation discards what their pipelines already hold. Make every thread
+    // context-synchronise before any can branch there.
+    if new != PokeInsn::Nop && new_far.is_none() {
+        sync_all_threads()?;
     }
     // Arm ARM (DDI 0487, B2.2.5 "Concurrent modification and execution of instructions"): when
     // both the old and new instruction are B, BL, NOP (or BRK, ISB, SVC, HVC, SMC), another PE

@@ -56,7 +56,8 @@ mod arm64;
 #[cfg(target_arch = "aarch64")]
 pub use arm64::{
     A64_NOP, DUMMY_TRAMPOLINE, PATCH_SITE_LEN, PATCH_SITE_OFFSET, ProgramSite, decode_a64,
-    dummy_trampoline, encode_a64, register_program_site, text_poke, unregister_program_site,
+    dummy_trampoline, encode_a64, plt_quiesced, register_program_site, text_poke,
+    unregister_program_site,
 };
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
@@ -109,6 +110,11 @@ pub enum PokeError {
         "the bytes at {ip:#x} ({bytes:02x?}) are not a patch site (nop, call or jump); pass a program entry or a trampoline site"
     )]
     NotASite { ip: usize, bytes: Vec<u8> },
+    #[error(
+        "the PLT of the site at {ip:#x} last served a far {} and a thread may still load its literal; wait for a grace period (reclaim::synchronize), declare it with plt_quiesced, and retry",
+        if *was_call { "call" } else { "jump" }
+    )]
+    PltKindChange { ip: usize, was_call: bool },
     #[error("installing the SIGTRAP handler text_poke needs failed: {0}")]
     Signal(String),
     #[error(transparent)]
