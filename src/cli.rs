@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-use crate::conformance::{TestCase, parse_hex_bytes};
+use crate::conformance::{HexError, TestCase, parse_hex_bytes};
 use crate::helpers::Helpers;
 use crate::interp::Interpreter;
 use crate::isa::{DecodeError, Program};
@@ -139,7 +139,10 @@ impl MemArgs {
     /// The memory these options ask for, else `file_mem` (a `.data` file's), else none.
     fn resolve(&self, file_mem: Option<Vec<u8>>) -> Result<Vec<u8>, CliError> {
         match (&self.mem, self.zeroed_mem) {
-            (Some(hex), _) => parse_hex_bytes(hex).ok_or(CliError::Hex { what: "--mem" }),
+            (Some(hex), _) => parse_hex_bytes(hex).map_err(|source| CliError::Hex {
+                what: "--mem",
+                source,
+            }),
             (None, Some(n)) if n <= MAX_ZEROED_MEM => Ok(vec![0; n]),
             (None, Some(n)) => Err(CliError::MemTooLarge(n)),
             (None, None) => Ok(file_mem.unwrap_or_default()),
@@ -168,8 +171,11 @@ pub enum CliError {
     Decode { what: String, source: DecodeError },
     #[error("{0}")]
     Conformance(#[from] crate::conformance::ConformanceError),
-    #[error("bad hex in {what}: expected pairs of hex digits such as `01 ff`")]
-    Hex { what: &'static str },
+    #[error("bad hex in {what}: {source}; expected pairs of hex digits such as `01 ff`")]
+    Hex {
+        what: &'static str,
+        source: HexError,
+    },
     #[error("{0}")]
     Exec(#[from] crate::exec::ExecError),
     #[error("--zeroed-mem {0} is too large; the limit is {MAX_ZEROED_MEM} bytes")]
@@ -333,13 +339,17 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             std::io::stdin()
                 .read_to_string(&mut input)
                 .map_err(CliError::Stdin)?;
-            let bytes = parse_hex_bytes(&input).ok_or(CliError::Hex {
+            let bytes = parse_hex_bytes(&input).map_err(|source| CliError::Hex {
                 what: "the program on stdin",
+                source,
             })?;
             let stdin = Path::new("<stdin>");
             let program = decode(&bytes, stdin)?;
             let mut mem = match mem {
-                Some(hex) => parse_hex_bytes(&hex).ok_or(CliError::Hex { what: "memory" })?,
+                Some(hex) => parse_hex_bytes(&hex).map_err(|source| CliError::Hex {
+                    what: "memory",
+                    source,
+                })?,
                 None => Vec::new(),
             };
             let r0 = run_engine(engine, &program, &mut mem, None, stdin)?;

@@ -531,3 +531,54 @@ fn trace_examples_run_on_their_own() {
         assert!(o.status.success(), "{tracer}: {}", stderr(&o));
     }
 }
+
+/// A program that returns the length of its input memory, to see what a hex string became.
+fn mem_len_prog() -> std::path::PathBuf {
+    temp("mem-len.s", b"mov %r0, %r2\nexit\n")
+}
+
+#[test]
+fn hex_is_only_hex_digit_pairs_and_whitespace() {
+    let prog = mem_len_prog();
+    let prog = prog.to_str().unwrap();
+    // `u8::from_str_radix` takes a leading `+`: `+1+2` must not become the bytes 01 02.
+    let o = livebpf(&["run", prog, "--mem", "+1+2"], None);
+    assert_one_line_error(&o, "--mem: column 1: `+` is not a hex digit");
+    let o = livebpf(&["run", prog, "--mem", "01 0x02"], None);
+    assert_one_line_error(&o, "column 5: `x` is not a hex digit");
+    // A byte is two digits in one group: `0 1` is not the byte 01.
+    let o = livebpf(&["run", prog, "--mem", "0 1"], None);
+    assert_one_line_error(&o, "column 1: `0` has an odd number of hex digits");
+    let o = livebpf(&["run", prog, "--mem", "aa\tbbcc\n dd  "], None);
+    assert_eq!(stdout(&o), "0x4\n", "{}", stderr(&o));
+    // The plugin's program on stdin, with its line and column.
+    let o = livebpf(
+        &["conformance-plugin"],
+        Some("bf 20 00 00 00 00 00 00\n95 +0 00"),
+    );
+    assert_one_line_error(&o, "the program on stdin: line 2, column 4: `+`");
+    let o = livebpf(&["conformance-plugin", "01 g0"], Some(&program_hex("exit")));
+    assert_one_line_error(&o, "memory: column 4: `g` is not a hex digit");
+    // A .data file's memory, with the line of the file.
+    let data = temp(
+        "bad-mem.data",
+        b"-- asm\nmov %r0, %r2\nexit\n-- mem\n00 01\n02 +3\n-- result\n0x4\n",
+    );
+    let o = livebpf(&["run", data.to_str().unwrap()], None);
+    assert_one_line_error(
+        &o,
+        "line 6: bad hex in -- mem: column 4: `+` is not a hex digit",
+    );
+}
+
+#[test]
+fn conformance_data_numbers_are_digits_only() {
+    for bad in ["0x+5", "-+5", "+5"] {
+        let data = temp(
+            "bad-result.data",
+            format!("-- asm\nmov %r0, 5\nexit\n-- result\n{bad}\n").as_bytes(),
+        );
+        let o = livebpf(&["run", data.to_str().unwrap()], None);
+        assert_one_line_error(&o, &format!("bad result value `{bad}`"));
+    }
+}
