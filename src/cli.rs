@@ -19,6 +19,15 @@ use crate::jit::{JitError, JitOptions, JitProgram};
 
 pub use dump::Arch;
 
+/// Largest program file read: 2^24 instruction slots of 8 bytes, the most the JIT's runtime
+/// calls can number (`jit::rt::MAX_PC`). Assembly and `.data` files get the same limit, which is
+/// far beyond any program written by hand or compiled; anything larger is the wrong file.
+pub const MAX_PROGRAM_FILE: u64 = ((crate::jit::rt::MAX_PC as u64) + 1) * 8;
+
+/// Largest program `conformance-plugin` reads on stdin: the hex text of the largest program file,
+/// two digits and a separator per byte.
+pub const MAX_PROGRAM_HEX: u64 = 3 * MAX_PROGRAM_FILE;
+
 /// Largest `--zeroed-mem` accepted, so a typo cannot exhaust memory.
 pub const MAX_ZEROED_MEM: usize = 1 << 30;
 
@@ -176,6 +185,14 @@ pub enum CliError {
         what: &'static str,
         source: HexError,
     },
+    #[error(
+        "{path} is larger than {limit} bytes, the limit for a program file (2^24 instruction slots of 8 bytes, the most the JIT accepts); is it the right file?"
+    )]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error(
+        "the program on stdin is larger than {limit} bytes of hex (3 characters per byte of the largest program, 2^24 slots of 8 bytes)"
+    )]
+    StdinTooLarge { limit: u64 },
     #[error("{0}")]
     Exec(#[from] crate::exec::ExecError),
     #[error("--zeroed-mem {0} is too large; the limit is {MAX_ZEROED_MEM} bytes")]
@@ -214,11 +231,61 @@ pub enum CliError {
     TraceFailed(String),
 }
 
+/// Reads `reader` to its end if it holds at most `limit` bytes, else returns `None`. It reads no
+/// more than `limit + 1` bytes, so an endless source (a FIFO, `/dev/zero`) cannot exhaust memory.
+fn read_at_most(reader: impl Read, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let mut bytes = Vec::new();
+    reader
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
+}
+
+/// As [`read_at_most`], for hex text: it stops early after a chunk with a byte that is neither a
+/// hex digit nor whitespace, since the parser rejects the text at the first such byte anyway
+/// (`conformance-plugin < /dev/zero` fails at once).
+fn read_hex_at_most(reader: impl Read, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let mut reader = reader.take(limit.saturating_add(1));
+    let (mut bytes, mut chunk) = (Vec::new(), vec![0u8; 1 << 16]);
+    loop {
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        bytes.extend_from_slice(&chunk[..n]);
+        if chunk[..n]
+            .iter()
+            .any(|b| !b.is_ascii_hexdigit() && !b.is_ascii_whitespace())
+        {
+            return Ok(Some(bytes));
+        }
+    }
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
+}
+
+/// Reads a program file of at most [`MAX_PROGRAM_FILE`] bytes.
 fn read(path: &Path) -> Result<Vec<u8>, CliError> {
-    std::fs::read(path).map_err(|source| CliError::Read {
+    let io = |source| CliError::Read {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let too_large = || CliError::TooLarge {
+        path: path.to_path_buf(),
+        limit: MAX_PROGRAM_FILE,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // A regular file says how large it is: refuse a huge one without reading it.
+    if file
+        .metadata()
+        .is_ok_and(|m| m.is_file() && m.len() > MAX_PROGRAM_FILE)
+    {
+        return Err(too_large());
+    }
+    read_at_most(file, MAX_PROGRAM_FILE)
+        .map_err(io)?
+        .ok_or_else(too_large)
 }
 
 fn decode(bytes: &[u8], what: &Path) -> Result<Program, CliError> {
@@ -335,13 +402,17 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             writeln!(out, "{r0:#x}").map_err(stdout_err)?;
         }
         Command::ConformancePlugin { mem, engine } => {
-            let mut input = String::new();
-            std::io::stdin()
-                .read_to_string(&mut input)
-                .map_err(CliError::Stdin)?;
-            let bytes = parse_hex_bytes(&input).map_err(|source| CliError::Hex {
-                what: "the program on stdin",
-                source,
+            let input = read_hex_at_most(std::io::stdin().lock(), MAX_PROGRAM_HEX)
+                .map_err(CliError::Stdin)?
+                .ok_or(CliError::StdinTooLarge {
+                    limit: MAX_PROGRAM_HEX,
+                })?;
+            // Bytes that are not UTF-8 become U+FFFD, which the hex parser reports in place.
+            let bytes = parse_hex_bytes(&String::from_utf8_lossy(&input)).map_err(|source| {
+                CliError::Hex {
+                    what: "the program on stdin",
+                    source,
+                }
             })?;
             let stdin = Path::new("<stdin>");
             let program = decode(&bytes, stdin)?;
@@ -393,4 +464,31 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_at_most_the_limit() {
+        assert_eq!(
+            read_at_most(&b"abcd"[..], 4).unwrap(),
+            Some(b"abcd".to_vec())
+        );
+        assert_eq!(read_at_most(&b"abcde"[..], 4).unwrap(), None);
+        // An endless source: only limit + 1 bytes are taken from it.
+        assert_eq!(read_at_most(std::io::repeat(0), 1000).unwrap(), None);
+        assert_eq!(
+            read_hex_at_most(std::io::repeat(b'0'), 100_000).unwrap(),
+            None
+        );
+        assert_eq!(
+            read_hex_at_most(&b"01 02\n"[..], 6).unwrap(),
+            Some(b"01 02\n".to_vec())
+        );
+        // Hex text that has gone wrong is read no further than the chunk with the bad byte.
+        let bad = read_hex_at_most(std::io::repeat(b'+'), MAX_PROGRAM_HEX).unwrap();
+        assert!(bad.is_some_and(|b| b.len() <= 1 << 16));
+    }
 }

@@ -1,6 +1,7 @@
 //! The `livebpf` binary end to end: normal output, and one-line errors with a non-zero exit.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Output, Stdio};
 
 use livebpf::cli::Engine;
@@ -581,4 +582,57 @@ fn conformance_data_numbers_are_digits_only() {
         let o = livebpf(&["run", data.to_str().unwrap()], None);
         assert_one_line_error(&o, &format!("bad result value `{bad}`"));
     }
+}
+
+#[test]
+fn oversized_program_files_are_refused_without_reading_them_whole() {
+    let limit = livebpf::cli::MAX_PROGRAM_FILE;
+    assert_eq!(limit, 8 << 24, "the README documents 128 MiB");
+    let message = format!("is larger than {limit} bytes");
+    // A character device that never ends.
+    let commands: [&[&str]; 4] = [
+        &["run", "/dev/zero"],
+        &["disasm", "/dev/zero"],
+        &["dump", "/dev/zero"],
+        &["asm", "/dev/zero", "-o", "/dev/null"],
+    ];
+    for args in commands {
+        let o = livebpf(args, None);
+        assert_one_line_error(&o, &format!("/dev/zero {message}"));
+    }
+    // A regular file that says how large it is (sparse: nothing is written).
+    let big = temp("big.bin", b"");
+    std::fs::File::options()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(limit + 1)
+        .unwrap();
+    let o = livebpf(&["run", big.to_str().unwrap()], None);
+    assert_one_line_error(&o, &message);
+    std::fs::remove_file(&big).unwrap();
+    // A FIFO fed assembly text for ever.
+    let fifo = std::env::temp_dir().join(format!("livebpf-cli-fifo-{}", std::process::id()));
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::options().write(true).open(&fifo).unwrap();
+            let chunk = "mov %r0, 1\n".repeat(4096);
+            // Ends with EPIPE once livebpf stops reading.
+            while f.write_all(chunk.as_bytes()).is_ok() {}
+        })
+    };
+    let o = livebpf(&["run", fifo.to_str().unwrap()], None);
+    // Should livebpf not have opened the FIFO, this releases the writer from its `open`.
+    drop(
+        std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo),
+    );
+    writer.join().unwrap();
+    std::fs::remove_file(&fifo).unwrap();
+    assert_one_line_error(&o, &message);
 }
