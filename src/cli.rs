@@ -193,6 +193,11 @@ pub enum CliError {
         "the program on stdin is larger than {limit} bytes of hex (3 characters per byte of the largest program, 2^24 slots of 8 bytes)"
     )]
     StdinTooLarge { limit: u64 },
+    #[error(
+        "{}; refusing to overwrite it with the bytecode: pass -o OUTPUT naming another file",
+        output_is_input(.input, .output)
+    )]
+    OverwriteInput { input: PathBuf, output: PathBuf },
     #[error("{0}")]
     Exec(#[from] crate::exec::ExecError),
     #[error("--zeroed-mem {0} is too large; the limit is {MAX_ZEROED_MEM} bytes")]
@@ -229,6 +234,18 @@ pub enum CliError {
     TraceStalled { thread: usize, secs: u64 },
     #[error("trace failed: {0}")]
     TraceFailed(String),
+}
+
+fn output_is_input(input: &Path, output: &Path) -> String {
+    if input == output {
+        format!("the output {} is the input file", output.display())
+    } else {
+        format!(
+            "the output {} is the input file {} under another name",
+            output.display(),
+            input.display()
+        )
+    }
 }
 
 /// Reads `reader` to its end if it holds at most `limit` bytes, else returns `None`. It reads no
@@ -318,6 +335,15 @@ pub fn load_program(path: &Path) -> Result<(Program, Option<Vec<u8>>), CliError>
     }
 }
 
+/// Whether two paths name the same existing file (device and inode), whatever the spelling.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Wraps a JIT error for the program called `what`.
 fn jit_error(what: &Path, source: JitError) -> CliError {
     CliError::Jit {
@@ -367,8 +393,12 @@ fn stdout_err(source: std::io::Error) -> CliError {
 pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Asm { input, output } => {
-            let (program, _) = load_program(&input)?;
             let output = output.unwrap_or_else(|| input.with_extension("bin"));
+            // `asm x.bin` with assembly in x.bin would replace the source with its bytecode.
+            if same_file(&input, &output) {
+                return Err(CliError::OverwriteInput { input, output });
+            }
+            let (program, _) = load_program(&input)?;
             std::fs::write(&output, program.encode()).map_err(|source| CliError::Write {
                 path: output.clone(),
                 source,

@@ -636,3 +636,39 @@ fn oversized_program_files_are_refused_without_reading_them_whole() {
     std::fs::remove_file(&fifo).unwrap();
     assert_one_line_error(&o, &message);
 }
+
+#[test]
+fn asm_refuses_to_overwrite_its_input() {
+    let src = b"mov %r0, 1\nexit\n";
+    // Assembly text in a `.bin` file: the default output would be the input itself.
+    let input = temp("text.bin", src);
+    let o = livebpf(&["asm", input.to_str().unwrap()], None);
+    assert_one_line_error(&o, "pass -o");
+    assert_one_line_error(&o, "is the input");
+    assert_eq!(std::fs::read(&input).unwrap(), src);
+    // The same file by another name: `-o` the input, a hard link or a symlink to it.
+    let input = temp("self.s", src);
+    let link = input.with_file_name("self-hard.bin");
+    let _ = std::fs::remove_file(&link);
+    std::fs::hard_link(&input, &link).unwrap();
+    let sym = input.with_file_name("self-sym.bin");
+    let _ = std::fs::remove_file(&sym);
+    std::os::unix::fs::symlink(&input, &sym).unwrap();
+    let dotted = input.with_file_name(".").join("self.s");
+    for out in [&input, &link, &sym, &dotted] {
+        let o = livebpf(
+            &["asm", input.to_str().unwrap(), "-o", out.to_str().unwrap()],
+            None,
+        );
+        assert_one_line_error(&o, "is the input");
+        assert_eq!(std::fs::read(&input).unwrap(), src);
+    }
+    // Another file is fine.
+    let out = input.with_file_name("self-out.bin");
+    let o = livebpf(
+        &["asm", input.to_str().unwrap(), "-o", out.to_str().unwrap()],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap().len(), 16);
+}
