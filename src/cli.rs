@@ -28,6 +28,12 @@ pub const MAX_PROGRAM_FILE: u64 = ((crate::jit::rt::MAX_PC as u64) + 1) * 8;
 /// two digits and a separator per byte.
 pub const MAX_PROGRAM_HEX: u64 = 3 * MAX_PROGRAM_FILE;
 
+/// The first bytes of every ELF file.
+const ELF_MAGIC: &[u8] = b"\x7fELF";
+
+/// The UTF-8 byte order mark some editors put at the start of a text file.
+const UTF8_BOM: &[u8] = b"\xef\xbb\xbf";
+
 /// Largest `--zeroed-mem` accepted, so a typo cannot exhaust memory.
 pub const MAX_ZEROED_MEM: usize = 1 << 30;
 
@@ -194,6 +200,17 @@ pub enum CliError {
     )]
     StdinTooLarge { limit: u64 },
     #[error(
+        "{what} is an ELF object file, and ELF objects are not loaded yet (an ELF loader is planned); extract the program's section with `llvm-objcopy -O binary --only-section=SECTION {what} out.bin` and pass out.bin"
+    )]
+    Elf { what: String },
+    #[error("{path}: line {line}, column {column}: {}; assembly must be UTF-8 text, and the file is not valid bytecode either", not_text(*.byte))]
+    NotText {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        byte: u8,
+    },
+    #[error(
         "{}; refusing to overwrite it with the bytecode: pass -o OUTPUT naming another file",
         output_is_input(.input, .output)
     )]
@@ -234,6 +251,13 @@ pub enum CliError {
     TraceStalled { thread: usize, secs: u64 },
     #[error("trace failed: {0}")]
     TraceFailed(String),
+}
+
+fn not_text(byte: u8) -> String {
+    match byte {
+        0 => "a NUL byte".to_string(),
+        b => format!("byte {b:#04x} is not UTF-8"),
+    }
 }
 
 fn output_is_input(input: &Path, output: &Path) -> String {
@@ -305,34 +329,107 @@ fn read(path: &Path) -> Result<Vec<u8>, CliError> {
         .ok_or_else(too_large)
 }
 
+/// Decodes bytecode; an ELF object gets its own message.
 fn decode(bytes: &[u8], what: &Path) -> Result<Program, CliError> {
+    if bytes.starts_with(ELF_MAGIC) {
+        return Err(CliError::Elf {
+            what: what.display().to_string(),
+        });
+    }
     Program::decode(bytes).map_err(|source| CliError::Decode {
         what: what.display().to_string(),
         source,
     })
 }
 
+/// Whether bytes that did not decode as bytecode read as text with a few bad bytes: at most one
+/// byte in 16 is binary (not UTF-8, or an ASCII control byte other than tab, newline, form feed
+/// and carriage return). Bytecode is mostly zero bytes; text has none.
+fn looks_like_text(bytes: &[u8]) -> bool {
+    let binary: usize = bytes
+        .utf8_chunks()
+        .map(|chunk| {
+            chunk.invalid().len()
+                + chunk
+                    .valid()
+                    .bytes()
+                    .filter(|b| b.is_ascii_control() && !matches!(b, b'\t' | b'\n' | b'\r' | 0x0c))
+                    .count()
+        })
+        .sum();
+    binary.saturating_mul(16) <= bytes.len()
+}
+
+/// The bytes as assembly text, or the line and column of the first byte that is not UTF-8 or is
+/// a NUL.
+fn as_text<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a str, CliError> {
+    let (valid, bad) = match std::str::from_utf8(bytes) {
+        Ok(text) => (text, None),
+        Err(e) => {
+            let (good, rest) = bytes.split_at(e.valid_up_to());
+            (
+                std::str::from_utf8(good).unwrap_or_default(),
+                rest.first().copied(),
+            )
+        }
+    };
+    let (before, byte) = match (valid.find('\0'), bad) {
+        (Some(nul), _) => (&valid[..nul], 0),
+        (None, Some(byte)) => (valid, byte),
+        (None, None) => return Ok(valid),
+    };
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    Err(CliError::NotText {
+        path: path.to_path_buf(),
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+        byte,
+    })
+}
+
 /// A program file: a conformance `.data` file, assembly text, or raw bytecode. Returns the
-/// program and, for `.data` files, its memory.
+/// program and, for `.data` files, its memory. The README's "Program files" gives the rule,
+/// in this order:
+///
+/// 1. `\x7fELF` at the start: an ELF object, refused with the way to extract its bytecode.
+/// 2. A UTF-8 byte order mark at the start: text; the mark is dropped.
+/// 3. No NUL byte: text. Valid bytecode always has one, since its last instruction is `exit`,
+///    `ja` or `ja32`, whose register byte (and more) must be zero.
+/// 4. Bytes that decode as a valid program: bytecode.
+/// 5. Otherwise text if it looks like text ([`looks_like_text`]), else bytecode, and the error
+///    is the decoder's.
+///
+/// Text must be UTF-8 without NUL bytes; the first byte that is not is reported with its line
+/// and column. Text with a line `-- asm` is a `.data` file, other text is assembly.
 pub fn load_program(path: &Path) -> Result<(Program, Option<Vec<u8>>), CliError> {
     let bytes = read(path)?;
-    let text = std::str::from_utf8(&bytes).ok();
-    match text {
-        Some(text) if text.lines().any(|l| l.trim() == "-- asm") => {
-            let name = path.display().to_string();
-            let case = TestCase::parse(&name, text)?;
-            Ok((case.program()?, Some(case.mem)))
-        }
-        // Bytecode almost always holds NUL bytes; text never does.
-        Some(text) if !text.contains('\0') => {
-            let program = crate::asm::assemble_program(text).map_err(|source| CliError::Asm {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            Ok((program, None))
-        }
-        _ => Ok((decode(&bytes, path)?, None)),
+    if bytes.starts_with(ELF_MAGIC) {
+        return Err(CliError::Elf {
+            what: path.display().to_string(),
+        });
     }
+    let text = if let Some(rest) = bytes.strip_prefix(UTF8_BOM) {
+        rest
+    } else if !bytes.contains(&0) {
+        &bytes[..]
+    } else {
+        match decode(&bytes, path) {
+            Ok(program) => return Ok((program, None)),
+            Err(CliError::Decode { .. }) if looks_like_text(&bytes) => &bytes[..],
+            Err(e) => return Err(e),
+        }
+    };
+    let text = as_text(text, path)?;
+    if text.lines().any(|l| l.trim() == "-- asm") {
+        let name = path.display().to_string();
+        let case = TestCase::parse(&name, text)?;
+        return Ok((case.program()?, Some(case.mem)));
+    }
+    let program = crate::asm::assemble_program(text).map_err(|source| CliError::Asm {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((program, None))
 }
 
 /// Whether two paths name the same existing file (device and inode), whatever the spelling.
@@ -520,5 +617,26 @@ mod tests {
         // Hex text that has gone wrong is read no further than the chunk with the bad byte.
         let bad = read_hex_at_most(std::io::repeat(b'+'), MAX_PROGRAM_HEX).unwrap();
         assert!(bad.is_some_and(|b| b.len() <= 1 << 16));
+    }
+
+    #[test]
+    fn text_and_bytecode_are_told_apart() {
+        assert!(looks_like_text(b"mov %r0, 1\r\n\texit\x0c\n"));
+        assert!(looks_like_text(
+            "é€ mov %r0, 1 # comment with one NUL\0 in it".as_bytes()
+        ));
+        assert!(!looks_like_text(&[0x95, 0, 0, 0, 0, 0, 0, 0]));
+        assert!(!looks_like_text(b"\xff\xfe\xfd\xfc mostly text"));
+        let path = Path::new("p.s");
+        let at = |bytes: &[u8]| match as_text(bytes, path) {
+            Err(CliError::NotText {
+                line, column, byte, ..
+            }) => (line, column, byte),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(as_text(b"exit\n", path).unwrap(), "exit\n");
+        assert_eq!(at(b"exit\n\xff"), (2, 1, 0xff));
+        assert_eq!(at(b"\xc3\xa9\nab\0\xff"), (2, 3, 0));
+        assert_eq!(at(b"\xc3\xa9a\xe9"), (1, 3, 0xe9));
     }
 }

@@ -672,3 +672,87 @@ fn asm_refuses_to_overwrite_its_input() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(&out).unwrap().len(), 16);
 }
+
+/// The first 64 bytes of an x86-64 relocatable ELF object, as clang -target bpf writes them.
+fn elf_header() -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[..16].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    h[16] = 1; // ET_REL
+    h[18] = 247; // EM_BPF
+    h[20] = 1;
+    h
+}
+
+#[test]
+fn elf_objects_are_named_with_the_way_out() {
+    let elf = temp("prog.o", &elf_header());
+    let path = elf.to_str().unwrap();
+    let commands: [&[&str]; 4] = [
+        &["run", path],
+        &["disasm", path],
+        &["dump", path],
+        &["asm", path, "-o", "/dev/null"],
+    ];
+    for cmd in commands {
+        let o = livebpf(cmd, None);
+        assert_one_line_error(&o, &format!("{path} is an ELF object file"));
+        assert_one_line_error(&o, "ELF objects are not loaded yet");
+        assert_one_line_error(
+            &o,
+            &format!("llvm-objcopy -O binary --only-section=SECTION {path} out.bin"),
+        );
+    }
+    let hex: String = elf_header().iter().map(|b| format!("{b:02x} ")).collect();
+    let o = livebpf(&["conformance-plugin"], Some(&hex));
+    assert_one_line_error(&o, "is an ELF object file");
+}
+
+#[test]
+fn text_is_told_from_bytecode_by_a_rule_not_by_luck() {
+    // A UTF-8 byte order mark is dropped.
+    let bom = temp("bom.s", b"\xef\xbb\xbfmov %r0, 7\nexit\n");
+    let o = livebpf(&["run", bom.to_str().unwrap()], None);
+    assert_eq!(stdout(&o), "0x7\n", "{}", stderr(&o));
+    let bom = temp(
+        "bom.data",
+        b"\xef\xbb\xbf-- asm\nmov %r0, %r2\nexit\n-- mem\n01 02\n-- result\n0x2\n",
+    );
+    let o = livebpf(&["run", bom.to_str().unwrap()], None);
+    assert_eq!(stdout(&o), "0x2\n", "{}", stderr(&o));
+    // Assembly with one byte that is not UTF-8: reported where it is, not decoded as bytecode.
+    let bad = temp("latin1.s", b"mov %r0, 1\nmov %r0, 2 # caf\xe9\nexit\n");
+    let o = livebpf(&["run", bad.to_str().unwrap()], None);
+    assert_one_line_error(&o, "latin1.s: line 2, column 17: byte 0xe9 is not UTF-8");
+    // ... even when its length is a multiple of 8.
+    let bad = temp("latin1-8.s", b"mov %r0, 1\nexit # abcd\xe9\n");
+    assert_eq!(std::fs::read(&bad).unwrap().len() % 8, 0);
+    let o = livebpf(&["run", bad.to_str().unwrap()], None);
+    assert_one_line_error(&o, "line 2, column 12: byte 0xe9 is not UTF-8");
+    // A stray NUL in a file that is otherwise text.
+    let nul = temp(
+        "nul.s",
+        b"mov %r0, 1\nmov %r1, 2\nmov %r2, 3\nadd %r0,\0%r1\nexit\n",
+    );
+    let o = livebpf(&["run", nul.to_str().unwrap()], None);
+    assert_one_line_error(&o, "nul.s: line 4, column 9: a NUL byte");
+    // Bytecode that decodes is bytecode, even when most of its bytes are printable:
+    // `stw [%r9+0x4141], 0x41414141` is `b` TAB `AAAAAA`.
+    let printable = temp(
+        "printable.bin",
+        b"\x62\x09\x41\x41\x41\x41\x41\x41\x95\0\0\0\0\0\0\0",
+    );
+    let o = livebpf(&["dump", printable.to_str().unwrap()], None);
+    assert!(
+        stdout(&o).contains("stw [%r9+16705], 1094795585"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    // Binary that does not decode keeps the decoder's message.
+    let binary = temp(
+        "bad-op.bin",
+        &[0xff, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0],
+    );
+    let o = livebpf(&["run", binary.to_str().unwrap()], None);
+    assert_one_line_error(&o, "invalid instruction at slot 0");
+}
