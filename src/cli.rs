@@ -215,6 +215,8 @@ pub enum CliError {
         output_is_input(.input, .output)
     )]
     OverwriteInput { input: PathBuf, output: PathBuf },
+    #[error("cannot write to stdout: {source}{}", stdout_hint(.source))]
+    Stdout { source: std::io::Error },
     #[error("{0}")]
     Exec(#[from] crate::exec::ExecError),
     #[error("--zeroed-mem {0} is too large; the limit is {MAX_ZEROED_MEM} bytes")]
@@ -269,6 +271,16 @@ fn output_is_input(input: &Path, output: &Path) -> String {
             output.display(),
             input.display()
         )
+    }
+}
+
+fn stdout_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EBADF) => {
+            " (stdout is closed or not open for writing; redirect it, e.g. to /dev/null)"
+        }
+        Some(libc::EPIPE) => " (the program reading the output has exited)",
+        _ => "",
     }
 }
 
@@ -480,10 +492,7 @@ fn run_engine(
 }
 
 fn stdout_err(source: std::io::Error) -> CliError {
-    CliError::Write {
-        path: PathBuf::from("<stdout>"),
-        source,
-    }
+    CliError::Stdout { source }
 }
 
 /// Runs one command, writing its normal output to `out`.
@@ -590,7 +599,8 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             )?;
         }
     }
-    Ok(())
+    // A buffered writer would report a failed final write only here (its drop ignores errors).
+    out.flush().map_err(stdout_err)
 }
 
 #[cfg(test)]

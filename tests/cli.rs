@@ -756,3 +756,105 @@ fn text_is_told_from_bytecode_by_a_rule_not_by_luck() {
     let o = livebpf(&["run", binary.to_str().unwrap()], None);
     assert_one_line_error(&o, "invalid instruction at slot 0");
 }
+
+/// Runs livebpf with its stdout closed (`>&-`), through `sh` since `Command` cannot close it.
+fn livebpf_stdout_closed(args: &[&str]) -> Output {
+    livebpf_redirected(">&-", args)
+}
+
+/// Runs livebpf through `sh` with the redirection `redirect`.
+fn livebpf_redirected(redirect: &str, args: &[&str]) -> Output {
+    let inner = command();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("exec \"$@\" {redirect}"))
+        .arg("sh")
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd.output().unwrap()
+}
+
+/// Runs livebpf writing to a pipe whose reader is already gone.
+fn livebpf_broken_pipe(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    command()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn failed_writes_to_stdout_are_reported() {
+    let bin = temp("write-fail.bin", b"");
+    let ex = example();
+    let target = trace_example("target.s");
+    let fentry = trace_example("count_entry.s");
+    let bin = bin.to_str().unwrap();
+    let mut commands: Vec<Vec<&str>> = vec![
+        vec!["run", &ex, "--zeroed-mem", "64"],
+        vec!["asm", &ex, "-o", bin],
+        vec!["disasm", bin],
+        vec!["dump", &ex],
+        vec!["dump", &ex, "--jited", "--arch", "x86_64"],
+    ];
+    if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+        commands.push(vec![
+            "trace",
+            &target,
+            "--fentry",
+            &fentry,
+            "--threads",
+            "1",
+            "--cycles",
+            "2",
+        ]);
+    }
+    // Make sure the bytecode exists before `disasm` reads it.
+    assert!(livebpf(&commands[1], None).status.success());
+    for args in &commands {
+        let o = livebpf_stdout_closed(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert_one_line_error(&o, "cannot write to stdout");
+        assert_one_line_error(&o, "closed");
+        let o = livebpf_broken_pipe(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert_one_line_error(&o, "cannot write to stdout");
+        assert_one_line_error(&o, "Broken pipe");
+    }
+    // Open, but not for writing: std's stdout would pretend the write worked.
+    let o = livebpf_redirected("1</dev/null", &commands[0]);
+    assert_one_line_error(&o, "Bad file descriptor");
+    // --help is normal output too.
+    let o = livebpf_stdout_closed(&["--help"]);
+    assert_one_line_error(&o, "cannot write to stdout");
+    let o = livebpf_broken_pipe(&["run", "--help"]);
+    assert_one_line_error(&o, "Broken pipe");
+    // The plugin reads stdin, so it gets its program there.
+    let mut child = command()
+        .arg("conformance-plugin")
+        .stdin(Stdio::piped())
+        .stdout({
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            writer
+        })
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(program_hex("mov %r0, 1\nexit").as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_one_line_error(&o, "cannot write to stdout");
+}
