@@ -1,6 +1,7 @@
 //! The `livebpf` binary end to end: normal output, and one-line errors with a non-zero exit.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Output, Stdio};
 
 use livebpf::cli::Engine;
@@ -530,4 +531,330 @@ fn trace_examples_run_on_their_own() {
         let o = livebpf(&["run", &trace_example(tracer), "--mem", &ctx], None);
         assert!(o.status.success(), "{tracer}: {}", stderr(&o));
     }
+}
+
+/// A program that returns the length of its input memory, to see what a hex string became.
+fn mem_len_prog() -> std::path::PathBuf {
+    temp("mem-len.s", b"mov %r0, %r2\nexit\n")
+}
+
+#[test]
+fn hex_is_only_hex_digit_pairs_and_whitespace() {
+    let prog = mem_len_prog();
+    let prog = prog.to_str().unwrap();
+    // `u8::from_str_radix` takes a leading `+`: `+1+2` must not become the bytes 01 02.
+    let o = livebpf(&["run", prog, "--mem", "+1+2"], None);
+    assert_one_line_error(&o, "--mem: column 1: `+` is not a hex digit");
+    let o = livebpf(&["run", prog, "--mem", "01 0x02"], None);
+    assert_one_line_error(&o, "column 5: `x` is not a hex digit");
+    // A byte is two digits in one group: `0 1` is not the byte 01.
+    let o = livebpf(&["run", prog, "--mem", "0 1"], None);
+    assert_one_line_error(&o, "column 1: `0` has an odd number of hex digits");
+    let o = livebpf(&["run", prog, "--mem", "aa\tbbcc\n dd  "], None);
+    assert_eq!(stdout(&o), "0x4\n", "{}", stderr(&o));
+    // The plugin's program on stdin, with its line and column.
+    let o = livebpf(
+        &["conformance-plugin"],
+        Some("bf 20 00 00 00 00 00 00\n95 +0 00"),
+    );
+    assert_one_line_error(&o, "the program on stdin: line 2, column 4: `+`");
+    let o = livebpf(&["conformance-plugin", "01 g0"], Some(&program_hex("exit")));
+    assert_one_line_error(&o, "memory: column 4: `g` is not a hex digit");
+    // A .data file's memory, with the line of the file.
+    let data = temp(
+        "bad-mem.data",
+        b"-- asm\nmov %r0, %r2\nexit\n-- mem\n00 01\n02 +3\n-- result\n0x4\n",
+    );
+    let o = livebpf(&["run", data.to_str().unwrap()], None);
+    assert_one_line_error(
+        &o,
+        "line 6: bad hex in -- mem: column 4: `+` is not a hex digit",
+    );
+}
+
+#[test]
+fn conformance_data_numbers_are_digits_only() {
+    for bad in ["0x+5", "-+5", "+5"] {
+        let data = temp(
+            "bad-result.data",
+            format!("-- asm\nmov %r0, 5\nexit\n-- result\n{bad}\n").as_bytes(),
+        );
+        let o = livebpf(&["run", data.to_str().unwrap()], None);
+        assert_one_line_error(&o, &format!("bad result value `{bad}`"));
+    }
+}
+
+#[test]
+fn oversized_program_files_are_refused_without_reading_them_whole() {
+    let limit = livebpf::cli::MAX_PROGRAM_FILE;
+    assert_eq!(limit, 8 << 24, "the README documents 128 MiB");
+    let message = format!("is larger than {limit} bytes");
+    // A character device that never ends.
+    let commands: [&[&str]; 4] = [
+        &["run", "/dev/zero"],
+        &["disasm", "/dev/zero"],
+        &["dump", "/dev/zero"],
+        &["asm", "/dev/zero", "-o", "/dev/null"],
+    ];
+    for args in commands {
+        let o = livebpf(args, None);
+        assert_one_line_error(&o, &format!("/dev/zero {message}"));
+    }
+    // A regular file that says how large it is (sparse: nothing is written).
+    let big = temp("big.bin", b"");
+    std::fs::File::options()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(limit + 1)
+        .unwrap();
+    let o = livebpf(&["run", big.to_str().unwrap()], None);
+    assert_one_line_error(&o, &message);
+    std::fs::remove_file(&big).unwrap();
+    // A FIFO fed assembly text for ever.
+    let fifo = std::env::temp_dir().join(format!("livebpf-cli-fifo-{}", std::process::id()));
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::options().write(true).open(&fifo).unwrap();
+            let chunk = "mov %r0, 1\n".repeat(4096);
+            // Ends with EPIPE once livebpf stops reading.
+            while f.write_all(chunk.as_bytes()).is_ok() {}
+        })
+    };
+    let o = livebpf(&["run", fifo.to_str().unwrap()], None);
+    // Should livebpf not have opened the FIFO, this releases the writer from its `open`.
+    drop(
+        std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo),
+    );
+    writer.join().unwrap();
+    std::fs::remove_file(&fifo).unwrap();
+    assert_one_line_error(&o, &message);
+}
+
+#[test]
+fn asm_refuses_to_overwrite_its_input() {
+    let src = b"mov %r0, 1\nexit\n";
+    // Assembly text in a `.bin` file: the default output would be the input itself.
+    let input = temp("text.bin", src);
+    let o = livebpf(&["asm", input.to_str().unwrap()], None);
+    assert_one_line_error(&o, "pass -o");
+    assert_one_line_error(&o, "is the input");
+    assert_eq!(std::fs::read(&input).unwrap(), src);
+    // The same file by another name: `-o` the input, a hard link or a symlink to it.
+    let input = temp("self.s", src);
+    let link = input.with_file_name("self-hard.bin");
+    let _ = std::fs::remove_file(&link);
+    std::fs::hard_link(&input, &link).unwrap();
+    let sym = input.with_file_name("self-sym.bin");
+    let _ = std::fs::remove_file(&sym);
+    std::os::unix::fs::symlink(&input, &sym).unwrap();
+    let dotted = input.with_file_name(".").join("self.s");
+    for out in [&input, &link, &sym, &dotted] {
+        let o = livebpf(
+            &["asm", input.to_str().unwrap(), "-o", out.to_str().unwrap()],
+            None,
+        );
+        assert_one_line_error(&o, "is the input");
+        assert_eq!(std::fs::read(&input).unwrap(), src);
+    }
+    // Another file is fine.
+    let out = input.with_file_name("self-out.bin");
+    let o = livebpf(
+        &["asm", input.to_str().unwrap(), "-o", out.to_str().unwrap()],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap().len(), 16);
+}
+
+/// The first 64 bytes of an x86-64 relocatable ELF object, as clang -target bpf writes them.
+fn elf_header() -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[..16].copy_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    h[16] = 1; // ET_REL
+    h[18] = 247; // EM_BPF
+    h[20] = 1;
+    h
+}
+
+#[test]
+fn elf_objects_are_named_with_the_way_out() {
+    let elf = temp("prog.o", &elf_header());
+    let path = elf.to_str().unwrap();
+    let commands: [&[&str]; 4] = [
+        &["run", path],
+        &["disasm", path],
+        &["dump", path],
+        &["asm", path, "-o", "/dev/null"],
+    ];
+    for cmd in commands {
+        let o = livebpf(cmd, None);
+        assert_one_line_error(&o, &format!("{path} is an ELF object file"));
+        assert_one_line_error(&o, "ELF objects are not loaded yet");
+        assert_one_line_error(
+            &o,
+            &format!("llvm-objcopy -O binary --only-section=SECTION {path} out.bin"),
+        );
+    }
+    let hex: String = elf_header().iter().map(|b| format!("{b:02x} ")).collect();
+    let o = livebpf(&["conformance-plugin"], Some(&hex));
+    assert_one_line_error(&o, "is an ELF object file");
+}
+
+#[test]
+fn text_is_told_from_bytecode_by_a_rule_not_by_luck() {
+    // A UTF-8 byte order mark is dropped.
+    let bom = temp("bom.s", b"\xef\xbb\xbfmov %r0, 7\nexit\n");
+    let o = livebpf(&["run", bom.to_str().unwrap()], None);
+    assert_eq!(stdout(&o), "0x7\n", "{}", stderr(&o));
+    let bom = temp(
+        "bom.data",
+        b"\xef\xbb\xbf-- asm\nmov %r0, %r2\nexit\n-- mem\n01 02\n-- result\n0x2\n",
+    );
+    let o = livebpf(&["run", bom.to_str().unwrap()], None);
+    assert_eq!(stdout(&o), "0x2\n", "{}", stderr(&o));
+    // Assembly with one byte that is not UTF-8: reported where it is, not decoded as bytecode.
+    let bad = temp("latin1.s", b"mov %r0, 1\nmov %r0, 2 # caf\xe9\nexit\n");
+    let o = livebpf(&["run", bad.to_str().unwrap()], None);
+    assert_one_line_error(&o, "latin1.s: line 2, column 17: byte 0xe9 is not UTF-8");
+    // ... even when its length is a multiple of 8.
+    let bad = temp("latin1-8.s", b"mov %r0, 1\nexit # abcd\xe9\n");
+    assert_eq!(std::fs::read(&bad).unwrap().len() % 8, 0);
+    let o = livebpf(&["run", bad.to_str().unwrap()], None);
+    assert_one_line_error(&o, "line 2, column 12: byte 0xe9 is not UTF-8");
+    // A stray NUL in a file that is otherwise text.
+    let nul = temp(
+        "nul.s",
+        b"mov %r0, 1\nmov %r1, 2\nmov %r2, 3\nadd %r0,\0%r1\nexit\n",
+    );
+    let o = livebpf(&["run", nul.to_str().unwrap()], None);
+    assert_one_line_error(&o, "nul.s: line 4, column 9: a NUL byte");
+    // Bytecode that decodes is bytecode, even when most of its bytes are printable:
+    // `stw [%r9+0x4141], 0x41414141` is `b` TAB `AAAAAA`.
+    let printable = temp(
+        "printable.bin",
+        b"\x62\x09\x41\x41\x41\x41\x41\x41\x95\0\0\0\0\0\0\0",
+    );
+    let o = livebpf(&["dump", printable.to_str().unwrap()], None);
+    assert!(
+        stdout(&o).contains("stw [%r9+16705], 1094795585"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    // Binary that does not decode keeps the decoder's message.
+    let binary = temp(
+        "bad-op.bin",
+        &[0xff, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0],
+    );
+    let o = livebpf(&["run", binary.to_str().unwrap()], None);
+    assert_one_line_error(&o, "invalid instruction at slot 0");
+}
+
+/// Runs livebpf with its stdout closed (`>&-`), through `sh` since `Command` cannot close it.
+fn livebpf_stdout_closed(args: &[&str]) -> Output {
+    livebpf_redirected(">&-", args)
+}
+
+/// Runs livebpf through `sh` with the redirection `redirect`.
+fn livebpf_redirected(redirect: &str, args: &[&str]) -> Output {
+    let inner = command();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("exec \"$@\" {redirect}"))
+        .arg("sh")
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd.output().unwrap()
+}
+
+/// Runs livebpf writing to a pipe whose reader is already gone.
+fn livebpf_broken_pipe(args: &[&str]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    command()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn failed_writes_to_stdout_are_reported() {
+    let bin = temp("write-fail.bin", b"");
+    let ex = example();
+    let target = trace_example("target.s");
+    let fentry = trace_example("count_entry.s");
+    let bin = bin.to_str().unwrap();
+    let mut commands: Vec<Vec<&str>> = vec![
+        vec!["run", &ex, "--zeroed-mem", "64"],
+        vec!["asm", &ex, "-o", bin],
+        vec!["disasm", bin],
+        vec!["dump", &ex],
+        vec!["dump", &ex, "--jited", "--arch", "x86_64"],
+    ];
+    if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+        commands.push(vec![
+            "trace",
+            &target,
+            "--fentry",
+            &fentry,
+            "--threads",
+            "1",
+            "--cycles",
+            "2",
+        ]);
+    }
+    // Make sure the bytecode exists before `disasm` reads it.
+    assert!(livebpf(&commands[1], None).status.success());
+    for args in &commands {
+        let o = livebpf_stdout_closed(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert_one_line_error(&o, "cannot write to stdout");
+        assert_one_line_error(&o, "closed");
+        let o = livebpf_broken_pipe(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert_one_line_error(&o, "cannot write to stdout");
+        assert_one_line_error(&o, "Broken pipe");
+    }
+    // Open, but not for writing: std's stdout would pretend the write worked.
+    let o = livebpf_redirected("1</dev/null", &commands[0]);
+    assert_one_line_error(&o, "Bad file descriptor");
+    // --help is normal output too.
+    let o = livebpf_stdout_closed(&["--help"]);
+    assert_one_line_error(&o, "cannot write to stdout");
+    let o = livebpf_broken_pipe(&["run", "--help"]);
+    assert_one_line_error(&o, "Broken pipe");
+    // The plugin reads stdin, so it gets its program there.
+    let mut child = command()
+        .arg("conformance-plugin")
+        .stdin(Stdio::piped())
+        .stdout({
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            writer
+        })
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(program_hex("mov %r0, 1\nexit").as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_one_line_error(&o, "cannot write to stdout");
 }
