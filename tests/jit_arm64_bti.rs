@@ -199,7 +199,10 @@ fn bti_child() {
                 words.insert(0, enc::BTI_JC);
             }
             let far = far_code(arena, &words);
-            text_poke(entry, PokeInsn::Nop, PokeInsn::Call(far)).unwrap();
+            // SAFETY: `far` is complete code that returns into the body as the nop would, and
+            // stays mapped for the rest of this child process.
+            unsafe { text_poke(prog.patch_site().ip(), PokeInsn::Nop, PokeInsn::Call(far)) }
+                .unwrap();
             prog.run(&mut []).unwrap()
         }
         "dummy-via-plt" => {

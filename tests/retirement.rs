@@ -33,7 +33,7 @@ fn a_freplace_detach_does_not_wedge_later_retirements() {
     assert_eq!(target.call([1, 2, 0, 0, 0]), Ok(99));
     link.detach().unwrap();
     assert_eq!(target.call([1, 2, 0, 0, 0]), Ok(3));
-    within(30, "flush after a freplace detach", reclaim::flush);
+    within(30, "flush after a freplace detach", reclaim::flush).unwrap();
 
     // A trampoline retired afterwards is freed too.
     let tracer = load("mov %r0, 0\nexit");
@@ -41,7 +41,7 @@ fn a_freplace_detach_does_not_wedge_later_retirements() {
     assert_eq!(target.call([1, 2, 0, 0, 0]), Ok(3));
     let image = target.trampoline_image().unwrap();
     link.detach().unwrap();
-    within(30, "flush after an fentry detach", reclaim::flush);
+    within(30, "flush after an fentry detach", reclaim::flush).unwrap();
     assert!(
         !reclaim::pending_retirements()
             .iter()

@@ -635,13 +635,15 @@ impl JitProgram {
         let arena = CodeArena::global()?;
         let image = arena.alloc(code.len(), x86_64::IMAGE_ALIGN)?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let registry = Registry::global();
         let placed = arena.write(&image, 0, &code).and_then(|()| {
-            Registry::global().register(
-                image.rx(),
-                image.len(),
-                crate::text::ImageKind::Program,
-                id,
-            )
+            // SAFETY: the image is this program's code in the global arena, owned by the
+            // JitProgram being built, which unregisters it before freeing it; its patch site
+            // is the generated 5-byte nop.
+            unsafe {
+                registry.register(image.rx(), image.len(), crate::text::ImageKind::Program, id)?;
+                registry.add_site(image.rx() + x86_64::PATCH_SITE_OFFSET)
+            }
         });
         if let Err(e) = placed {
             // SAFETY: the image was never published, so nothing can be running it.
@@ -731,6 +733,11 @@ impl JitProgram {
     /// The machine code as generated (the patch site holds its original nop here).
     pub fn code(&self) -> &[u8] {
         &self.code
+    }
+
+    /// The program's prologue patch site, where trampolines and replacements are attached.
+    pub fn patch_site(&self) -> crate::text::poke::PatchSite {
+        crate::text::poke::PatchSite::recorded(self.entry + self.patch_site)
     }
 
     /// Offset of the patch site from [`JitProgram::entry`].

@@ -20,7 +20,9 @@
 //! let code = [0xb8, 0x2a, 0, 0, 0, 0xc3]; // x86-64: mov eax, 42; ret
 //! let image = arena.alloc(code.len(), 16)?;
 //! arena.write(&image, 0, &code)?;
-//! Registry::global().register(image.rx(), image.len(), ImageKind::Program, 7)?;
+//! // SAFETY (of the example): the image is our own code in the global arena, unregistered
+//! // below before it is freed.
+//! unsafe { Registry::global().register(image.rx(), image.len(), ImageKind::Program, 7)? };
 //! // ... publish image.rx() to other threads, run it ...
 //! Registry::global().unregister(image.rx())?;
 //! // SAFETY (of the example): nothing runs the image any more.

@@ -58,7 +58,7 @@ use crate::jit::{JitError, JitOptions, JitProgram, JitStack, RunContext};
 use crate::reclaim::{self, Retirable};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::text::ImageKind;
-use crate::text::poke::{PokeError, PokeInsn};
+use crate::text::poke::{PatchSite, PokeError, PokeInsn};
 use crate::text::{Allocation, CodeArena, Registry, TextError};
 
 /// Most fentry + fexit + fmod_ret links on one target (the kernel's `BPF_MAX_TRAMP_LINKS`).
@@ -292,7 +292,7 @@ struct AttachState {
 /// A trampoline image in the code arena.
 pub(crate) struct TrampImage {
     alloc: Option<Allocation>,
-    ip_after_call: Option<usize>,
+    ip_after_call: Option<PatchSite>,
     ip_epilogue: Option<usize>,
     /// Keeps the tracers this image calls alive.
     _links: Vec<Arc<LinkShared>>,
@@ -427,10 +427,14 @@ fn serialise_attach() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// `text_poke` where trampolines are supported; a typed error elsewhere.
-fn poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
+fn poke(site: PatchSite, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
+    let ip = site.ip();
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
-        match crate::text::poke::text_poke(ip, old, new) {
+        // SAFETY: every caller in this module pokes a site it owns (a target's prologue site,
+        // an image's `ip_after_call`) to a trampoline image, a loaded program or the image's
+        // own epilogue, all kept alive until no thread can branch there.
+        match unsafe { crate::text::poke::text_poke(ip, old, new) } {
             #[cfg(target_arch = "aarch64")]
             Err(PokeError::PltKindChange { .. }) if old == PokeInsn::Nop => {
                 // The site's PLT last served the other kind (a far fentry, now a far
@@ -442,7 +446,8 @@ fn poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
                     // the nop), so every thread that executed the old branch has finished.
                     unsafe { crate::text::poke::plt_quiesced(sym.start) };
                 }
-                crate::text::poke::text_poke(ip, old, new)?;
+                // SAFETY: as above.
+                unsafe { crate::text::poke::text_poke(ip, old, new) }?;
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -511,7 +516,7 @@ pub fn attach(
             });
         }
         poke(
-            target.0.jit.entry(),
+            target.0.jit.patch_site(),
             PokeInsn::Nop,
             PokeInsn::Jump(prog.0.jit.entry()),
         )?;
@@ -563,7 +568,7 @@ fn detach(target: &Prog, id: u64, kind: AttachKind) -> Result<(), AttachError> {
             return Ok(());
         }
         if let Err(e) = poke(
-            target.0.jit.entry(),
+            target.0.jit.patch_site(),
             PokeInsn::Jump(prog.0.jit.entry()),
             PokeInsn::Nop,
         ) {
@@ -595,7 +600,7 @@ fn update_image(target: &Prog, state: &mut AttachState) -> Result<(), AttachErro
     };
     let old_insn = site_insn(state.image.as_ref());
     let new_insn = site_insn(new_image.as_ref());
-    if let Err(e) = poke(target.0.jit.entry(), old_insn, new_insn) {
+    if let Err(e) = poke(target.0.jit.patch_site(), old_insn, new_insn) {
         if let Some(img) = new_image {
             // Never published, so free it through the normal path (cheap when nobody is inside).
             reclaim::retire(Box::new(img));
@@ -632,8 +637,17 @@ fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachE
         };
         let arena = CodeArena::global()?;
         let alloc = arena.alloc(layout.code.len(), 16)?;
+        let registry = Registry::global();
         let placed = arena.write(&alloc, 0, &layout.code).and_then(|()| {
-            Registry::global().register(alloc.rx(), alloc.len(), ImageKind::Trampoline, 0)
+            // SAFETY: the image is ours, in the global arena, unregistered before it is freed;
+            // `ip_after_call` is the image's nop, poked only to jump to `ip_epilogue`.
+            unsafe {
+                registry.register(alloc.rx(), alloc.len(), ImageKind::Trampoline, 0)?;
+                match layout.ip_after_call {
+                    Some(offset) => registry.add_site(alloc.rx() + offset),
+                    None => Ok(()),
+                }
+            }
         });
         if let Err(e) = placed {
             // SAFETY: never published.
@@ -644,7 +658,7 @@ fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachE
         let base = alloc.rx();
         Ok(TrampImage {
             alloc: Some(alloc),
-            ip_after_call: layout.ip_after_call.map(|o| base + o),
+            ip_after_call: layout.ip_after_call.map(|o| PatchSite::recorded(base + o)),
             ip_epilogue: layout.ip_epilogue.map(|o| base + o),
             _links: links.iter().map(|l| l.shared.clone()).collect(),
         })

@@ -109,9 +109,14 @@ mod place {
             .write(&image, 0, &code.code)
             .map_err(JitError::from)
             .and_then(|()| {
-                registry
-                    .register(image.rx(), image.len(), ImageKind::Program, owner)
-                    .map_err(JitError::from)
+                // SAFETY: the image is this program's code in the global arena, owned by the
+                // JitProgram being built, which unregisters it before freeing it; its prologue
+                // site is the generated `nop`.
+                unsafe {
+                    registry.register(image.rx(), image.len(), ImageKind::Program, owner)?;
+                    registry.add_site(image.rx() + code.patch_site)
+                }
+                .map_err(JitError::from)
             })
             .and_then(|()| {
                 register_program_site(image.rx(), site).map_err(|_| {

@@ -148,7 +148,10 @@ pub fn dummy_trampoline() -> Result<usize, TextError> {
                 .collect();
             let image = arena.alloc(bytes.len(), 16)?;
             let placed = arena.write(&image, 0, &bytes).and_then(|()| {
-                Registry::global().register(image.rx(), image.len(), ImageKind::Trampoline, 0)
+                // SAFETY: our own image in the global arena, never unregistered or freed.
+                unsafe {
+                    Registry::global().register(image.rx(), image.len(), ImageKind::Trampoline, 0)
+                }
             });
             if let Err(e) = placed {
                 // SAFETY: the image was never published.
@@ -260,28 +263,24 @@ fn literal_at(arena: &CodeArena, rx: usize) -> Result<&'static AtomicU64, PokeEr
 
 /// Rewrites the patch site at `ip` from `old` to `new`. See the module docs for the contract.
 ///
-/// `ip` at a program's entry means its patch site, where far targets go through the program's
+/// A program's prologue site (`ip` = entry + the layout's site offset) sends far targets through the program's
 /// PLT; any other `ip` inside registered text is poked as it is and needs near targets.
-pub fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome, PokeError> {
+pub(super) fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome, PokeError> {
     let sym = Registry::global()
         .lookup(ip)
         .ok_or(PokeError::NotText { ip })?;
     let arena = CodeArena::global()?;
-    let (site, plt) = if sym.kind == ImageKind::Program && sym.offset == 0 {
-        let layout = program_site(sym.start).ok_or_else(|| PokeError::NotASite {
-            ip,
-            bytes: word_at(arena, ip)
-                .map(|w| w.load(Ordering::Relaxed).to_le_bytes().to_vec())
-                .unwrap_or_default(),
-        })?;
-        let plt = Plt {
-            branch: sym.start + layout.plt,
-            literal: sym.start + layout.literal,
-        };
-        (sym.start + layout.site, Some(plt))
-    } else {
-        (ip, None)
-    };
+    // A program's prologue site has the program's PLT for far targets; other sites need
+    // near ones.
+    let layout = (sym.kind == ImageKind::Program)
+        .then(|| program_site(sym.start))
+        .flatten()
+        .filter(|layout| layout.site == sym.offset);
+    let site = ip;
+    let plt = layout.map(|layout| Plt {
+        branch: sym.start + layout.plt,
+        literal: sym.start + layout.literal,
+    });
     if !site.is_multiple_of(4) || site + PATCH_SITE_LEN > sym.start + sym.len {
         return Err(PokeError::NotText { ip });
     }

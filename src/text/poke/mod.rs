@@ -54,20 +54,98 @@ use super::TextError;
 #[cfg(target_arch = "aarch64")]
 mod arm64;
 #[cfg(target_arch = "aarch64")]
+use arm64::text_poke as arch_text_poke;
+#[cfg(target_arch = "aarch64")]
 pub use arm64::{
     A64_NOP, DUMMY_TRAMPOLINE, PATCH_SITE_LEN, PATCH_SITE_OFFSET, ProgramSite, decode_a64,
-    dummy_trampoline, encode_a64, plt_quiesced, register_program_site, text_poke,
-    unregister_program_site,
+    dummy_trampoline, encode_a64, plt_quiesced, register_program_site, unregister_program_site,
 };
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
+use x86_64::text_poke as arch_text_poke;
+#[cfg(target_arch = "x86_64")]
 pub use x86_64::{
-    PATCH_SITE_LEN, PATCH_SITE_OFFSET, X86_NOP5, decode_x86, encode_x86, text_poke, traps_handled,
+    PATCH_SITE_LEN, PATCH_SITE_OFFSET, X86_NOP5, decode_x86, encode_x86, traps_handled,
 };
 
 /// Serialises all pokes (the kernel's `text_mutex`); `fork` holds it across the fork.
 pub(crate) static TEXT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A patch site: the address of an instruction its owner made to be rewritten while threads run
+/// it (a program's prologue site, a trampoline's `ip_after_call`). Obtained from the owner —
+/// [`crate::jit::JitProgram::patch_site`] — or checked against the registry's record of sites
+/// with [`PatchSite::at`]; never assumed from an offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PatchSite {
+    ip: usize,
+}
+
+impl PatchSite {
+    /// The site at `ip`, if `ip` is a recorded patch site ([`crate::text::Registry::add_site`]).
+    pub fn at(ip: usize) -> Result<PatchSite, PokeError> {
+        check_site(ip)?;
+        Ok(PatchSite { ip })
+    }
+
+    /// A site its owner recorded.
+    pub(crate) fn recorded(ip: usize) -> PatchSite {
+        PatchSite { ip }
+    }
+
+    /// The site's address.
+    pub fn ip(&self) -> usize {
+        self.ip
+    }
+}
+
+/// `ip` must be a recorded site: not in JIT text → `NotText`; in text but not a site →
+/// `NotASite`, with the bytes found there.
+fn check_site(ip: usize) -> Result<(), PokeError> {
+    let registry = crate::text::Registry::global();
+    if registry.is_site(ip) {
+        return Ok(());
+    }
+    let sym = registry.lookup(ip).ok_or(PokeError::NotText { ip })?;
+    let len = PATCH_SITE_LEN.min(sym.start + sym.len - ip);
+    let bytes = crate::text::CodeArena::global()
+        .ok()
+        .filter(|a| a.contains(ip + len - 1))
+        .and_then(|a| a.rw_alias(ip))
+        // SAFETY: `ip .. ip + len` is inside a registered image of the arena (checked above),
+        // whose RW view is mapped; reading it races only with pokers' single-byte/word stores.
+        .map(|rw| unsafe { std::slice::from_raw_parts(rw, len) }.to_vec())
+        .unwrap_or_default();
+    Err(PokeError::NotASite { ip, bytes })
+}
+
+/// Rewrites the patch site at `ip` from `old` to `new` (see the module docs for the contract).
+/// `ip` must be a recorded patch site ([`PatchSite`]); no offset is re-interpreted.
+///
+/// # Safety
+/// `new` must be valid for every thread that executes the site from now on: a `Call`/`Jump`
+/// target is complete code that stays mapped while the site can branch there, and behaves as
+/// the site's owner expects (for a program's site: a trampoline image or a program with the
+/// program ABI). The safe way to change a program's site is [`crate::trampoline::attach`].
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub unsafe fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome, PokeError> {
+    check_site(ip)?;
+    arch_text_poke(ip, old, new)
+}
+
+/// [`text_poke`] on a typed site.
+///
+/// # Safety
+/// As for [`text_poke`].
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub unsafe fn poke_site(
+    site: PatchSite,
+    old: PokeInsn,
+    new: PokeInsn,
+) -> Result<PokeOutcome, PokeError> {
+    // SAFETY: forwarded.
+    unsafe { text_poke(site.ip, old, new) }
+}
 
 /// What a patch site holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

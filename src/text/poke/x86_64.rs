@@ -1,10 +1,10 @@
 //! x86-64 `text_poke`: the int3 protocol (the argument is in the parent module's docs).
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering, fence};
-use std::sync::{Mutex, OnceLock};
 
 use super::{PokeError, PokeInsn, PokeOutcome, TEXT_LOCK};
-use crate::text::{CodeArena, ImageKind, Registry, sync_all_threads};
+use crate::text::{CodeArena, Registry, sync_all_threads};
 
 /// Offset of the patch site from a program's entry: the 5-byte nop is the first instruction.
 pub const PATCH_SITE_OFFSET: usize = 0;
@@ -98,17 +98,12 @@ const KIND_NOP: u8 = 0;
 const KIND_CALL: u8 = 1;
 const KIND_JUMP: u8 = 2;
 
-/// Resolves `ip` to the site to poke: it must be registered JIT text, and a program entry means its
-/// patch site.
+/// Checks that the site at `ip` (a recorded patch site) lies wholly inside its image.
 fn resolve_site(ip: usize) -> Result<usize, PokeError> {
     let sym = Registry::global()
         .lookup(ip)
         .ok_or(PokeError::NotText { ip })?;
-    let site = if sym.kind == ImageKind::Program && sym.offset == 0 {
-        ip + PATCH_SITE_OFFSET
-    } else {
-        ip
-    };
+    let site = ip;
     if site + PATCH_SITE_LEN > sym.start + sym.len {
         return Err(PokeError::NotText { ip });
     }
@@ -156,7 +151,7 @@ fn write_and_sync(
 }
 
 /// Rewrites the patch site at `ip` from `old` to `new`. See the module docs for the contract.
-pub fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome, PokeError> {
+pub(super) fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome, PokeError> {
     let site = resolve_site(ip)?;
     let old_bytes = encode_x86(site, old)?;
     let new_bytes = encode_x86(site, new)?;
