@@ -642,7 +642,7 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
     // SAFETY: `ctx` is trampoline frame space for one RunContext; the stack is this thread's for
     // this nesting level and stays allocated while the thread lives; `region` covers the saved
     // argument words in the same frame; the helpers live in the program, kept alive by `link`.
-    unsafe { RunContext::init_raw(ctx, region, stack, &prog.helpers) };
+    unsafe { RunContext::init_raw(ctx, region, stack, &prog.helpers, prog.jit.budget()) };
     if stats_enabled() { now_ns() + 1 } else { 1 }
 }
 
