@@ -149,6 +149,8 @@ struct ProgInner {
     run_time_ns: AtomicU64,
     misses: AtomicU64,
     errors: AtomicU64,
+    /// The error of the latest failed run as a tracer.
+    last_error: Mutex<Option<ExecError>>,
     /// Links attached to this program as a target.
     attach: Mutex<AttachState>,
 }
@@ -184,6 +186,7 @@ impl Prog {
             run_time_ns: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
             attach: Mutex::new(AttachState::default()),
         })))
     }
@@ -221,6 +224,16 @@ impl Prog {
             misses: self.0.misses.load(Ordering::Relaxed),
             errors: self.0.errors.load(Ordering::Relaxed),
         }
+    }
+
+    /// The error the latest failed run of this program as a tracer ended with (those counted in
+    /// [`ProgStats::errors`]).
+    pub fn last_error(&self) -> Option<ExecError> {
+        self.0
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn jit(&self) -> &JitProgram {
@@ -638,7 +651,7 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
         prog.misses.fetch_add(1, Ordering::Relaxed);
         return 0;
     };
-    let region = MemRegion::new(args as u64, (TRACE_CTX_WORDS * 8) as u64, true);
+    let region = MemRegion::new(args as u64, (TRACE_CTX_WORDS * 8) as u64, false);
     // SAFETY: `ctx` is trampoline frame space for one RunContext; the stack is this thread's for
     // this nesting level and stays allocated while the thread lives; `region` covers the saved
     // argument words in the same frame; the helpers live in the program, kept alive by `link`.
@@ -663,8 +676,9 @@ pub(crate) unsafe extern "C" fn tramp_prog_exit(
     let prog = &link.prog.0;
     // SAFETY: initialised by the matching enter; dropped exactly once here.
     let error = unsafe { RunContext::take_raw(ctx) };
-    if error.is_some() {
+    if let Some(error) = error {
         prog.errors.fetch_add(1, Ordering::Relaxed);
+        *prog.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
     if start > 1 {
         prog.run_cnt.fetch_add(1, Ordering::Relaxed);
