@@ -163,23 +163,49 @@ fn bad_input_is_one_line_and_non_zero() {
         None,
     );
     assert_one_line_error(&o, "budget");
-    // The JIT has no budget: asking for one is an error, not silently ignored.
-    let o = livebpf(
-        &[
-            "run",
-            looping.to_str().unwrap(),
-            "--budget",
-            "100",
-            "--engine",
-            "jit",
-        ],
-        None,
-    );
-    assert_one_line_error(&o, "--budget needs --engine interp");
     let o = livebpf(&["run", "/nonexistent/prog.s"], None);
     assert_one_line_error(&o, "cannot read");
     let o = livebpf(&["run", &example(), "--mem", "zz"], None);
     assert_one_line_error(&o, "hex");
+}
+
+#[test]
+fn run_budget_stops_a_runaway_program_with_every_engine() {
+    let looping = temp("run-loop.s", b"l:\nja l\n");
+    for engine in engines() {
+        let o = livebpf(
+            &[
+                "run",
+                looping.to_str().unwrap(),
+                "--budget",
+                "100",
+                "--engine",
+                engine,
+            ],
+            None,
+        );
+        assert_one_line_error(&o, "budget of 100 exhausted at instruction 0");
+        // A program that ends within its budget prints its result.
+        let o = livebpf(
+            &[
+                "run",
+                &trace_example("target.s"),
+                "--mem",
+                "68 65 6c 6c 6f",
+                "--budget",
+                "100",
+                "--engine",
+                engine,
+            ],
+            None,
+        );
+        assert_eq!(
+            stdout(&o),
+            "0xa430d84680aabd0b\n",
+            "{engine}: {}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]
