@@ -122,6 +122,10 @@ pub enum Command {
         /// Attach/detach cycles.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
         cycles: u64,
+        /// Back edges and BPF-to-BPF calls a tracer run may take; one that needs more fails
+        /// (counted in errors), so a tracer that loops forever cannot hang the trace.
+        #[arg(long, value_name = "N", default_value_t = trace::TRACER_BUDGET)]
+        budget: u64,
     },
 }
 
@@ -363,6 +367,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             mem,
             threads,
             cycles,
+            budget,
         } => {
             trace::trace(
                 &trace::TraceArgs {
@@ -372,6 +377,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     mem,
                     threads: threads as usize,
                     cycles,
+                    tracer_budget: budget,
                 },
                 out,
             )?;
