@@ -93,8 +93,9 @@ pub enum Command {
         mem: MemArgs,
         #[arg(long, value_enum, default_value_t = Engine::default_for_host())]
         engine: Engine,
-        /// Stop after this many instructions (needs --engine interp).
-        #[arg(long)]
+        /// Stop a runaway program with an error: after this many instructions under the
+        /// interpreter, after this many back edges and BPF-to-BPF calls under the JIT.
+        #[arg(long, value_name = "N")]
         budget: Option<u64>,
     },
     /// Speak the conformance suite's plugin protocol: program as hex on stdin, memory as hex in the
@@ -136,6 +137,10 @@ pub enum Command {
         /// Attach/detach cycles.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
         cycles: u64,
+        /// Back edges and BPF-to-BPF calls a tracer run may take; one that needs more fails
+        /// (counted in errors), so a tracer that loops forever cannot hang the trace.
+        #[arg(long, value_name = "N", default_value_t = trace::TRACER_BUDGET)]
+        budget: u64,
     },
 }
 
@@ -223,8 +228,6 @@ pub enum CliError {
     MemTooLarge(usize),
     #[error("cannot read the program from stdin: {0}")]
     Stdin(std::io::Error),
-    #[error("--budget needs --engine interp (the JIT has no instruction budget)")]
-    BudgetNeedsInterp,
     #[error("cannot JIT-compile {what}: {source}")]
     Jit { what: String, source: JitError },
     #[error("cannot JIT-compile {what}: {source}; use --engine interp")]
@@ -474,17 +477,17 @@ fn run_engine(
             .with_budget(budget)
             .run(mem)?),
         Engine::Jit => {
-            if budget.is_some() {
-                return Err(CliError::BudgetNeedsInterp);
-            }
-            let jit = JitProgram::compile(program, &Helpers::conformance(), JitOptions::checked())
-                .map_err(|source| match source {
-                    // Only an explicit `--engine jit` gets here: say what works instead.
-                    JitError::UnsupportedHost { .. } => CliError::JitUnsupportedHost {
-                        what: what.display().to_string(),
-                        source,
-                    },
-                    source => jit_error(what, source),
+            let opts = JitOptions::checked().with_budget(budget);
+            let jit =
+                JitProgram::compile(program, &Helpers::conformance(), opts).map_err(|source| {
+                    match source {
+                        // Only an explicit `--engine jit` gets here: say what works instead.
+                        JitError::UnsupportedHost { .. } => CliError::JitUnsupportedHost {
+                            what: what.display().to_string(),
+                            source,
+                        },
+                        source => jit_error(what, source),
+                    }
                 })?;
             Ok(jit.run(mem)?)
         }
@@ -528,10 +531,6 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             engine,
             budget,
         } => {
-            // A usage error: report it before touching any file.
-            if budget.is_some() && engine != Engine::Interp {
-                return Err(CliError::BudgetNeedsInterp);
-            }
             let (prog, file_mem) = load_program(&program)?;
             let mut mem = mem.resolve(file_mem)?;
             let r0 = run_engine(engine, &prog, &mut mem, budget, &program)?;
@@ -585,6 +584,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             mem,
             threads,
             cycles,
+            budget,
         } => {
             trace::trace(
                 &trace::TraceArgs {
@@ -594,6 +594,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     mem,
                     threads: threads as usize,
                     cycles,
+                    tracer_budget: budget,
                 },
                 out,
             )?;

@@ -164,23 +164,49 @@ fn bad_input_is_one_line_and_non_zero() {
         None,
     );
     assert_one_line_error(&o, "budget");
-    // The JIT has no budget: asking for one is an error, not silently ignored.
-    let o = livebpf(
-        &[
-            "run",
-            looping.to_str().unwrap(),
-            "--budget",
-            "100",
-            "--engine",
-            "jit",
-        ],
-        None,
-    );
-    assert_one_line_error(&o, "--budget needs --engine interp");
     let o = livebpf(&["run", "/nonexistent/prog.s"], None);
     assert_one_line_error(&o, "cannot read");
     let o = livebpf(&["run", &example(), "--mem", "zz"], None);
     assert_one_line_error(&o, "hex");
+}
+
+#[test]
+fn run_budget_stops_a_runaway_program_with_every_engine() {
+    let looping = temp("run-loop.s", b"l:\nja l\n");
+    for engine in engines() {
+        let o = livebpf(
+            &[
+                "run",
+                looping.to_str().unwrap(),
+                "--budget",
+                "100",
+                "--engine",
+                engine,
+            ],
+            None,
+        );
+        assert_one_line_error(&o, "budget of 100 exhausted at instruction 0");
+        // A program that ends within its budget prints its result.
+        let o = livebpf(
+            &[
+                "run",
+                &trace_example("target.s"),
+                "--mem",
+                "68 65 6c 6c 6f",
+                "--budget",
+                "100",
+                "--engine",
+                engine,
+            ],
+            None,
+        );
+        assert_eq!(
+            stdout(&o),
+            "0xa430d84680aabd0b\n",
+            "{engine}: {}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]
@@ -502,7 +528,129 @@ fn trace_counts_tracer_errors() {
     let s = summary(&stdout(&o));
     assert_eq!(field(&s, "errors"), field(&s, "fentry"), "{s:?}");
     assert!(field(&s, "errors") >= 20, "{s:?}");
-    assert_one_line_error(&o, "fentry runs failed");
+    let reason = format!(
+        "fentry tracer {} failed in {} runs, the last with: out-of-bounds load of 8 bytes",
+        bad.display(),
+        field(&s, "errors")
+    );
+    assert_one_line_error(&o, &reason);
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[test]
+fn trace_tracers_cannot_write_their_context() {
+    // The fexit tries to change the target's return value: each of its runs fails, the target's
+    // results stay right (errors counts only the tracer's runs).
+    let writer = temp(
+        "write-retval.s",
+        b"mov %r2, 1234\nstxdw [%r1+40], %r2\nexit\n",
+    );
+    let args = trace_args(
+        &trace_example("target.s"),
+        &[
+            "--fexit",
+            writer.to_str().unwrap(),
+            "--zeroed-mem",
+            "16",
+            "--threads",
+            "2",
+            "--cycles",
+            "10",
+        ],
+    );
+    let o = livebpf_owned(&args);
+    assert!(!o.status.success());
+    let s = summary(&stdout(&o));
+    assert_eq!(field(&s, "errors"), field(&s, "fexit"), "{s:?}");
+    assert!(field(&s, "errors") >= 20, "{s:?}");
+    assert_one_line_error(&o, "the last with: out-of-bounds store of 8 bytes");
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[test]
+fn trace_stops_a_runaway_tracer_at_its_budget_and_says_so() {
+    let looping = temp("LOOP.s", b"l:\nja l\n");
+    let started = std::time::Instant::now();
+    let o = livebpf(
+        &[
+            "trace",
+            &trace_example("target.s"),
+            "--fentry",
+            looping.to_str().unwrap(),
+            "--threads",
+            "2",
+            "--cycles",
+            "5",
+        ],
+        None,
+    );
+    // A few seconds even under qemu; without the budget the trace never ends.
+    assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
+    let s = summary(&stdout(&o));
+    assert_eq!(field(&s, "errors"), field(&s, "fentry"), "{s:?}");
+    assert!(field(&s, "errors") >= 10, "{s:?}");
+    assert_one_line_error(
+        &o,
+        &format!(
+            "fentry tracer {} failed in {} runs, the last with: instruction budget of 1048576 \
+             exhausted at instruction 0",
+            looping.display(),
+            field(&s, "errors")
+        ),
+    );
+    // --budget sets the tracers' budget, fexit's too.
+    let args = trace_args(
+        &trace_example("target.s"),
+        &[
+            "--fexit",
+            looping.to_str().unwrap(),
+            "--budget",
+            "1000",
+            "--threads",
+            "2",
+            "--cycles",
+            "5",
+        ],
+    );
+    let o = livebpf_owned(&args);
+    assert_one_line_error(&o, "fexit tracer");
+    assert_one_line_error(&o, "instruction budget of 1000 exhausted at instruction 0");
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[test]
+fn trace_of_targets_that_return_pointers() {
+    // Stack and input addresses differ between the interpreter and the JIT: such results are
+    // compared as offsets into the same region.
+    let cases: [(&str, &[u8], &[&str]); 4] = [
+        ("ret-r10.s", b"mov %r0, %r10\nexit\n", &[]),
+        ("ret-frame.s", b"mov %r0, %r10\nsub %r0, 24\nexit\n", &[]),
+        (
+            "ret-r1.s",
+            b"mov %r0, %r1\nadd %r0, 8\nexit\n",
+            &["--zeroed-mem", "16"],
+        ),
+        (
+            "ret-end.s",
+            b"mov %r0, %r1\nadd %r0, %r2\nexit\n",
+            &["--zeroed-mem", "16"],
+        ),
+    ];
+    for (name, src, mem) in cases {
+        let target = temp(name, src);
+        let mut extra = vec!["--threads", "2", "--cycles", "10"];
+        extra.extend_from_slice(mem);
+        let o = livebpf_owned(&trace_args(target.to_str().unwrap(), &extra));
+        assert!(o.status.success(), "{name}: {}{}", stdout(&o), stderr(&o));
+        assert_eq!(field(&summary(&stdout(&o)), "errors"), 0, "{name}");
+    }
+    // An address outside both regions must still be equal, so it is reported.
+    let target = temp("ret-past.s", b"mov %r0, %r1\nadd %r0, 17\nexit\n");
+    let o = livebpf_owned(&trace_args(
+        target.to_str().unwrap(),
+        &["--zeroed-mem", "16", "--threads", "2", "--cycles", "5"],
+    ));
+    assert_one_line_error(&o, "target runs failed");
 }
 
 #[test]

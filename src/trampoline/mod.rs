@@ -157,6 +157,8 @@ struct ProgInner {
     run_time_ns: AtomicU64,
     misses: AtomicU64,
     errors: AtomicU64,
+    /// The error of the latest failed run as a tracer.
+    last_error: Mutex<Option<ExecError>>,
     /// Links attached to this program as a target.
     attach: Mutex<AttachState>,
     /// How many targets this program replaces through freplace (changed under `ATTACH_LOCK`).
@@ -196,6 +198,7 @@ impl Prog {
             run_time_ns: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
             attach: Mutex::new(AttachState::default()),
             replaces: AtomicUsize::new(0),
             last_error: Mutex::new(None),
@@ -235,6 +238,16 @@ impl Prog {
             misses: self.0.misses.load(Ordering::Relaxed),
             errors: self.0.errors.load(Ordering::Relaxed),
         }
+    }
+
+    /// The error the latest failed run of this program as a tracer ended with (those counted in
+    /// [`ProgStats::errors`]).
+    pub fn last_error(&self) -> Option<ExecError> {
+        self.0
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn jit(&self) -> &JitProgram {
@@ -761,11 +774,11 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
         prog.misses.fetch_add(1, Ordering::Relaxed);
         return 0;
     };
-    let region = MemRegion::new(args as u64, (TRACE_CTX_WORDS * 8) as u64, true);
+    let region = MemRegion::new(args as u64, (TRACE_CTX_WORDS * 8) as u64, false);
     // SAFETY: `ctx` is trampoline frame space for one RunContext; the stack is this thread's for
     // this nesting level and stays allocated while the thread lives; `region` covers the saved
     // argument words in the same frame; the helpers live in the program, kept alive by `link`.
-    unsafe { RunContext::init_raw(ctx, region, stack, &prog.helpers) };
+    unsafe { RunContext::init_raw(ctx, region, stack, &prog.helpers, prog.jit.budget()) };
     if stats_enabled() { now_ns() + 1 } else { 1 }
 }
 

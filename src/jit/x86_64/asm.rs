@@ -348,6 +348,17 @@ impl Asm {
         );
     }
 
+    /// `op [mem], imm` (32 or 64 bits, the immediate sign-extended).
+    pub fn alu_mi(&mut self, op: AluOp, w64: bool, mem: Mem, imm: i32) {
+        if let Ok(imm8) = i8::try_from(imm) {
+            self.op_rm(false, w64, false, &[0x83], op as u8, Rm::Mem(mem));
+            self.byte(imm8 as u8);
+        } else {
+            self.op_rm(false, w64, false, &[0x81], op as u8, Rm::Mem(mem));
+            self.imm32(imm);
+        }
+    }
+
     /// `test a, b`.
     pub fn test_rr(&mut self, w64: bool, a: Gpr, b: Gpr) {
         self.op_rm(false, w64, false, &[0x85], b as u8, Rm::Reg(a));
@@ -811,6 +822,15 @@ mod tests {
                     check(|a| a.alu_rm(op, w64, d, mem), &want);
                     let want = format!("{m} {}{}, {}", ptr(s), mem_text(mem), name(Gpr::Rsi, s));
                     check(|a| a.alu_mr(op, w64, mem, Gpr::Rsi), &want);
+                    for imm in [1, -1, 127, -128, 128, i32::MIN] {
+                        let shown = if w64 {
+                            imm as i64 as u64
+                        } else {
+                            imm as u32 as u64
+                        };
+                        let want = format!("{m} {}{}, {shown:#x}", ptr(s), mem_text(mem));
+                        check(|a| a.alu_mi(op, w64, mem, imm), &want);
+                    }
                 }
             }
         }
