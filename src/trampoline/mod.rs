@@ -163,8 +163,6 @@ struct ProgInner {
     attach: Mutex<AttachState>,
     /// How many targets this program replaces through freplace (changed under `ATTACH_LOCK`).
     replaces: AtomicUsize,
-    /// The error of the last failed tracer run, for reports.
-    last_error: Mutex<Option<ExecError>>,
 }
 
 impl Drop for ProgInner {
@@ -201,7 +199,6 @@ impl Prog {
             last_error: Mutex::new(None),
             attach: Mutex::new(AttachState::default()),
             replaces: AtomicUsize::new(0),
-            last_error: Mutex::new(None),
         })))
     }
 
@@ -258,15 +255,6 @@ impl Prog {
     pub fn trampoline_image(&self) -> Option<usize> {
         let state = self.0.attach.lock().unwrap_or_else(|e| e.into_inner());
         state.image.as_ref().map(|i| i.addr())
-    }
-
-    /// The error the last failed run of this program as a tracer ended with.
-    pub fn last_error(&self) -> Option<ExecError> {
-        self.0
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 
     /// Whether this program currently replaces another one (freplace).
