@@ -1,5 +1,6 @@
 //! livebpf: a userspace eBPF runtime whose JIT code can be traced and replaced while other threads
 //! run it. See `docs/ARCHITECTURE.md` for the layers.
+#![warn(missing_docs)]
 
 #[cfg(target_endian = "big")]
 compile_error!("livebpf supports little-endian hosts only (x86-64, arm64)");

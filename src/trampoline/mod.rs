@@ -77,38 +77,54 @@ pub enum AttachKind {
     Freplace,
 }
 
+/// Why an attach or detach did not happen. In every case the target is unchanged.
 #[derive(Debug, Error)]
 pub enum AttachError {
     #[error(
         "the target already has {max} fentry/fexit/fmod_ret links, the most one trampoline holds; detach one first"
     )]
-    TooManyLinks { max: usize },
+    /// The target has the most links one trampoline holds.
+    TooManyLinks {
+        /// The limit ([`MAX_TRAMP_LINKS`]).
+        max: usize,
+    },
     #[error(
         "cannot attach {requested:?}: the target has {existing:?} links, and freplace excludes every other kind on one target"
     )]
+    /// freplace and the other kinds exclude each other on one target.
     Conflict {
+        /// A kind already attached.
         existing: AttachKind,
+        /// The kind asked for.
         requested: AttachKind,
     },
     #[error("a program cannot be attached to itself")]
+    /// The tracer and the target are the same program.
     SelfAttach,
     #[error(
         "cannot attach: {0}; Linux refuses this too (a replacement chain or cycle would loop forever), so attach to the original program instead"
     )]
+    /// An freplace that would chain or cycle; the text says which rule.
     Recursive(&'static str),
     #[error("patching the target failed: {0}")]
+    /// Rewriting the patch site failed.
     Poke(#[from] PokeError),
     #[error("building the trampoline failed: {0}")]
+    /// Generating the trampoline failed.
     Jit(#[from] JitError),
     #[error("placing the trampoline failed: {0}")]
+    /// Placing the trampoline in the code arena failed.
     Text(#[from] TextError),
     #[error(
         "cannot attach or detach from inside a JIT run (a helper or tracer) when a grace period is needed; do it from outside the run"
     )]
+    /// A grace period was needed and the caller is inside a JIT run.
     InsideRun,
     #[error("trampolines are not implemented for this {0} host yet")]
+    /// This architecture (named) has no trampolines.
     UnsupportedHost(&'static str),
     #[error("the trampoline image could not be generated: {0} (a livebpf bug; please report it)")]
+    /// The image generator found an inconsistency (a bug).
     Image(&'static str),
 }
 
@@ -133,6 +149,7 @@ pub fn set_stats_enabled(on: bool) {
     STATS_ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// Whether run statistics are on ([`set_stats_enabled`]).
 pub fn stats_enabled() -> bool {
     STATS_ENABLED.load(Ordering::Relaxed)
 }
@@ -228,6 +245,7 @@ impl Prog {
         }
     }
 
+    /// The program's run statistics so far.
     pub fn stats(&self) -> ProgStats {
         ProgStats {
             run_cnt: self.0.run_cnt.load(Ordering::Relaxed),
@@ -247,6 +265,7 @@ impl Prog {
             .clone()
     }
 
+    /// The compiled program.
     pub fn jit(&self) -> &JitProgram {
         &self.0.jit
     }
@@ -366,6 +385,7 @@ const _: () = {
 };
 
 impl Link {
+    /// How the link attaches.
     pub fn kind(&self) -> AttachKind {
         self.kind
     }

@@ -150,6 +150,7 @@ pub unsafe fn poke_site(
 /// What a patch site holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PokeInsn {
+    /// The site's nop: execution goes on after it.
     Nop,
     /// A call to an absolute address.
     Call(usize),
@@ -166,35 +167,64 @@ pub enum PokeOutcome {
     AlreadyApplied,
 }
 
+/// Why a poke did not happen. In every case nothing was written.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum PokeError {
     #[error(
         "{ip:#x} is not inside livebpf JIT text; only program and trampoline images registered in the text registry can be poked"
     )]
-    NotText { ip: usize },
+    /// The address is in no registered JIT image.
+    NotText {
+        /// The address given.
+        ip: usize,
+    },
     #[error(
         "target {target:#x} is out of range of the instruction at {ip:#x}; allocate the target from the same code arena"
     )]
-    OutOfRange { ip: usize, target: usize },
+    /// The target is beyond the site's reach.
+    OutOfRange {
+        /// The site.
+        ip: usize,
+        /// The target that does not fit.
+        target: usize,
+    },
     #[error(
         "the patch site at {ip:#x} holds {found:?}, not the expected {expected:?}; nothing was written (did another attach change it?)"
     )]
+    /// The site does not hold `old`.
     Mismatch {
+        /// The site.
         ip: usize,
+        /// The `old` instruction the caller expected.
         expected: PokeInsn,
+        /// What the site holds.
         found: PokeInsn,
     },
     #[error(
         "the bytes at {ip:#x} ({bytes:02x?}) are not a patch site (nop, call or jump); pass a program entry or a trampoline site"
     )]
-    NotASite { ip: usize, bytes: Vec<u8> },
+    /// The address is in JIT text but is not a recorded patch site.
+    NotASite {
+        /// The address given.
+        ip: usize,
+        /// The bytes found there (empty when they could not be read).
+        bytes: Vec<u8>,
+    },
     #[error(
         "the PLT of the site at {ip:#x} last served a far {} and a thread may still load its literal; wait for a grace period (reclaim::synchronize), declare it with plt_quiesced, and retry",
         if *was_call { "call" } else { "jump" }
     )]
-    PltKindChange { ip: usize, was_call: bool },
+    /// arm64: the PLT literal must change between a far call and a far jump.
+    PltKindChange {
+        /// The site.
+        ip: usize,
+        /// Whether the literal last served a call (else a jump).
+        was_call: bool,
+    },
     #[error("installing the SIGTRAP handler text_poke needs failed: {0}")]
+    /// `sigaction(2)` failed; the message says how.
     Signal(String),
     #[error(transparent)]
+    /// The code arena failed.
     Text(#[from] TextError),
 }
