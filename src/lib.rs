@@ -17,6 +17,14 @@ pub mod reclaim;
 pub mod text;
 pub mod trampoline;
 
+pub use asm::assemble_program;
+pub use exec::ExecError;
+pub use helpers::Helpers;
+pub use interp::Interpreter;
+pub use isa::Program;
+pub use jit::{JitOptions, JitProgram};
+pub use trampoline::{AttachError, AttachKind, Link, Prog, ProgStats, attach};
+
 /// The README's examples, compiled and run as doctests so they stay true.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
