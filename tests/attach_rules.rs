@@ -86,3 +86,39 @@ fn a_program_runs_from_a_thread_local_destructor() {
     .expect("running a program from a thread-local destructor must not panic");
     assert_eq!(rx.recv().unwrap(), 42);
 }
+
+#[test]
+fn only_recorded_patch_sites_can_be_poked() {
+    use livebpf::text::poke::{PatchSite, PokeError, PokeInsn, text_poke};
+    let target = adder();
+    let site = target.jit().patch_site();
+    assert_eq!(PatchSite::at(site.ip()), Ok(site));
+    let inside = site.ip() + 4;
+    assert!(matches!(
+        PatchSite::at(inside),
+        Err(PokeError::NotASite { .. })
+    ));
+    // The entry is not taken to mean the site (on arm64 the site follows `[bti jc] mov x9, x30`).
+    if target.jit().patch_site_offset() != 0 {
+        assert!(matches!(
+            PatchSite::at(target.jit().entry()),
+            Err(PokeError::NotASite { .. })
+        ));
+    }
+    // SAFETY: refused before anything is written (the point of the test).
+    let refused = unsafe { text_poke(inside, PokeInsn::Nop, PokeInsn::Jump(inside + 4)) };
+    assert!(
+        matches!(refused, Err(PokeError::NotASite { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(target.call([40, 2, 0, 0, 0]), Ok(42));
+    // A trampoline image's start is not a site either; its sites go with it.
+    let tracer = load("mov %r0, 0\nexit");
+    let link = attach(AttachKind::Fexit, &target, &tracer, 0).unwrap();
+    let image = target.trampoline_image().unwrap();
+    assert!(matches!(
+        PatchSite::at(image),
+        Err(PokeError::NotASite { .. })
+    ));
+    link.detach().unwrap();
+}

@@ -164,3 +164,21 @@ fn concurrent_lookups_while_registering() {
     }
     assert_eq!(r.len(), 64);
 }
+
+#[test]
+fn sites_live_inside_their_image_and_go_with_it() {
+    let r = Registry::new();
+    // SAFETY: made-up ranges of a local registry that nothing patches.
+    unsafe {
+        assert_eq!(
+            r.add_site(0x1000),
+            Err(TextError::NotRegistered { start: 0x1000 })
+        );
+        r.register(0x1000, 0x100, ImageKind::Program, 1).unwrap();
+        r.add_site(0x1008).unwrap();
+    }
+    assert!(r.is_site(0x1008));
+    assert!(!r.is_site(0x1000));
+    r.unregister(0x1000).unwrap();
+    assert!(!r.is_site(0x1008));
+}
