@@ -602,6 +602,14 @@ fn remember_site(site: usize) {
     RECENT_SITES[slot].store(site, Ordering::Release);
 }
 
+/// Whether `addr` is the site of the poke in progress or of a recent one. Async-signal-safe.
+fn is_poked_site(addr: usize) -> bool {
+    ACTIVE_SITE.load(Ordering::Acquire) == addr
+        || RECENT_SITES
+            .iter()
+            .any(|s| s.load(Ordering::Acquire) == addr)
+}
+
 /// Whether the five bytes at `site` (in the arena) are a complete site instruction whose target,
 /// if any, is JIT text: what a finished poke leaves behind.
 fn is_finished_site(arena: &CodeArena, site: usize) -> bool {
@@ -669,16 +677,20 @@ unsafe fn handle_site_trap(info: *const libc::siginfo_t, uc: *mut libc::ucontext
     let Ok(arena) = CodeArena::global() else {
         return Trap::Foreign;
     };
+    if int3 && is_poked_site(rip) {
+        // RIP *at* a poked site: a debugger moved it back over the int3 before passing the
+        // SIGTRAP on (gdb does for every SI_KERNEL trap it collects while stopping the other
+        // threads, taking it for one of its breakpoints). The site is an instruction boundary;
+        // executing it again traps again or runs a complete instruction.
+        return Trap::Ours;
+    }
     if !arena.contains(site) {
         return Trap::Foreign;
     }
     let (handled, recent) = if int3 {
         (Trap::Ours, true)
     } else {
-        let recent = RECENT_SITES
-            .iter()
-            .any(|s| s.load(Ordering::Acquire) == site);
-        (Trap::Merged, recent)
+        (Trap::Merged, is_poked_site(site))
     };
     // A late handler may race with later pokes: retry while the published poke changes.
     loop {
