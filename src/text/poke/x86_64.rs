@@ -907,20 +907,25 @@ mod tests {
         const THREADS: usize = 4;
         let done = std::sync::Arc::new(std::sync::Barrier::new(THREADS + 1));
         let ready = std::sync::Arc::new(std::sync::Barrier::new(THREADS + 1));
+        let tid = std::sync::Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..THREADS)
             .map(|_| {
-                let (ready, done) = (ready.clone(), done.clone());
+                let (ready, done, tid) = (ready.clone(), done.clone(), tid.clone());
                 std::thread::spawn(move || {
                     drop(crate::reclaim::ReadGuard::new());
+                    let me = rustix::thread::gettid().as_raw_nonzero().get();
+                    tid.store(me as usize, Ordering::Relaxed);
                     ready.wait();
                     done.wait();
                 })
             })
             .collect();
         ready.wait();
+        // Other unit tests register (and exit) threads meanwhile: read one of ours.
         let registered = crate::reclaim::registered_thread_ids();
+        let ours = tid.load(Ordering::Relaxed) as i32;
         let read = time(&|| {
-            blocked_signals(registered[0]).unwrap();
+            blocked_signals(ours).unwrap();
         });
         let cached = time(&|| check_trap_delivery().unwrap());
         let membarrier = time(&|| {
