@@ -30,7 +30,13 @@
 //! in progress and emulates the *new* instruction (nop: skip it; call: push the return address and go
 //! to the target; jump: go to the target). A thread whose trap is handled only after the poke
 //! finished finds no `int3` under its program counter any more and re-executes the now-final
-//! instruction. Traps that are not ours go to the handler installed before, or the default action.
+//! instruction. Only an int3 (`si_code == SI_KERNEL`) at the site of a poke is ours; every other
+//! SIGTRAP goes to the disposition livebpf's handler replaced, with that disposition's semantics
+//! (a handler with its `sa_mask`, `SIG_IGN`, `SIG_DFL`). Before writing anything `text_poke` checks
+//! that SIGTRAP still reaches livebpf's handler (`PokeError::TrapHandlerReplaced`,
+//! `reinstall_trap_handler`) and that no thread that has run JIT code blocks it
+//! (`PokeError::SigtrapBlocked`). What an embedding application and a debugger must do is in
+//! docs/ARCHITECTURE.md, "Signals: what an embedding application and a debugger must do".
 //! After step 3's sync no thread can still hold the old bytes or the `int3` in its pipeline, so
 //! every thread runs the new instruction once `text_poke` returns.
 //!
@@ -66,7 +72,8 @@ mod x86_64;
 use x86_64::text_poke as arch_text_poke;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
-    PATCH_SITE_LEN, PATCH_SITE_OFFSET, X86_NOP5, decode_x86, encode_x86, traps_handled,
+    PATCH_SITE_LEN, PATCH_SITE_OFFSET, X86_NOP5, declare_chaining_trap_handler, decode_x86,
+    encode_x86, reinstall_trap_handler, traps_handled,
 };
 
 /// Serialises all pokes (the kernel's `text_mutex`); `fork` holds it across the fork.
@@ -167,6 +174,15 @@ pub enum PokeOutcome {
     AlreadyApplied,
 }
 
+/// Names a SIGTRAP disposition for [`PokeError::TrapHandlerReplaced`].
+fn describe_disposition(action: usize) -> String {
+    match action {
+        libc::SIG_DFL => "SIG_DFL (the default action)".to_string(),
+        libc::SIG_IGN => "SIG_IGN".to_string(),
+        handler => format!("the handler at {handler:#x}"),
+    }
+}
+
 /// Why a poke did not happen. In every case nothing was written.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum PokeError {
@@ -224,6 +240,18 @@ pub enum PokeError {
     #[error("installing the SIGTRAP handler text_poke needs failed: {0}")]
     /// `sigaction(2)` failed; the message says how.
     Signal(String),
+    /// x86-64: SIGTRAP no longer reaches livebpf's handler (`installed` is the `sa_sigaction`
+    /// now installed: `SIG_DFL` = 0, `SIG_IGN` = 1, or a handler's address).
+    #[error(
+        "livebpf's SIGTRAP handler was replaced: SIGTRAP is now handled by {}; nothing was written. A thread reaching the patch site during the poke would die or resume inside the instruction being rewritten. If you installed a SIGTRAP handler, call livebpf::text::poke::reinstall_trap_handler() (livebpf then passes the SIGTRAPs that are not its own to yours), or, if your handler passes them to livebpf's, declare it with declare_chaining_trap_handler(); never reset SIGTRAP to SIG_DFL or SIG_IGN while livebpf is used",
+        describe_disposition(*installed)
+    )]
+    TrapHandlerReplaced { installed: usize },
+    /// x86-64: a thread that may execute JIT text blocks SIGTRAP (kernel thread id `tid`).
+    #[error(
+        "thread {tid} has run livebpf JIT code and blocks SIGTRAP; nothing was written: if it reached the patch site during the poke, the kernel would kill the process. Keep SIGTRAP unblocked (pthread_sigmask) in every thread that runs livebpf programs, or poke after that thread has exited"
+    )]
+    SigtrapBlocked { tid: i32 },
     #[error(transparent)]
     /// The code arena failed.
     Text(#[from] TextError),
