@@ -1,6 +1,6 @@
 //! The `livebpf` command line. `main.rs` only parses arguments and prints the one-line error.
 //!
-//! `dump` lives in [`dump`], `trace` in [`trace`]; everything else is here.
+//! `dump` lives in `cli/dump.rs`, `trace` in `cli/trace.rs`; everything else is here.
 
 mod dump;
 mod trace;
@@ -411,7 +411,7 @@ fn as_text<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a str, CliError> {
 /// 3. No NUL byte: text. Valid bytecode always has one, since its last instruction is `exit`,
 ///    `ja` or `ja32`, whose register byte (and more) must be zero.
 /// 4. Bytes that decode as a valid program: bytecode.
-/// 5. Otherwise text if it looks like text ([`looks_like_text`]), else bytecode, and the error
+/// 5. Otherwise text if it looks like text (`looks_like_text`), else bytecode, and the error
 ///    is the decoder's.
 ///
 /// Text must be UTF-8 without NUL bytes; the first byte that is not is reported with its line

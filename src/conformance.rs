@@ -9,6 +9,7 @@ use crate::isa::{self, Program, RawInsn};
 /// One conformance test case.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TestCase {
+    /// The test's name: its file name without `.data`.
     pub name: String,
     /// The `-- asm` section.
     pub asm: String,
@@ -20,21 +21,35 @@ pub struct TestCase {
     pub result: u64,
 }
 
+/// Why a test case could not be loaded, parsed or turned into a program.
 #[derive(Debug, Error)]
 pub enum ConformanceError {
+    /// A file or directory could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// A malformed section, a missing `-- result`, or a program that does not assemble or decode.
     #[error("{name}: {what}")]
-    Format { name: String, what: String },
+    Format {
+        /// The test's name.
+        name: String,
+        /// What was wrong, including the assembler's or decoder's message.
+        what: String,
+    },
+    /// A `-- mem` line is not valid hex.
     #[error(
         "{name}: line {line}: bad hex in -- mem: {source}; expected pairs of hex digits such as `01 ff`"
     )]
     Mem {
+        /// The test's name.
         name: String,
+        /// 1-based line in the `.data` file.
         line: usize,
+        /// Where on the line, and why.
         source: HexError,
     },
 }
@@ -61,7 +76,9 @@ fn parse_u64(s: &str) -> Option<u64> {
 /// Where in a hex text a problem is: 1-based, the line only when the text has several.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HexPos {
+    /// 1-based line, `None` when the text is a single line.
     pub line: Option<usize>,
+    /// 1-based column, counted in characters.
     pub column: usize,
 }
 
@@ -77,11 +94,22 @@ impl std::fmt::Display for HexPos {
 /// Why a hex text was rejected.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum HexError {
+    /// A character that is neither an ASCII hex digit nor ASCII whitespace.
     #[error("{at}: `{}` is not a hex digit", .found.escape_debug())]
-    NotHex { at: HexPos, found: char },
+    NotHex {
+        /// Where the character is.
+        at: HexPos,
+        /// The character.
+        found: char,
+    },
     /// A whitespace-separated group with an odd number of digits; `group` is its start.
     #[error("{at}: `{group}` has an odd number of hex digits (a byte is two)")]
-    OddDigits { at: HexPos, group: String },
+    OddDigits {
+        /// Where the group starts.
+        at: HexPos,
+        /// Its first characters (at most 16).
+        group: String,
+    },
 }
 
 /// Parses bytes written as pairs of hex digits, in groups separated by ASCII whitespace

@@ -29,6 +29,7 @@ pub struct Interpreter<'p> {
 }
 
 impl<'p> Interpreter<'p> {
+    /// An interpreter for `program` with no helpers, no budget and no extra regions.
     pub fn new(program: &'p Program) -> Interpreter<'p> {
         let targets = (0..program.insns().len())
             .map(|i| program.target_of(i).unwrap_or(usize::MAX))
@@ -42,6 +43,7 @@ impl<'p> Interpreter<'p> {
         }
     }
 
+    /// Replaces the helpers `call` and `callx` can reach.
     pub fn with_helpers(mut self, helpers: Helpers) -> Self {
         self.helpers = helpers;
         self

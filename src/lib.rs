@@ -6,6 +6,8 @@
 compile_error!("livebpf supports little-endian hosts only (x86-64, arm64)");
 
 pub mod asm;
+// The `livebpf` binary's command-line implementation, not library API.
+#[doc(hidden)]
 pub mod cli;
 pub mod conformance;
 pub mod exec;

@@ -69,19 +69,36 @@ use crate::text::{Allocation, CodeArena, Registry, TextError};
 /// Why a program could not be compiled.
 #[derive(Debug, Error)]
 pub enum JitError {
+    /// The program has more slots than the error information in generated code can name.
     #[error(
         "the program has {slots} instruction slots; the JIT supports at most {max} (split it into smaller programs)"
     )]
-    ProgramTooLarge { slots: usize, max: usize },
+    ProgramTooLarge {
+        /// The program's length in slots.
+        slots: usize,
+        /// The largest length supported, in slots (2^24 − 1).
+        max: usize,
+    },
+    /// The backend cannot generate code for an instruction (e.g. an arm64 branch out of range).
     #[error("instruction {pc} cannot be compiled: {reason}")]
-    InvalidInstruction { pc: usize, reason: &'static str },
+    InvalidInstruction {
+        /// Slot index of the instruction (0 when the problem concerns the whole image).
+        pc: usize,
+        /// What went wrong.
+        reason: &'static str,
+    },
+    /// The x86-64 assembler rejected the generated code (a JIT bug).
     #[error("the generated code is inconsistent: {0} (a JIT bug; please report it)")]
     Assembler(#[from] x86_64::asm::AsmError),
+    /// The code arena or the program registry could not place or register the image.
     #[error("cannot place the code: {0}")]
     Text(#[from] TextError),
+    /// The backend's code cannot run on this host's architecture.
     #[error("the {backend} JIT cannot run on this {host} host")]
     UnsupportedHost {
+        /// The backend, e.g. `"x86-64"`.
         backend: &'static str,
+        /// The host architecture, as [`std::env::consts::ARCH`] names it.
         host: &'static str,
     },
 }
@@ -131,6 +148,7 @@ impl JitOptions {
         }
     }
 
+    /// Whether memory accesses are checked ([`JitOptions::checked`]) rather than trusted.
     pub const fn is_checked(&self) -> bool {
         self.checked
     }
@@ -169,10 +187,12 @@ impl JitOptions {
         self.budget
     }
 
+    /// Whether arm64 code starts with a `bti jc` landing pad ([`JitOptions::with_bti`]).
     pub const fn bti(&self) -> bool {
         self.bti
     }
 
+    /// Whether arm64 code signs its return address ([`JitOptions::with_pac`]).
     pub const fn pac(&self) -> bool {
         self.pac
     }
@@ -528,7 +548,9 @@ fn runtime_fn_addr() -> Result<u64, JitError> {
 /// A target architecture of the JIT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Arch {
+    /// x86-64 (AMD64); programs use the System V calling convention.
     X86_64,
+    /// AArch64 (the A64 instruction set); programs use AAPCS64.
     Arm64,
 }
 
@@ -562,11 +584,14 @@ pub const FOREIGN_ADDRESS_PLACEHOLDER: u64 = 0;
 /// (`livebpf dump --jited --arch ...`) and size measurements.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GeneratedCode {
+    /// The architecture the code is for.
     pub arch: Arch,
     /// The image; the entry is offset 0.
     pub bytes: Vec<u8>,
-    /// Byte offset and length of the patch site.
+    /// Byte offset of the patch site.
     pub patch_site: usize,
+    /// Length of the patch site in bytes: 5 on x86-64 (a 5-byte `nop`), 4 on arm64 (one
+    /// instruction).
     pub patch_site_len: usize,
     /// Byte offset of the instruction after the patch site.
     pub body: usize,

@@ -46,7 +46,7 @@
 //! Each access computes its address into r11 and compares it inline with the stack and the input
 //! memory (two subtract-and-compare pairs against the context; fully skipped for r10-relative
 //! accesses inside the current frame, which are always in bounds). Anything else takes the
-//! out-of-line slow path: the thunk calls [`super::runtime_call`], which scans the extra regions
+//! out-of-line slow path: the thunk calls `super::runtime_call`, which scans the extra regions
 //! and either lets the access go on or records the interpreter's `OutOfBounds` error, after
 //! which the code unwinds to the entry frame (`lea rsp, [rbp-40]`) and returns. Atomics and
 //! acquire/release accesses then test alignment. Unknown helpers and excessive call depth fail
@@ -135,7 +135,7 @@ pub struct CodegenOptions {
     pub checked: bool,
     /// Count back edges and BPF-to-BPF calls against the run's budget.
     pub budget: bool,
-    /// Address of [`super::runtime_call`] (a parameter so tests can generate code anywhere).
+    /// Address of `super::runtime_call` (a parameter so tests can generate code anywhere).
     pub runtime_fn: u64,
 }
 

@@ -63,7 +63,7 @@
 //!
 //! Checked accesses compute the address into x11 and compare it with the stack and the input
 //! inline (as the x86-64 backend does); accesses relative to r10 inside the current frame need
-//! no check. Anything else branches to a cold stub that asks [`crate::jit::runtime_call`], which
+//! no check. Anything else branches to a cold stub that asks `crate::jit::runtime_call`, which
 //! scans the extra regions or records the interpreter's error. Stores and atomics compare with
 //! the context's `store_bound`, zero for a read-only input, so writes to it take the slow path,
 //! which refuses them.
