@@ -7,7 +7,7 @@
 //!
 //! # The answer, in three parts (the kernel's `bpf_tramp_image_put`)
 //! 1. **Grace period 1** ([`synchronize`]). Every thread that runs JIT code is *online* for the
-//!    whole run (`JitProgram::run` brackets the call with [`read_lock`] / [`read_unlock`]); a
+//!    whole run (`JitProgram::run` brackets the call with a [`ReadGuard`]); a
 //!    thread is *quiescent* outside runs and inside [`blocking`] sections. A grace period waits
 //!    until every thread that was online when it started has been quiescent at least once. The
 //!    poke that unlinked the image happened before the grace period started, and the poke ended
@@ -15,7 +15,7 @@
 //!    fetch the new instruction. A thread that fetched the *old* branch was online before it and
 //!    stays online (there is no quiescent point between a site and the trampoline's reference),
 //!    so the grace period waits for it: it either left the run, or took the image's reference.
-//! 2. **The image reference** ([`image_enter`] / [`image_exit`]). Trampoline code takes it right
+//! 2. **The image reference** (`image_enter` / `image_exit`). Trampoline code takes it right
 //!    after entry and drops it just before its epilogue. It covers everything in between —
 //!    tracer programs and the call of the original — including time spent quiescent in a
 //!    blocking helper, which the grace period deliberately does not wait for. After grace
@@ -26,7 +26,7 @@
 //!    period covers them. Then the image is freed.
 //!
 //! # Costs on the run path
-//! [`read_lock`] and [`read_unlock`] are a thread-local load and a relaxed store each, with only
+//! Going online and offline ([`ReadGuard`]) are a thread-local load and a relaxed store each, with only
 //! a compiler fence: no atomic read-modify-write and no hardware fence. References are a push and
 //! a pop on a per-thread stack of image addresses, again plain relaxed stores. The writer pays:
 //! `membarrier(PRIVATE_EXPEDITED)` makes every thread of the process execute a full memory barrier

@@ -694,7 +694,7 @@ fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachE
 // ---------------------------------------------------------------------------------------------
 // Functions trampoline code calls.
 
-/// Test hook run by [`tramp_image_enter`] before the reference is taken: the window between a
+/// Test hook run by the image's entry code before the reference is taken: the window between a
 /// thread's branch into the image and its reference, which grace period 1 must cover.
 pub type EnterHook = fn(image: usize);
 static ENTER_HOOK: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());

@@ -246,12 +246,18 @@ pub enum PokeError {
         "livebpf's SIGTRAP handler was replaced: SIGTRAP is now handled by {}; nothing was written. A thread reaching the patch site during the poke would die or resume inside the instruction being rewritten. If you installed a SIGTRAP handler, call livebpf::text::poke::reinstall_trap_handler() (livebpf then passes the SIGTRAPs that are not its own to yours), or, if your handler passes them to livebpf's, declare it with declare_chaining_trap_handler(); never reset SIGTRAP to SIG_DFL or SIG_IGN while livebpf is used",
         describe_disposition(*installed)
     )]
-    TrapHandlerReplaced { installed: usize },
+    TrapHandlerReplaced {
+        /// The disposition found instead (`SIG_DFL`, `SIG_IGN` or a handler's address).
+        installed: usize,
+    },
     /// x86-64: a thread that may execute JIT text blocks SIGTRAP (kernel thread id `tid`).
     #[error(
         "thread {tid} has run livebpf JIT code and blocks SIGTRAP; nothing was written: if it reached the patch site during the poke, the kernel would kill the process. Keep SIGTRAP unblocked (pthread_sigmask) in every thread that runs livebpf programs, or poke after that thread has exited"
     )]
-    SigtrapBlocked { tid: i32 },
+    SigtrapBlocked {
+        /// The kernel id of the thread.
+        tid: i32,
+    },
     #[error(transparent)]
     /// The code arena failed.
     Text(#[from] TextError),
