@@ -312,10 +312,6 @@ pub(super) fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeO
             },
         });
     }
-    let via_plt = matches!(
-        (decode_a64(site, current), plt),
-        (Some(PokeInsn::Call(t) | PokeInsn::Jump(t)), Some(p)) if t == p.branch
-    );
     let old_word = current;
     // The literal is never reset when the site leaves a far target: a thread that executed the
     // old `b`/`bl plt` just before may load it at any time until a grace period passes, and
