@@ -122,3 +122,32 @@ fn only_recorded_patch_sites_can_be_poked() {
     ));
     link.detach().unwrap();
 }
+
+#[test]
+fn a_failed_detach_hands_the_link_back_still_attached() {
+    use livebpf::text::poke::{PokeInsn, text_poke};
+    let target = adder();
+    let (t1, t2) = (load("mov %r0, 0\nexit"), load("mov %r0, 0\nexit"));
+    let first = attach(AttachKind::Fentry, &target, &t1, 0).unwrap();
+    let _second = attach(AttachKind::Fentry, &target, &t2, 0).unwrap();
+    let image = target.trampoline_image().unwrap();
+    let site = target.jit().patch_site().ip();
+    let to_image = if cfg!(target_arch = "x86_64") {
+        PokeInsn::Jump(image)
+    } else {
+        PokeInsn::Call(image)
+    };
+    // Someone else rewrote the site behind the trampoline layer's back: the detach's poke finds
+    // a mismatch and must change nothing.
+    // SAFETY: the nop is always a valid state of a program's site.
+    unsafe { text_poke(site, to_image, PokeInsn::Nop) }.unwrap();
+    let err = first.detach().unwrap_err();
+    assert!(matches!(err.error, AttachError::Poke(_)), "{}", err.error);
+    assert_eq!(target.link_count(), 2, "the failed detach lost its entry");
+    // SAFETY: back to the image the trampoline layer published, which is still alive.
+    unsafe { text_poke(site, PokeInsn::Nop, to_image) }.unwrap();
+    assert_eq!(target.call([1, 2, 0, 0, 0]), Ok(3));
+    // The link handed back detaches normally.
+    err.link.detach().unwrap();
+    assert_eq!(target.link_count(), 1);
+}
