@@ -271,16 +271,18 @@ fn static_subprogram_and_bpf_loop_callback_are_appended_to_each_program() {
         .iter()
         .map(|f| (f.name.as_str(), f.start, f.len))
         .collect();
-    // add_index is reached first (its address is loaded before the call).
+    // add_index is reached first (its address is loaded before the call); twice is reached
+    // from square_plus_one, by a call inside .text that has no relocation.
     assert_eq!(
         spans,
         [
             ("xdp_loop", 0, 13),
             ("add_index", 13, 7),
-            ("square_plus_one", 20, 4)
+            ("square_plus_one", 20, 4),
+            ("twice", 24, 3)
         ]
     );
-    assert_eq!(p.insns.len(), 24);
+    assert_eq!(p.insns.len(), 27);
     assert_eq!(p.helpers_used, [181], "bpf_loop");
     assert_eq!(
         p.func_refs,
@@ -295,6 +297,8 @@ fn static_subprogram_and_bpf_loop_callback_are_appended_to_each_program() {
     // call square_plus_one: src 1, offset from the next slot.
     assert_eq!((p.insns[10].opcode, p.insns[10].src), (0x85, 1));
     assert_eq!(p.insns[10].imm, 20 - 10 - 1);
+    assert_eq!((p.insns[21].opcode, p.insns[21].src), (0x85, 1));
+    assert_eq!(p.insns[21].imm, 24 - 21 - 1);
     assert!(p.map_refs.is_empty());
 
     let t = prog(&obj, "tc_square");
@@ -307,12 +311,15 @@ fn static_subprogram_and_bpf_loop_callback_are_appended_to_each_program() {
         .iter()
         .map(|f| (f.name.as_str(), f.start))
         .collect();
-    assert_eq!(spans, [("tc_square", 0), ("square_plus_one", 3)]);
-    assert_eq!(t.insns.len(), 7);
+    assert_eq!(
+        spans,
+        [("tc_square", 0), ("square_plus_one", 3), ("twice", 7)]
+    );
+    assert_eq!(t.insns.len(), 10);
     assert_eq!((t.insns[1].src, t.insns[1].imm), (1, 1));
     assert!(t.helpers_used.is_empty() && t.func_refs.is_empty());
-    // Both copies of square_plus_one are the same code.
-    assert_eq!(&p.insns[20..24], &t.insns[3..7]);
+    // Both copies of square_plus_one and twice are the same code.
+    assert_eq!(&p.insns[20..27], &t.insns[3..10]);
 }
 
 #[test]

@@ -1,11 +1,16 @@
-// A static subprogram called from two programs, and a bpf_loop callback (an lddw of a function
-// address, BPF_PSEUDO_FUNC once linked).
+// A static subprogram called from two programs, which calls another in turn, and a bpf_loop
+// callback (an lddw of a function address, BPF_PSEUDO_FUNC once linked).
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
+static __noinline int twice(int x)
+{
+	return x + x;
+}
+
 static __noinline int square_plus_one(int x)
 {
-	return x * x + 1;
+	return twice(x * x) + 1;
 }
 
 static int add_index(__u32 index, void *ctx)
