@@ -1,8 +1,9 @@
 //! The `livebpf` command line. `main.rs` only parses arguments and prints the one-line error.
 //!
-//! `dump` lives in `cli/dump.rs`, `trace` in `cli/trace.rs`; everything else is here.
+//! `dump` lives in `cli/dump.rs`, `show` in `cli/show.rs`, `trace` in `cli/trace.rs`; everything else is here.
 
 mod dump;
+mod show;
 mod trace;
 
 use std::io::{Read, Write};
@@ -142,6 +143,13 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = trace::TRACER_BUDGET)]
         budget: u64,
     },
+    /// Describe an ELF object compiled with `clang -O2 -g -target bpf` (libbpf conventions), one
+    /// line per item: `program NAME section=S type=T [target=F] insns=N maps=M helpers=IDS`,
+    /// then `map NAME type=T key_size=K value_size=V max_entries=N flags=0xF`, then `note TEXT`.
+    Show {
+        /// The object file (`.o`).
+        object: PathBuf,
+    },
 }
 
 /// The input memory of `run` and `trace`.
@@ -256,6 +264,14 @@ pub enum CliError {
     TraceStalled { thread: usize, secs: u64 },
     #[error("trace failed: {0}")]
     TraceFailed(String),
+    /// `show`: the object was refused.
+    #[error("{}: {source}", path.display())]
+    Load {
+        /// The object file.
+        path: PathBuf,
+        /// Why the loader refused it.
+        source: Box<crate::loader::LoadError>,
+    },
 }
 
 fn not_text(byte: u8) -> String {
@@ -599,6 +615,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 out,
             )?;
         }
+        Command::Show { object } => show::show(&object, out)?,
     }
     // A buffered writer would report a failed final write only here (its drop ignores errors).
     out.flush().map_err(stdout_err)

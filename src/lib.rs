@@ -15,6 +15,7 @@ pub mod helpers;
 pub mod interp;
 pub mod isa;
 pub mod jit;
+pub mod loader;
 pub mod reclaim;
 pub mod text;
 pub mod trampoline;

@@ -1006,3 +1006,80 @@ fn failed_writes_to_stdout_are_reported() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert_one_line_error(&o, "cannot write to stdout");
 }
+
+#[test]
+fn show_prints_programs_then_maps_one_per_line() {
+    let Some(clang) = ["clang-19", "clang"].into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        assert!(
+            std::env::var("LIVEBPF_REQUIRE_CLANG").as_deref() != Ok("1"),
+            "LIVEBPF_REQUIRE_CLANG=1 but neither clang-19 nor clang runs"
+        );
+        eprintln!(
+            "!! WARNING: clang-19 / clang not found: `livebpf show` on a compiled object is SKIPPED"
+        );
+        return;
+    };
+    let object = |name: &str| {
+        let src = format!("{}/tests/bpf/{name}.c", env!("CARGO_MANIFEST_DIR"));
+        let out = temp(&format!("{name}.o"), b"");
+        let o = Command::new(clang)
+            .args(["-O2", "-g", "-target", "bpf"])
+            .args([
+                "-I/usr/include/x86_64-linux-gnu",
+                "-I/usr/include/aarch64-linux-gnu",
+            ])
+            .args(["-c", &src, "-o", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        out
+    };
+    let tailcall = object("tailcall");
+    let o = livebpf(&["show", tailcall.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "program tail_pass section=xdp type=xdp insns=2 maps=0 helpers=-\n\
+         program tail_drop section=xdp type=xdp insns=2 maps=0 helpers=-\n\
+         program xdp_entry section=xdp type=xdp insns=7 maps=1 helpers=12\n\
+         map jump_table type=prog_array key_size=4 value_size=4 max_entries=4 flags=0x0\n"
+    );
+    let tracing = object("tracing");
+    let o = livebpf(&["show", tracing.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "program on_entry section=fentry/target_fn type=fentry target=target_fn insns=8 maps=1 helpers=-\n\
+         program on_exit section=fexit/target_fn type=fexit target=target_fn insns=6 maps=1 helpers=-\n\
+         program override_ret section=fmod_ret/target_fn type=fmod_ret target=target_fn insns=2 maps=0 helpers=-\n\
+         program replacement section=freplace/other_fn type=freplace target=other_fn insns=2 maps=0 helpers=-\n\
+         map .bss type=array key_size=4 value_size=16 max_entries=1 flags=0x0\n"
+    );
+    // A refused object: one line naming the file and the map.
+    let bad = object("bad_map_type");
+    let o = livebpf(&["show", bad.to_str().unwrap()], None);
+    assert_one_line_error(&o, &format!("{}: map `stacks` has type 7", bad.display()));
+    assert!(stdout(&o).is_empty());
+}
+
+#[test]
+fn show_of_what_is_not_an_ebpf_object_is_a_one_line_error() {
+    let o = livebpf(&["show", &example()], None);
+    assert_one_line_error(&o, "not an eBPF object file: no ELF magic number");
+    let mut header = elf_header();
+    header[18] = 62; // EM_X86_64
+    let x86 = temp("x86.o", &header);
+    let o = livebpf(&["show", x86.to_str().unwrap()], None);
+    assert_one_line_error(&o, "the ELF machine is not EM_BPF");
+    let truncated = temp("truncated.o", &elf_header()[..40]);
+    let o = livebpf(&["show", truncated.to_str().unwrap()], None);
+    assert_one_line_error(&o, "malformed object: ELF header");
+    let o = livebpf(&["show", "/nonexistent/prog.o"], None);
+    assert_one_line_error(&o, "cannot read /nonexistent/prog.o");
+    assert!(stdout(&o).is_empty());
+}
