@@ -13,6 +13,7 @@ pub mod helpers;
 pub mod interp;
 pub mod isa;
 pub mod jit;
+pub mod maps;
 pub mod reclaim;
 pub mod text;
 pub mod trampoline;
