@@ -27,7 +27,8 @@
 //! about [`LRU_SAMPLE`] elements that is exactly the least recently used one (elements used
 //! between the same two insertions tie); larger maps evict the oldest of a sample, which never
 //! evicts a recently used element while older ones are in the sample. As in the kernel, an update
-//! that replaces an existing key may also evict (room is made before the bucket is locked), and
+//! of a full map that replaces an existing key, or that its flags then refuse, has evicted all the
+//! same (room is made before the bucket is locked and the flags are checked), and
 //! `BPF_F_NO_COMMON_LRU` is accepted but the list is common.
 
 use std::alloc::Layout;

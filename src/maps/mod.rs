@@ -707,7 +707,7 @@ fn validate(spec: &MapSpec) -> Result<(), MapError> {
                 ));
             }
             let size = spec.max_entries as usize;
-            if !size.is_power_of_two() || size % ringbuf::page_size() != 0 {
+            if !size.is_power_of_two() || !size.is_multiple_of(ringbuf::page_size()) {
                 return Err(MapError::Invalid(
                     "a ring buffer's max_entries is its size in bytes: a power of 2 and a multiple of the page size",
                 ));
