@@ -391,7 +391,9 @@ fn concurrent_stress_readers_never_see_a_freed_or_torn_value() {
     let map = create(MapType::Hash, 8, (WORDS * 8) as u32, 256);
     let stop = Arc::new(AtomicBool::new(false));
     let checked = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(3);
+    let reader_deadline = t0 + Duration::from_secs(10);
     let writers = 3;
     let readers = 3;
     let start = Arc::new(Barrier::new(writers + readers));
@@ -435,7 +437,11 @@ fn concurrent_stress_readers_never_see_a_freed_or_torn_value() {
         threads.push(std::thread::spawn(move || {
             start.wait();
             let mut rng = 0x1234_5678_u64 + r as u64;
-            while !stop.load(Ordering::Relaxed) {
+            let mut rounds = 0u64;
+            while (!stop.load(Ordering::Relaxed) || rounds < 20_000)
+                && Instant::now() < reader_deadline
+            {
+                rounds += 1;
                 let run = ReadGuard::new();
                 let mut held: Vec<(u64, *const u64, u64)> = Vec::new();
                 for _ in 0..16 {
@@ -451,8 +457,14 @@ fn concurrent_stress_readers_never_see_a_freed_or_torn_value() {
                     let first = check_value(p, k, WORDS);
                     held.push((k, p, first));
                 }
-                // Let writers replace and delete what we hold, then look again.
-                std::thread::yield_now();
+                // Let writers replace and delete what we hold, then look again (spinning: a
+                // yield would hand whole time slices to the writers).
+                for _ in 0..200 {
+                    std::hint::spin_loop();
+                }
+                if rounds % 256 == 0 {
+                    std::thread::yield_now();
+                }
                 for &(k, p, first) in &held {
                     assert_eq!(check_value(p, k, WORDS), first, "value changed under a run");
                 }
@@ -472,10 +484,13 @@ fn concurrent_stress_readers_never_see_a_freed_or_torn_value() {
     for (_, t) in reader_threads {
         t.join().unwrap();
     }
-    assert!(
-        checked.load(Ordering::Relaxed) > 1000,
-        "readers checked values"
+    let checked = checked.load(Ordering::Relaxed);
+    eprintln!(
+        "stress: {checked} values checked, {} retired, {} ms",
+        map.retired_elements(),
+        t0.elapsed().as_millis()
     );
+    assert!(checked > 50_000, "readers checked values ({checked})");
     // The writers exited: their batches were retired. Everything retired gets freed.
     reclaim::flush().unwrap();
     assert!(map.retired_elements() > 1000);
@@ -559,11 +574,9 @@ fn lru_evicts_the_least_recently_used_instead_of_failing() {
     assert_eq!(err(map.update(&k32(9), &k32(1), BPF_EXIST)), ENOENT);
     assert_eq!(err(map.update(&k32(1), &k32(1), BPF_F_LOCK)), EINVAL);
     assert_eq!(err(map.delete(&k32(9))), ENOENT);
-    assert_eq!(
-        present(&map).len(),
-        4,
-        "failed updates evicted nothing for good"
-    );
+    // As in the kernel (prealloc_lru_pop runs before the flags check), the full map made room
+    // for the refused BPF_NOEXIST update: one element was evicted.
+    assert_eq!(present(&map).len(), 3);
 }
 
 #[test]

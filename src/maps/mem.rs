@@ -100,13 +100,17 @@ pub(crate) const ELEM_ALIGN: usize = 8;
 /// Bytes of a freed element overwritten with a poison pattern first, so that a use after free
 /// reads garbage deterministically (the stress test checks values are never garbage).
 const POISON_BYTES: usize = 4096;
+const POISON: u64 = 0xa5a5_a5a5_a5a5_a5a5;
 
 /// # Safety
 /// `ptr` was allocated with `Layout(size, ELEM_ALIGN)` and nothing uses it any more.
 pub(crate) unsafe fn free_elem(ptr: *mut u8, size: usize) {
     // SAFETY: the caller's contract.
     unsafe {
-        std::ptr::write_bytes(ptr, 0xa5, size.min(POISON_BYTES));
+        // Volatile: plain stores just before a free would be optimised away.
+        for i in 0..size.min(POISON_BYTES) / 8 {
+            (ptr as *mut u64).add(i).write_volatile(POISON);
+        }
         std::alloc::dealloc(ptr, Layout::from_size_align_unchecked(size, ELEM_ALIGN));
     }
 }
