@@ -38,7 +38,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use super::mem::{
-    ELEM_ALIGN, ElemCounters, copy_from_map, copy_to_map, free_elem, retire_elem, round8,
+    ElemPool, alloc_elem as pool_alloc, copy_from_map, copy_to_map, free_elem, retire_elem, round8,
+    unused_elem,
 };
 use super::{
     BPF_EXIST, BPF_F_ZERO_SEED, BPF_NOEXIST, MapError, MapSpec, MapType, check_update_flags,
@@ -82,7 +83,7 @@ pub(crate) struct HashTable {
     count: Padded<AtomicU32>,
     clock: Padded<AtomicU32>,
     hand: AtomicUsize,
-    counters: Arc<ElemCounters>,
+    pool: Arc<ElemPool>,
 }
 
 /// Where the link to an element is: the bucket word or the previous element's `next`.
@@ -207,12 +208,12 @@ impl HashTable {
             count: Padded(AtomicU32::new(0)),
             clock: Padded(AtomicU32::new(0)),
             hand: AtomicUsize::new(0),
-            counters: Arc::default(),
+            pool: ElemPool::new(value_off + value_area, spec.max_entries),
         })
     }
 
-    pub(crate) fn counters(&self) -> &ElemCounters {
-        &self.counters
+    pub(crate) fn pool(&self) -> &ElemPool {
+        &self.pool
     }
 
     #[inline(always)]
@@ -348,21 +349,14 @@ impl HashTable {
         value: *const u8,
         all_cpus: bool,
     ) -> Result<*mut Elem, MapError> {
-        // SAFETY: elem_size > 0, ELEM_ALIGN a power of two.
-        let p = unsafe {
-            std::alloc::alloc_zeroed(Layout::from_size_align_unchecked(
-                self.elem_size,
-                ELEM_ALIGN,
-            ))
-        };
-        if p.is_null() {
+        let Some((p, zeroed)) = pool_alloc(&self.pool) else {
             return Err(MapError::NoMemory(
                 "no memory for a new hash element: delete elements or free memory",
             ));
-        }
+        };
         let e = p as *mut Elem;
         let stamp = if self.lru { self.tick() } else { 0 };
-        // SAFETY: fresh allocation of elem_size bytes; the sources have the sizes above.
+        // SAFETY: an unused element of elem_size bytes; the sources have the sizes above.
         unsafe {
             e.write(Elem {
                 next: AtomicUsize::new(0),
@@ -374,7 +368,10 @@ impl HashTable {
             if self.percpu && all_cpus {
                 std::ptr::copy_nonoverlapping(value, v, self.ncpus * self.stride);
             } else if self.percpu {
-                // pcpu_init_value: this slot's value; the others stay zero.
+                // pcpu_init_value: this slot's value, the others zero.
+                if !zeroed {
+                    std::ptr::write_bytes(v, 0, self.ncpus * self.stride);
+                }
                 let cpu = current_cpu() as usize;
                 std::ptr::copy_nonoverlapping(value, v.add(cpu * self.stride), self.value_size);
             } else {
@@ -488,7 +485,7 @@ impl HashTable {
         };
         self.unreserve();
         // SAFETY: unlinked just now, by us.
-        unsafe { retire_elem(&self.counters, victim as *mut u8, self.elem_size) };
+        unsafe { retire_elem(&self.pool, victim as *mut u8) };
         true
     }
 
@@ -655,11 +652,11 @@ impl HashTable {
         }
         if !new.is_null() && !linked {
             // SAFETY: never published.
-            unsafe { free_elem(new as *mut u8, self.elem_size) };
+            unsafe { unused_elem(&self.pool, new as *mut u8) };
         }
         if !old.is_null() {
             // SAFETY: unlinked just now, by us.
-            unsafe { retire_elem(&self.counters, old as *mut u8, self.elem_size) };
+            unsafe { retire_elem(&self.pool, old as *mut u8) };
         }
         result
     }
@@ -690,7 +687,7 @@ impl HashTable {
         };
         self.unreserve();
         // SAFETY: unlinked just now, by us.
-        unsafe { retire_elem(&self.counters, old as *mut u8, self.elem_size) };
+        unsafe { retire_elem(&self.pool, old as *mut u8) };
         Ok(())
     }
 

@@ -4,8 +4,9 @@
 use std::alloc::Layout;
 use std::cell::RefCell;
 use std::ptr::NonNull;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::reclaim::{Retirable, retire};
 
@@ -71,29 +72,6 @@ impl<T: Send> Retirable for Deferred<T> {
 // it (the reclaimer, after a grace period).
 unsafe impl Send for super::Kind {}
 
-/// One hash map's retire accounting (shared by the map and its retired elements).
-#[derive(Default)]
-pub(crate) struct ElemCounters {
-    retired: AtomicU64,
-    freed: AtomicU64,
-}
-
-impl ElemCounters {
-    pub(crate) fn retired(&self) -> u64 {
-        self.retired.load(Ordering::Acquire)
-    }
-    pub(crate) fn freed(&self) -> u64 {
-        self.freed.load(Ordering::Acquire)
-    }
-}
-
-/// An unlinked hash element: its allocation.
-#[derive(Clone, Copy)]
-struct Elem {
-    ptr: NonNull<u8>,
-    size: usize,
-}
-
 /// Alignment of every hash element allocation.
 pub(crate) const ELEM_ALIGN: usize = 8;
 
@@ -102,6 +80,15 @@ pub(crate) const ELEM_ALIGN: usize = 8;
 const POISON_BYTES: usize = 4096;
 const POISON: u64 = 0xa5a5_a5a5_a5a5_a5a5;
 
+/// Elements a thread takes from a pool at once, and keeps per map at most.
+const CACHE_CHUNK: usize = 64;
+/// Maps a thread keeps element caches for.
+const CACHE_MAPS: usize = 8;
+/// How long a thread gathers unlinked elements (beyond the batch size) before retiring them.
+const RETIRE_INTERVAL: Duration = Duration::from_micros(200);
+
+/// Frees an element's memory.
+///
 /// # Safety
 /// `ptr` was allocated with `Layout(size, ELEM_ALIGN)` and nothing uses it any more.
 pub(crate) unsafe fn free_elem(ptr: *mut u8, size: usize) {
@@ -115,10 +102,90 @@ pub(crate) unsafe fn free_elem(ptr: *mut u8, size: usize) {
     }
 }
 
+/// One hash map's elements past their grace period, kept for reuse (the kernel's preallocated
+/// free list, filled lazily), and its retirement accounting. Shared by the map, the batches of
+/// its retired elements and the threads' caches; the last one frees what is left.
+pub(crate) struct ElemPool {
+    size: usize,
+    cap: usize,
+    free: Mutex<Vec<NonNull<u8>>>,
+    retired: AtomicU64,
+    freed: AtomicU64,
+}
+
+// SAFETY: the pointers are unreachable elements owned by the pool, handed out under its lock.
+unsafe impl Send for ElemPool {}
+// SAFETY: as above.
+unsafe impl Sync for ElemPool {}
+
+impl Drop for ElemPool {
+    fn drop(&mut self) {
+        for p in self
+            .free
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            // SAFETY: pooled elements are unused and were allocated with this size.
+            unsafe { free_elem(p.as_ptr(), self.size) };
+        }
+    }
+}
+
+impl ElemPool {
+    /// A pool for elements of `size` bytes, keeping at most `max(max_entries, 4096)` of them,
+    /// and no more than 8 MiB (but at least 64).
+    pub(crate) fn new(size: usize, max_entries: u32) -> Arc<ElemPool> {
+        let cap = (max_entries as usize)
+            .max(4096)
+            .min(((8 << 20) / size).max(CACHE_CHUNK));
+        Arc::new(ElemPool {
+            size,
+            cap,
+            free: Mutex::new(Vec::new()),
+            retired: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+        })
+    }
+
+    /// Elements unlinked and handed to [`crate::reclaim`] so far.
+    pub(crate) fn retired(&self) -> u64 {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Retired elements whose grace period is over (pooled for reuse or freed).
+    pub(crate) fn freed(&self) -> u64 {
+        self.freed.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<NonNull<u8>>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes unused elements back, freeing those beyond the cap.
+    fn give_back(&self, mut elems: Vec<NonNull<u8>>) {
+        {
+            let mut free = self.lock();
+            let room = self.cap.saturating_sub(free.len()).min(elems.len());
+            free.extend(elems.drain(..room));
+        }
+        for p in elems {
+            // SAFETY: unused, allocated with this size.
+            unsafe { free_elem(p.as_ptr(), self.size) };
+        }
+    }
+
+    fn refill(&self, out: &mut Vec<NonNull<u8>>) {
+        let mut free = self.lock();
+        let keep = free.len().saturating_sub(CACHE_CHUNK);
+        out.extend(free.drain(keep..));
+    }
+}
+
 /// Elements of one map, in a batch.
 struct Group {
-    counters: Arc<ElemCounters>,
-    elems: Vec<Elem>,
+    pool: Arc<ElemPool>,
+    elems: Vec<NonNull<u8>>,
 }
 
 /// A batch of unlinked elements, retired as one item.
@@ -134,22 +201,29 @@ impl Retirable for RetiredElems {
     fn free(self: Box<Self>) {
         for group in self.0 {
             let n = group.elems.len() as u64;
-            for e in group.elems {
-                // SAFETY: unlinked before retirement, and a grace period has passed since.
-                unsafe { free_elem(e.ptr.as_ptr(), e.size) };
-            }
-            group.counters.freed.fetch_add(n, Ordering::AcqRel);
+            // A grace period has passed since they were unlinked: they may be reused.
+            group.pool.give_back(group.elems);
+            group.pool.freed.fetch_add(n, Ordering::AcqRel);
         }
     }
 }
 
-#[derive(Default)]
-struct Batch {
-    groups: Vec<Group>,
-    len: usize,
+/// A thread's unused elements of one map.
+struct Cache {
+    pool: Arc<ElemPool>,
+    elems: Vec<NonNull<u8>>,
 }
 
-impl Batch {
+/// A thread's gathered unlinked elements and element caches.
+#[derive(Default)]
+struct Local {
+    groups: Vec<Group>,
+    len: usize,
+    last_send: Option<Instant>,
+    caches: Vec<Cache>,
+}
+
+impl Local {
     fn take(&mut self) -> Option<RetiredElems> {
         if self.len == 0 {
             return None;
@@ -157,19 +231,40 @@ impl Batch {
         self.len = 0;
         Some(RetiredElems(std::mem::take(&mut self.groups)))
     }
+
+    fn cache_for(&mut self, pool: &Arc<ElemPool>) -> &mut Cache {
+        let i = match self.caches.iter().position(|c| Arc::ptr_eq(&c.pool, pool)) {
+            Some(i) => i,
+            None => {
+                if self.caches.len() >= CACHE_MAPS {
+                    let old = self.caches.remove(0);
+                    old.pool.give_back(old.elems);
+                }
+                self.caches.push(Cache {
+                    pool: pool.clone(),
+                    elems: Vec::new(),
+                });
+                self.caches.len() - 1
+            }
+        };
+        &mut self.caches[i]
+    }
 }
 
-impl Drop for Batch {
+impl Drop for Local {
     fn drop(&mut self) {
         if let Some(items) = self.take() {
             send(items);
+        }
+        for c in self.caches.drain(..) {
+            c.pool.give_back(c.elems);
         }
     }
 }
 
 fn send(items: RetiredElems) {
     for g in &items.0 {
-        g.counters
+        g.pool
             .retired
             .fetch_add(g.elems.len() as u64, Ordering::AcqRel);
     }
@@ -177,13 +272,16 @@ fn send(items: RetiredElems) {
 }
 
 thread_local! {
-    static BATCH: RefCell<Batch> = RefCell::new(Batch::default());
+    static LOCAL: RefCell<Local> = RefCell::new(Local::default());
 }
 
 static RETIRE_BATCH: AtomicUsize = AtomicUsize::new(64);
 
 /// Sets how many unlinked hash elements a thread gathers before retiring them as one
-/// [`crate::reclaim`] item (at least 1; 64 by default). 1 retires each element at once.
+/// [`crate::reclaim`] item (64 by default). Beyond that a thread keeps gathering until 200 µs
+/// passed since its previous retirement (or it holds 64 times the batch), so that grace periods,
+/// each of which interrupts every running thread of the process, stay rare under heavy update
+/// loads. 1 retires each element at once (tests, measurements).
 pub fn set_retire_batch(n: usize) {
     RETIRE_BATCH.store(n.max(1), Ordering::Relaxed);
 }
@@ -196,8 +294,16 @@ pub fn retire_batch() -> usize {
 /// Retires the calling thread's gathered unlinked elements now (host-side mutations do this
 /// themselves; a thread that only mutates maps from the BPF side may call it when it goes idle).
 pub fn flush_retired() {
-    let items = BATCH
-        .try_with(|b| b.try_borrow_mut().ok().and_then(|mut b| b.take()))
+    let items = LOCAL
+        .try_with(|l| {
+            l.try_borrow_mut().ok().and_then(|mut l| {
+                let items = l.take();
+                if items.is_some() {
+                    l.last_send = Some(Instant::now());
+                }
+                items
+            })
+        })
         .ok()
         .flatten();
     if let Some(items) = items {
@@ -205,37 +311,90 @@ pub fn flush_retired() {
     }
 }
 
+/// Memory for a new element of `pool`'s map: a reused one (contents left over) from this thread's
+/// cache or the pool, else a fresh zeroed allocation (`true`). `None` when out of memory.
+pub(crate) fn alloc_elem(pool: &Arc<ElemPool>) -> Option<(*mut u8, bool)> {
+    let reused = LOCAL
+        .try_with(|l| {
+            let mut l = l.try_borrow_mut().ok()?;
+            let cache = l.cache_for(pool);
+            if cache.elems.is_empty() {
+                pool.refill(&mut cache.elems);
+            }
+            cache.elems.pop()
+        })
+        .ok()
+        .flatten();
+    if let Some(p) = reused {
+        return Some((p.as_ptr(), false));
+    }
+    // SAFETY: non-zero size, ELEM_ALIGN a power of two.
+    let p = unsafe {
+        std::alloc::alloc_zeroed(Layout::from_size_align_unchecked(pool.size, ELEM_ALIGN))
+    };
+    (!p.is_null()).then_some((p, true))
+}
+
+/// Takes back an element from [`alloc_elem`] that was never published.
+///
+/// # Safety
+/// `ptr` came from `alloc_elem(pool)` and nothing else has it.
+pub(crate) unsafe fn unused_elem(pool: &Arc<ElemPool>, ptr: *mut u8) {
+    // SAFETY: element pointers are never null.
+    let p = unsafe { NonNull::new_unchecked(ptr) };
+    let kept = LOCAL
+        .try_with(|l| {
+            let mut l = l.try_borrow_mut().ok()?;
+            let cache = l.cache_for(pool);
+            (cache.elems.len() < CACHE_CHUNK).then(|| cache.elems.push(p))
+        })
+        .ok()
+        .flatten();
+    if kept.is_none() {
+        pool.give_back(vec![p]);
+    }
+}
+
 /// Hands an unlinked element to the calling thread's batch.
 ///
 /// # Safety
-/// `ptr` was allocated with `Layout(size, ELEM_ALIGN)`, is unlinked, and is retired only once.
-pub(crate) unsafe fn retire_elem(counters: &Arc<ElemCounters>, ptr: *mut u8, size: usize) {
-    let elem = Elem {
-        // SAFETY: element pointers are never null.
-        ptr: unsafe { NonNull::new_unchecked(ptr) },
-        size,
-    };
+/// `ptr` came from `alloc_elem(pool)`, is unlinked, and is retired only once.
+pub(crate) unsafe fn retire_elem(pool: &Arc<ElemPool>, ptr: *mut u8) {
+    // SAFETY: element pointers are never null.
+    let elem = unsafe { NonNull::new_unchecked(ptr) };
     let limit = retire_batch();
-    let full = BATCH.try_with(|b| {
-        let Ok(mut b) = b.try_borrow_mut() else {
+    let full = LOCAL.try_with(|l| {
+        let Ok(mut l) = l.try_borrow_mut() else {
             return Err(());
         };
-        match b.groups.last_mut() {
-            Some(g) if Arc::ptr_eq(&g.counters, counters) => g.elems.push(elem),
-            _ => b.groups.push(Group {
-                counters: counters.clone(),
+        match l.groups.last_mut() {
+            Some(g) if Arc::ptr_eq(&g.pool, pool) => g.elems.push(elem),
+            _ => l.groups.push(Group {
+                pool: pool.clone(),
                 elems: vec![elem],
             }),
         }
-        b.len += 1;
-        Ok(if b.len >= limit { b.take() } else { None })
+        l.len += 1;
+        if l.len < limit || l.len % limit != 0 {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        let due = limit == 1
+            || l.len >= 64 * limit
+            || l.last_send
+                .is_none_or(|t| now.duration_since(t) >= RETIRE_INTERVAL);
+        if !due {
+            return Ok(None);
+        }
+        l.last_send = Some(now);
+        Ok(l.take())
     });
     match full {
         Ok(Ok(Some(items))) => send(items),
         Ok(Ok(None)) => {}
         // The thread-local is gone (a thread-local destructor) or busy: retire on its own.
         _ => send(RetiredElems(vec![Group {
-            counters: counters.clone(),
+            pool: pool.clone(),
             elems: vec![elem],
         }])),
     }

@@ -19,21 +19,26 @@
 //! run stays valid — readable, writable, never handed to another element — until that run ends,
 //! whatever other threads do to the map meanwhile:**
 //! * array values never move; their storage lives as long as the map (and a grace period more);
-//! * a hash element is never freed while linked. Deleting unlinks it; updating an existing key of
-//!   a (non-per-CPU) hash map links a **new** element in the old one's place, as the kernel does for
-//!   `BPF_F_NO_PREALLOC` maps, so a reader keeps seeing the old value, unchanged. An unlinked
-//!   element is handed to [`crate::reclaim::retire`] (no image address: only the grace periods
-//!   protect it) and freed by the reclaimer thread after every run that could have seen it ended;
+//! * a hash element is never freed or reused while linked. Deleting unlinks it; updating an
+//!   existing key of a (non-per-CPU) hash map links a **new** element in the old one's place, as
+//!   the kernel does for `BPF_F_NO_PREALLOC` maps, so a reader keeps seeing the old value,
+//!   unchanged. An unlinked element is handed to [`crate::reclaim::retire`] (no image address:
+//!   only the grace periods protect it); after every run that could have seen it has ended, the
+//!   reclaimer thread gives it back to the map's pool, from which later updates of that map take
+//!   their elements (the kernel's free list of preallocated elements, filled lazily and capped;
+//!   the rest is freed);
 //! * per-CPU hash maps update an existing element in place (the kernel's `pcpu_copy_value`): the
 //!   pointer stays valid, and the value it points at changes.
 //!
 //! Retirement is batched: each thread gathers the elements it unlinks and retires them as one item
-//! per [`set_retire_batch`] elements (64 by default). Host-side mutations ([`Map::update`],
+//! once it holds [`set_retire_batch`] elements (64 by default) and 200 µs have passed since its
+//! previous retirement, so that grace periods (each interrupts every running thread with a
+//! membarrier) stay rare under heavy update loads. Host-side mutations ([`Map::update`],
 //! [`Map::delete`] and the typed wrappers) and [`flush_retired`] retire the calling thread's batch
 //! at once, and so does a thread's exit; only a thread that mutates a map from the BPF side and
-//! then stays idle keeps its last (fewer than a batch of) unlinked elements, unfreed, until it
-//! does one of those. Calling [`RawMap::lookup_ptr`] outside a run is undefined behaviour for hash
-//! maps (the element may be freed while it is being read).
+//! then stays idle keeps its last gathered elements, not reusable, until it does one of those.
+//! Calling [`RawMap::lookup_ptr`] outside a run is undefined behaviour for hash maps (the element
+//! may be reused while it is being read).
 //!
 //! # What a "CPU" is
 //! Per-CPU maps are indexed by [`current_cpu`], a per-thread slot in `0..`[`possible_cpus`]; see
@@ -903,16 +908,16 @@ impl Map {
     /// Elements of a hash map unlinked and handed to [`crate::reclaim`] so far (diagnostics).
     pub fn retired_elements(&self) -> u64 {
         match &self.kind {
-            Kind::Hash(h) => h.counters().retired(),
+            Kind::Hash(h) => h.pool().retired(),
             _ => 0,
         }
     }
 
-    /// Elements of a hash map freed after their grace period so far (diagnostics; tests use it
-    /// to see that a value stays alive while a run may hold it).
+    /// Retired elements of a hash map whose grace period is over (pooled for reuse, or freed) so
+    /// far: diagnostics; tests use it to see that a value stays alive while a run may hold it.
     pub fn freed_elements(&self) -> u64 {
         match &self.kind {
-            Kind::Hash(h) => h.counters().freed(),
+            Kind::Hash(h) => h.pool().freed(),
             _ => 0,
         }
     }
