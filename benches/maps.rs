@@ -101,7 +101,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             rb.ringbuf_write(&record, maps::BPF_RB_NO_WAKEUP).unwrap();
             n += 1;
-            if n % 256 == 0 {
+            if n.is_multiple_of(256) {
                 consumer.consume(|d| {
                     black_box(d);
                 });

@@ -386,9 +386,19 @@ fn a_value_pointer_outlives_a_concurrent_delete_until_the_run_ends() {
 /// or generation, so a use after free fails the check.
 #[test]
 fn concurrent_stress_readers_never_see_a_freed_or_torn_value() {
+    stress(MapType::Hash);
+}
+
+/// The same on an LRU map, where updates also evict (and BPF lookups re-stamp elements).
+#[test]
+fn concurrent_stress_lru_readers_never_see_a_freed_or_torn_value() {
+    stress(MapType::LruHash);
+}
+
+fn stress(map_type: MapType) {
     const KEYS: u64 = 512;
     const WORDS: usize = 6;
-    let map = create(MapType::Hash, 8, (WORDS * 8) as u32, 256);
+    let map = create(map_type, 8, (WORDS * 8) as u32, 256);
     let stop = Arc::new(AtomicBool::new(false));
     let checked = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
@@ -462,7 +472,7 @@ fn concurrent_stress_readers_never_see_a_freed_or_torn_value() {
                 for _ in 0..200 {
                     std::hint::spin_loop();
                 }
-                if rounds % 256 == 0 {
+                if rounds.is_multiple_of(256) {
                     std::thread::yield_now();
                 }
                 for &(k, p, first) in &held {
@@ -486,7 +496,7 @@ fn concurrent_stress_readers_never_see_a_freed_or_torn_value() {
     }
     let checked = checked.load(Ordering::Relaxed);
     eprintln!(
-        "stress: {checked} values checked, {} retired, {} ms",
+        "stress {map_type:?}: {checked} values checked, {} retired, {} ms",
         map.retired_elements(),
         t0.elapsed().as_millis()
     );
