@@ -66,6 +66,14 @@ fn bpf_lookup(map: &Map, key: &[u8], len: usize) -> Option<Vec<u8>> {
 // ------------------------------------------------------------------------------ creation
 
 #[test]
+fn maps_are_send_sync_and_clone() {
+    fn check<T: Send + Sync + Clone>() {}
+    check::<Map>();
+    fn send<T: Send>() {}
+    send::<RingBufConsumer>();
+}
+
+#[test]
 fn creation_is_validated_like_the_kernel() {
     use MapType::*;
     // Arrays: key_size 4, value_size and max_entries non-zero.
@@ -158,6 +166,8 @@ fn creation_is_validated_like_the_kernel() {
     // The message says what to do.
     let e = Map::create(&spec(Array, 8, 4, 1)).unwrap_err();
     assert!(e.to_string().contains("key_size to 4"), "{e}");
+    // Allocation failures are ENOMEM: 2^30 values of 4 MiB.
+    assert_eq!(create_err(spec(Array, 4, 4 << 20, 1 << 30)), -libc::ENOMEM);
     assert_eq!(MapType::from_kernel(27), Some(Ringbuf));
     assert_eq!(LruPercpuHash.kernel_id(), 10);
 }

@@ -753,3 +753,30 @@ impl Drop for HashTable {
         unsafe { std::alloc::dealloc(self.buckets.as_ptr() as *mut u8, self.buckets_layout) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sequential and strided keys spread over the buckets (a bad hash would chain them).
+    #[test]
+    fn hash_spreads_keys_over_buckets() {
+        for seed in [0, 0x1234_5678_9abc_def0] {
+            for (len, stride) in [(4usize, 1u64), (4, 1024), (8, 1 << 32), (12, 1), (3, 1)] {
+                let mut used = std::collections::HashSet::new();
+                for i in 0..1024u64 {
+                    let k = (i * stride).to_le_bytes();
+                    let mut key = [0u8; 16];
+                    key[..8].copy_from_slice(&k);
+                    // SAFETY: 16 readable bytes.
+                    used.insert(unsafe { hash_bytes(seed, key.as_ptr(), len) } & 1023);
+                }
+                assert!(
+                    used.len() > 550,
+                    "len {len} stride {stride}: {} buckets",
+                    used.len()
+                );
+            }
+        }
+    }
+}
