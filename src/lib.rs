@@ -16,6 +16,7 @@ pub mod interp;
 pub mod isa;
 pub mod jit;
 pub mod loader;
+pub mod maps;
 pub mod reclaim;
 pub mod text;
 pub mod trampoline;

@@ -1,0 +1,782 @@
+//! `BPF_MAP_TYPE_HASH`, `PERCPU_HASH`, `LRU_HASH` and `LRU_PERCPU_HASH` (the kernel's
+//! `hashtab.c`, with the update semantics of its non-preallocated maps).
+//!
+//! # Structure
+//! `roundup_pow_of_two(max_entries)` buckets, each one word: the address of the first element of
+//! a singly linked list, with bit 0 as the bucket's spin lock. Readers (lookups, inside a run)
+//! walk lists with acquire loads and never lock; writers lock the bucket, allocate and link or
+//! unlink, and unlock with the release store that publishes the new head. An element is one
+//! allocation: a 16-byte header (`next`, `hash`, the LRU stamp), the key (padded to 8 bytes), then
+//! the value (per-CPU: one 8-byte-rounded value per slot). An element is immutable while linked
+//! except for its `next` link, its LRU stamp and its value bytes (which programs own); an update of
+//! a non-per-CPU map links a new element in the old one's place, in the list position it had, and
+//! retires the old one (see the module docs of `maps`).
+//!
+//! # Count
+//! `count` is exact: a new element is only linked after a compare-and-swap raised the count while
+//! it was below `max_entries` (the kernel's percpu counter may overshoot by a little under
+//! contention; this does not).
+//!
+//! # LRU (approximate, like the kernel's)
+//! Every insertion stamps its element with a tick of a global clock (which advances by 2 per
+//! insertion), and a **BPF-side** lookup re-stamps the element with the current clock when it
+//! differs (a relaxed load and, at most once per insertion, a store: lookups never write a shared
+//! line). Host lookups do not count as a use, as in the kernel. An update that needs room in a full
+//! map first evicts: it samples buckets from a rotating hand until it has seen
+//! [`LRU_SAMPLE`] elements (or every bucket), and evicts the oldest stamp. For maps of up to
+//! about [`LRU_SAMPLE`] elements that is exactly the least recently used one (elements used
+//! between the same two insertions tie); larger maps evict the oldest of a sample, which never
+//! evicts a recently used element while older ones are in the sample. As in the kernel, an update
+//! of a full map that replaces an existing key, or that its flags then refuse, has evicted all the
+//! same (room is made before the bucket is locked and the flags are checked), and
+//! `BPF_F_NO_COMMON_LRU` is accepted but the list is common.
+
+use std::alloc::Layout;
+use std::hash::{BuildHasher, RandomState};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use super::mem::{
+    ElemPool, alloc_elem as pool_alloc, copy_from_map, copy_to_map, free_elem, retire_elem, round8,
+    unused_elem,
+};
+use super::{
+    BPF_EXIST, BPF_F_ZERO_SEED, BPF_NOEXIST, MapError, MapSpec, MapType, check_update_flags,
+    current_cpu,
+};
+use crate::reclaim::ReadGuard;
+
+/// Elements an LRU eviction looks at before choosing.
+pub const LRU_SAMPLE: usize = 32;
+
+/// Bit 0 of a bucket word: locked.
+const LOCKED: usize = 1;
+
+#[repr(C)]
+struct Elem {
+    next: AtomicUsize,
+    hash: u32,
+    stamp: AtomicU32,
+}
+
+const HDR: usize = std::mem::size_of::<Elem>();
+
+#[repr(align(64))]
+struct Padded<T>(T);
+
+/// A hash table; see the module docs.
+pub(crate) struct HashTable {
+    buckets: NonNull<AtomicUsize>,
+    buckets_layout: Layout,
+    mask: usize,
+    key_size: usize,
+    value_size: usize,
+    value_off: usize,
+    stride: usize,
+    ncpus: usize,
+    percpu: bool,
+    lru: bool,
+    elem_size: usize,
+    max_entries: u32,
+    seed: u64,
+    count: Padded<AtomicU32>,
+    clock: Padded<AtomicU32>,
+    hand: AtomicUsize,
+    pool: Arc<ElemPool>,
+}
+
+/// Where the link to an element is: the bucket word or the previous element's `next`.
+#[derive(Clone, Copy)]
+enum Link {
+    Head,
+    Next(*const AtomicUsize),
+}
+
+/// A locked bucket. `first` is the head it will publish on unlock.
+struct Locked<'a> {
+    head: &'a AtomicUsize,
+    first: usize,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.head.store(self.first, Ordering::Release);
+    }
+}
+
+#[inline]
+fn backoff(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 64 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+const K1: u64 = 0x9e37_79b9_7f4a_7c15;
+const K2: u64 = 0xd6e8_feb8_6659_fd93;
+
+#[inline(always)]
+fn fold_mul(a: u64, b: u64) -> u64 {
+    let p = (a as u128) * (b as u128);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+/// A seeded multiply-fold hash (the kernel uses jhash; only the distribution matters).
+///
+/// # Safety
+/// `key` readable for `len` bytes.
+#[inline(always)]
+unsafe fn hash_bytes(seed: u64, key: *const u8, len: usize) -> u32 {
+    // SAFETY: reads stay within `len` bytes.
+    let h = unsafe {
+        match len {
+            4 => fold_mul(seed ^ (key as *const u32).read_unaligned() as u64, K1),
+            8 => fold_mul(seed ^ (key as *const u64).read_unaligned(), K1),
+            _ => {
+                let mut h = seed ^ (len as u64).wrapping_mul(K2);
+                let mut i = 0;
+                while i + 8 <= len {
+                    h = fold_mul(h ^ (key.add(i) as *const u64).read_unaligned(), K1);
+                    i += 8;
+                }
+                if i < len {
+                    let mut tail = 0u64;
+                    for j in 0..len - i {
+                        tail |= (*key.add(i + j) as u64) << (8 * j);
+                    }
+                    h = fold_mul(h ^ tail, K2);
+                }
+                h
+            }
+        }
+    };
+    (h ^ (h >> 32)) as u32
+}
+
+/// # Safety
+/// Both readable for `len` bytes.
+#[inline(always)]
+unsafe fn keys_eq(a: *const u8, b: *const u8, len: usize) -> bool {
+    // SAFETY: reads stay within `len` bytes.
+    unsafe {
+        match len {
+            4 => (a as *const u32).read_unaligned() == (b as *const u32).read_unaligned(),
+            8 => (a as *const u64).read_unaligned() == (b as *const u64).read_unaligned(),
+            _ => std::slice::from_raw_parts(a, len) == std::slice::from_raw_parts(b, len),
+        }
+    }
+}
+
+impl HashTable {
+    pub(crate) fn new(spec: &MapSpec, ncpus: usize) -> Result<HashTable, MapError> {
+        let percpu = spec.map_type.is_percpu();
+        let lru = matches!(spec.map_type, MapType::LruHash | MapType::LruPercpuHash);
+        let n_buckets = (spec.max_entries as usize).next_power_of_two();
+        let oom = MapError::NoMemory("the bucket array does not fit in memory: use fewer entries");
+        let buckets_layout = Layout::array::<AtomicUsize>(n_buckets).map_err(|_| oom)?;
+        // SAFETY: non-zero size; an all-zero AtomicUsize is a valid empty, unlocked bucket.
+        let buckets =
+            NonNull::new(unsafe { std::alloc::alloc_zeroed(buckets_layout) } as *mut AtomicUsize)
+                .ok_or(oom)?;
+        let key_size = spec.key_size as usize;
+        let value_size = spec.value_size as usize;
+        let stride = round8(value_size);
+        let value_off = HDR + round8(key_size);
+        let value_area = if percpu { stride * ncpus } else { stride };
+        let seed = if spec.flags & BPF_F_ZERO_SEED != 0 {
+            0
+        } else {
+            RandomState::new().hash_one(buckets.as_ptr() as usize)
+        };
+        Ok(HashTable {
+            buckets,
+            buckets_layout,
+            mask: n_buckets - 1,
+            key_size,
+            value_size,
+            value_off,
+            stride,
+            ncpus,
+            percpu,
+            lru,
+            elem_size: value_off + value_area,
+            max_entries: spec.max_entries,
+            seed,
+            count: Padded(AtomicU32::new(0)),
+            clock: Padded(AtomicU32::new(0)),
+            hand: AtomicUsize::new(0),
+            pool: ElemPool::new(value_off + value_area, spec.max_entries),
+        })
+    }
+
+    pub(crate) fn pool(&self) -> &ElemPool {
+        &self.pool
+    }
+
+    #[inline(always)]
+    fn bucket_at(&self, index: usize) -> &AtomicUsize {
+        // SAFETY: index <= mask, within the bucket array.
+        unsafe { &*self.buckets.as_ptr().add(index & self.mask) }
+    }
+
+    #[inline(always)]
+    fn bucket(&self, hash: u32) -> &AtomicUsize {
+        self.bucket_at(hash as usize)
+    }
+
+    /// # Safety
+    /// `key` readable for `key_size` bytes.
+    #[inline(always)]
+    unsafe fn hash(&self, key: *const u8) -> u32 {
+        // SAFETY: forwarded contract.
+        unsafe { hash_bytes(self.seed, key, self.key_size) }
+    }
+
+    #[inline(always)]
+    fn key_of(e: *const Elem) -> *mut u8 {
+        (e as *mut u8).wrapping_add(HDR)
+    }
+
+    #[inline(always)]
+    fn value_of(&self, e: *const Elem) -> *mut u8 {
+        (e as *mut u8).wrapping_add(self.value_off)
+    }
+
+    /// Walks a list from `e` for `key`, without the lock.
+    ///
+    /// # Safety
+    /// The caller is in a run (or holds the bucket lock); `key` readable for `key_size` bytes.
+    #[inline(always)]
+    unsafe fn find(&self, mut e: usize, hash: u32, key: *const u8) -> *mut Elem {
+        while e != 0 {
+            let p = e as *mut Elem;
+            // SAFETY: a reachable element is not freed before the caller's run ends.
+            unsafe {
+                if (*p).hash == hash && keys_eq(Self::key_of(p), key, self.key_size) {
+                    return p;
+                }
+                e = (*p).next.load(Ordering::Acquire);
+            }
+        }
+        std::ptr::null_mut()
+    }
+
+    #[inline(always)]
+    fn head(&self, hash: u32) -> usize {
+        self.bucket(hash).load(Ordering::Acquire) & !LOCKED
+    }
+
+    fn lock(&self, hash: u32) -> Locked<'_> {
+        let head = self.bucket(hash);
+        let mut spins = 0;
+        loop {
+            let h = head.load(Ordering::Relaxed);
+            if h & LOCKED == 0
+                && head
+                    .compare_exchange_weak(h, h | LOCKED, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return Locked { head, first: h };
+            }
+            backoff(&mut spins);
+        }
+    }
+
+    /// Finds `key` in a locked bucket, with the link that points at it.
+    ///
+    /// # Safety
+    /// `key` readable for `key_size` bytes.
+    unsafe fn find_link(
+        &self,
+        b: &Locked<'_>,
+        hash: u32,
+        key: *const u8,
+    ) -> Option<(Link, *mut Elem)> {
+        let mut link = Link::Head;
+        let mut e = b.first;
+        while e != 0 {
+            let p = e as *mut Elem;
+            // SAFETY: linked elements of a locked bucket are alive.
+            unsafe {
+                if (*p).hash == hash && keys_eq(Self::key_of(p), key, self.key_size) {
+                    return Some((link, p));
+                }
+                link = Link::Next(&(*p).next);
+                e = (*p).next.load(Ordering::Relaxed);
+            }
+        }
+        None
+    }
+
+    /// Finds element `target` (by address) in a locked bucket.
+    fn find_elem(&self, b: &Locked<'_>, target: *mut Elem) -> Option<Link> {
+        let mut link = Link::Head;
+        let mut e = b.first;
+        while e != 0 {
+            let p = e as *mut Elem;
+            if p == target {
+                return Some(link);
+            }
+            // SAFETY: linked elements of a locked bucket are alive.
+            unsafe {
+                link = Link::Next(&(*p).next);
+                e = (*p).next.load(Ordering::Relaxed);
+            }
+        }
+        None
+    }
+
+    fn set_link(b: &mut Locked<'_>, link: Link, to: usize) {
+        match link {
+            Link::Head => b.first = to,
+            // SAFETY: the link is the `next` of an element linked in this locked bucket.
+            Link::Next(next) => unsafe { (*next).store(to, Ordering::Release) },
+        }
+    }
+
+    /// A new, unlinked element holding `key` and `value`.
+    ///
+    /// # Safety
+    /// `key` readable for `key_size` bytes; `value` for `value_size`, or with `all_cpus` on a
+    /// per-CPU map for `ncpus * stride`.
+    unsafe fn alloc_elem(
+        &self,
+        key: *const u8,
+        hash: u32,
+        value: *const u8,
+        all_cpus: bool,
+    ) -> Result<*mut Elem, MapError> {
+        let Some((p, zeroed)) = pool_alloc(&self.pool) else {
+            return Err(MapError::NoMemory(
+                "no memory for a new hash element: delete elements or free memory",
+            ));
+        };
+        let e = p as *mut Elem;
+        let stamp = if self.lru { self.tick() } else { 0 };
+        // SAFETY: an unused element of elem_size bytes; the sources have the sizes above.
+        unsafe {
+            e.write(Elem {
+                next: AtomicUsize::new(0),
+                hash,
+                stamp: AtomicU32::new(stamp),
+            });
+            std::ptr::copy_nonoverlapping(key, Self::key_of(e), self.key_size);
+            let v = self.value_of(e);
+            if self.percpu && all_cpus {
+                std::ptr::copy_nonoverlapping(value, v, self.ncpus * self.stride);
+            } else if self.percpu {
+                // pcpu_init_value: this slot's value, the others zero.
+                if !zeroed {
+                    std::ptr::write_bytes(v, 0, self.ncpus * self.stride);
+                }
+                let cpu = current_cpu() as usize;
+                std::ptr::copy_nonoverlapping(value, v.add(cpu * self.stride), self.value_size);
+            } else {
+                std::ptr::copy_nonoverlapping(value, v, self.value_size);
+            }
+        }
+        Ok(e)
+    }
+
+    /// Raises the count if it is below `max_entries`.
+    fn reserve_count(&self) -> bool {
+        let count = &self.count.0;
+        let mut c = count.load(Ordering::Relaxed);
+        loop {
+            if c >= self.max_entries {
+                return false;
+            }
+            match count.compare_exchange_weak(c, c + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(now) => c = now,
+            }
+        }
+    }
+
+    fn unreserve(&self) {
+        self.count.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn tick(&self) -> u32 {
+        self.clock.0.fetch_add(2, Ordering::Relaxed).wrapping_add(1)
+    }
+
+    #[inline(always)]
+    fn touch(&self, e: *mut Elem) {
+        let now = self.clock.0.load(Ordering::Relaxed);
+        // SAFETY: the caller found `e` in its run.
+        let stamp = unsafe { &(*e).stamp };
+        if stamp.load(Ordering::Relaxed) != now {
+            stamp.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes room for one element in an LRU map: raises the count, evicting as needed.
+    fn reserve_lru(&self) -> Result<(), MapError> {
+        for attempt in 0..1000 {
+            if self.reserve_count() {
+                return Ok(());
+            }
+            if !self.evict_one() && attempt > 8 {
+                std::thread::yield_now();
+            }
+        }
+        Err(MapError::NoMemory(
+            "the LRU map found nothing to evict while full (heavy concurrent churn): retry",
+        ))
+    }
+
+    /// Evicts the oldest of a sample (module docs). Whether it unlinked an element.
+    fn evict_one(&self) -> bool {
+        let victim = {
+            let _run = ReadGuard::new();
+            let now = self.clock.0.load(Ordering::Relaxed);
+            let start = self.hand.load(Ordering::Relaxed);
+            let (mut best, mut best_age) = (std::ptr::null_mut::<Elem>(), 0u32);
+            let (mut seen, mut scanned) = (0, 0);
+            while scanned <= self.mask {
+                let mut e = self
+                    .bucket_at(start.wrapping_add(scanned))
+                    .load(Ordering::Acquire)
+                    & !LOCKED;
+                scanned += 1;
+                while e != 0 {
+                    let p = e as *mut Elem;
+                    // SAFETY: we are in a run: reachable elements are alive.
+                    let (age, next) = unsafe {
+                        (
+                            now.wrapping_sub((*p).stamp.load(Ordering::Relaxed)),
+                            (*p).next.load(Ordering::Acquire),
+                        )
+                    };
+                    if best.is_null() || age > best_age {
+                        (best, best_age) = (p, age);
+                    }
+                    seen += 1;
+                    e = next;
+                }
+                if seen >= LRU_SAMPLE {
+                    break;
+                }
+            }
+            self.hand
+                .store(start.wrapping_add(scanned), Ordering::Relaxed);
+            if best.is_null() {
+                return false;
+            }
+            // Still in the run: `best` cannot be freed (and its address reused) before we
+            // locked its bucket and checked it is linked.
+            // SAFETY: as above.
+            let hash = unsafe { (*best).hash };
+            let mut b = self.lock(hash);
+            match self.find_elem(&b, best) {
+                Some(link) => {
+                    // SAFETY: linked, so alive.
+                    let next = unsafe { (*best).next.load(Ordering::Relaxed) };
+                    Self::set_link(&mut b, link, next);
+                    best
+                }
+                // Deleted or replaced meanwhile.
+                None => return false,
+            }
+        };
+        self.unreserve();
+        // SAFETY: unlinked just now, by us.
+        unsafe { retire_elem(&self.pool, victim as *mut u8) };
+        true
+    }
+
+    /// `bpf_map_lookup_elem` (and `bpf_map_lookup_percpu_elem` with `cpu`).
+    ///
+    /// # Safety
+    /// In a run; `key` readable for `key_size` bytes.
+    #[inline]
+    pub(crate) unsafe fn lookup_ptr(&self, key: *const u8, cpu: Option<u32>) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        let e = unsafe {
+            let hash = self.hash(key);
+            self.find(self.head(hash), hash, key)
+        };
+        if e.is_null() {
+            return std::ptr::null_mut();
+        }
+        if self.lru {
+            self.touch(e);
+        }
+        let v = self.value_of(e);
+        if self.percpu {
+            let cpu = cpu.unwrap_or_else(current_cpu) as usize;
+            v.wrapping_add(cpu * self.stride)
+        } else {
+            v
+        }
+    }
+
+    /// The host lookup: a copy of the value (per-CPU: every slot's).
+    ///
+    /// # Safety
+    /// In a run; `key` readable for `key_size` bytes.
+    pub(crate) unsafe fn copy_value(&self, key: *const u8) -> Option<Vec<u8>> {
+        // SAFETY: forwarded contract.
+        let e = unsafe {
+            let hash = self.hash(key);
+            self.find(self.head(hash), hash, key)
+        };
+        if e.is_null() {
+            return None;
+        }
+        let len = if self.percpu {
+            self.ncpus * self.stride
+        } else {
+            self.value_size
+        };
+        let mut out = vec![0u8; len];
+        // SAFETY: the element holds `len` value bytes and is alive during the run.
+        unsafe { copy_from_map(out.as_mut_ptr(), self.value_of(e), len) };
+        Some(out)
+    }
+
+    /// `htab_map_update_elem` and its per-CPU and LRU variants.
+    ///
+    /// # Safety
+    /// As for [`alloc_elem`](Self::alloc_elem).
+    pub(crate) unsafe fn update(
+        &self,
+        key: *const u8,
+        value: *const u8,
+        flags: u64,
+        all_cpus: bool,
+    ) -> Result<(), MapError> {
+        check_update_flags(flags)?;
+        // SAFETY: forwarded contract.
+        let hash = unsafe { self.hash(key) };
+        if self.lru {
+            // Room first: eviction locks other buckets (the kernel's prealloc_lru_pop).
+            self.reserve_lru()?;
+        }
+        let mut reserved = self.lru;
+        // A non-per-CPU update always links a new element: allocate it outside the lock.
+        let mut new = std::ptr::null_mut::<Elem>();
+        if !self.percpu {
+            // SAFETY: forwarded contract.
+            match unsafe { self.alloc_elem(key, hash, value, all_cpus) } {
+                Ok(e) => new = e,
+                Err(err) => {
+                    if reserved {
+                        self.unreserve();
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        let mut linked = false;
+        let mut old = std::ptr::null_mut::<Elem>();
+        let result = {
+            let mut b = self.lock(hash);
+            // SAFETY: forwarded contract.
+            let found = unsafe { self.find_link(&b, hash, key) };
+            match found {
+                Some(_) if flags == BPF_NOEXIST => Err(MapError::Exists(
+                    "the key exists and BPF_NOEXIST was given: use BPF_ANY or BPF_EXIST to replace it",
+                )),
+                None if flags == BPF_EXIST => Err(MapError::NotFound(
+                    "the key does not exist and BPF_EXIST was given: use BPF_ANY or BPF_NOEXIST to create it",
+                )),
+                Some((_, e)) if self.percpu => {
+                    // pcpu_copy_value: in place.
+                    let v = self.value_of(e);
+                    // SAFETY: linked, so alive; the sources have the sizes of the contract.
+                    unsafe {
+                        if all_cpus {
+                            copy_to_map(v, value, self.ncpus * self.stride);
+                        } else {
+                            let cpu = current_cpu() as usize;
+                            copy_to_map(v.add(cpu * self.stride), value, self.value_size);
+                        }
+                    }
+                    if self.lru {
+                        // SAFETY: linked, so alive.
+                        unsafe { (*e).stamp.store(self.tick(), Ordering::Relaxed) };
+                    }
+                    Ok(())
+                }
+                Some((link, e)) => {
+                    // SAFETY: `new` is ours and unpublished; `e` is linked.
+                    unsafe {
+                        (*new)
+                            .next
+                            .store((*e).next.load(Ordering::Relaxed), Ordering::Relaxed)
+                    };
+                    Self::set_link(&mut b, link, new as usize);
+                    linked = true;
+                    old = e;
+                    Ok(())
+                }
+                None => {
+                    let room = if reserved {
+                        reserved = false;
+                        true
+                    } else {
+                        self.reserve_count()
+                    };
+                    if !room {
+                        Err(MapError::TooBig(
+                            "the hash map is full (max_entries elements): delete some, or use an LRU map to evict",
+                        ))
+                    } else {
+                        if self.percpu {
+                            // SAFETY: forwarded contract.
+                            match unsafe { self.alloc_elem(key, hash, value, all_cpus) } {
+                                Ok(e) => new = e,
+                                Err(err) => {
+                                    self.unreserve();
+                                    return Err(err);
+                                }
+                            }
+                        }
+                        // SAFETY: `new` is ours and unpublished.
+                        unsafe { (*new).next.store(b.first, Ordering::Relaxed) };
+                        b.first = new as usize;
+                        linked = true;
+                        Ok(())
+                    }
+                }
+            }
+            // Unlocked here, publishing a new head.
+        };
+        if reserved {
+            self.unreserve();
+        }
+        if !new.is_null() && !linked {
+            // SAFETY: never published.
+            unsafe { unused_elem(&self.pool, new as *mut u8) };
+        }
+        if !old.is_null() {
+            // SAFETY: unlinked just now, by us.
+            unsafe { retire_elem(&self.pool, old as *mut u8) };
+        }
+        result
+    }
+
+    /// `htab_map_delete_elem`.
+    ///
+    /// # Safety
+    /// `key` readable for `key_size` bytes.
+    pub(crate) unsafe fn delete(&self, key: *const u8) -> Result<(), MapError> {
+        // SAFETY: forwarded contract.
+        let hash = unsafe { self.hash(key) };
+        let old = {
+            let mut b = self.lock(hash);
+            // SAFETY: forwarded contract.
+            match unsafe { self.find_link(&b, hash, key) } {
+                Some((link, e)) => {
+                    // SAFETY: linked, so alive.
+                    let next = unsafe { (*e).next.load(Ordering::Relaxed) };
+                    Self::set_link(&mut b, link, next);
+                    e
+                }
+                None => {
+                    return Err(MapError::NotFound(
+                        "no element with this key: nothing to delete",
+                    ));
+                }
+            }
+        };
+        self.unreserve();
+        // SAFETY: unlinked just now, by us.
+        unsafe { retire_elem(&self.pool, old as *mut u8) };
+        Ok(())
+    }
+
+    /// `htab_map_get_next_key`: the key after `key` (its next element in the bucket, else the
+    /// first element of a later bucket), or the first key when `key` is `None` or absent.
+    ///
+    /// # Safety
+    /// In a run; `key` readable for `key_size` bytes.
+    pub(crate) unsafe fn next_key(&self, key: Option<*const u8>) -> Option<Vec<u8>> {
+        let copy_key = |e: usize| {
+            let mut k = vec![0u8; self.key_size];
+            // SAFETY: keys are immutable while the element is alive (in our run).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    Self::key_of(e as *const Elem),
+                    k.as_mut_ptr(),
+                    self.key_size,
+                )
+            };
+            k
+        };
+        let mut start = 0;
+        if let Some(key) = key {
+            // SAFETY: forwarded contract.
+            let (hash, e) = unsafe {
+                let hash = self.hash(key);
+                (hash, self.find(self.head(hash), hash, key))
+            };
+            if !e.is_null() {
+                // SAFETY: alive during the run.
+                let next = unsafe { (*e).next.load(Ordering::Acquire) };
+                if next != 0 {
+                    return Some(copy_key(next));
+                }
+                start = (hash as usize & self.mask) + 1;
+            }
+        }
+        for i in start..=self.mask {
+            let e = self.bucket_at(i).load(Ordering::Acquire) & !LOCKED;
+            if e != 0 {
+                return Some(copy_key(e));
+            }
+        }
+        None
+    }
+}
+
+impl Drop for HashTable {
+    fn drop(&mut self) {
+        // Dropped after a grace period with the map unreachable: no reader, no writer.
+        for i in 0..=self.mask {
+            let mut e = self.bucket_at(i).load(Ordering::Relaxed) & !LOCKED;
+            while e != 0 {
+                // SAFETY: linked elements are alive and owned by the table.
+                unsafe {
+                    let next = (*(e as *const Elem)).next.load(Ordering::Relaxed);
+                    free_elem(e as *mut u8, self.elem_size);
+                    e = next;
+                }
+            }
+        }
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.buckets.as_ptr() as *mut u8, self.buckets_layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sequential and strided keys spread over the buckets (a bad hash would chain them).
+    #[test]
+    fn hash_spreads_keys_over_buckets() {
+        for seed in [0, 0x1234_5678_9abc_def0] {
+            for (len, stride) in [(4usize, 1u64), (4, 1024), (8, 1 << 32), (12, 1), (3, 1)] {
+                let mut used = std::collections::HashSet::new();
+                for i in 0..1024u64 {
+                    let k = (i * stride).to_le_bytes();
+                    let mut key = [0u8; 16];
+                    key[..8].copy_from_slice(&k);
+                    // SAFETY: 16 readable bytes.
+                    used.insert(unsafe { hash_bytes(seed, key.as_ptr(), len) } & 1023);
+                }
+                assert!(
+                    used.len() > 550,
+                    "len {len} stride {stride}: {} buckets",
+                    used.len()
+                );
+            }
+        }
+    }
+}
