@@ -14,7 +14,7 @@
 //!
 //! # The value-pointer invariant
 //! A *run* is a read-side section of [`crate::reclaim`]: the time a thread holds a
-//! [`ReadGuard`](crate::reclaim::ReadGuard). Every JIT run holds one, so a program's whole
+//! [`ReadGuard`]. Every JIT run holds one, so a program's whole
 //! execution, helpers included, is a run. **A value pointer that [`RawMap::lookup_ptr`] returns in a
 //! run stays valid — readable, writable, never handed to another element — until that run ends,
 //! whatever other threads do to the map meanwhile:**
