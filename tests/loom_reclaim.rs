@@ -55,8 +55,9 @@
 //!
 //! Limits: interleavings are explored up to each model's preemption bound, not beyond; a load
 //! reads only stores already executed in the schedule (no load buffering), which loses nothing
-//! here because every writer load that feeds a later writer store is followed by a membarrier
-//! before that store and readers talk to each other only through locks; loom keeps the last 7
+//! here: a load-buffering cycle needs a writer load reordered after a later writer store, and in
+//! the real code every writer load of reader state is `Acquire`, while readers talk to each other
+//! only through locks (the shim's weakening is for orderings, not for this); loom keeps the last 7
 //! stores of each atomic (every atomic here has fewer); an instruction fetch of a patch site is a
 //! relaxed load of an `AtomicUsize` (cross-modifying code's own rules are the poke's business).
 //!
@@ -71,7 +72,7 @@
 //!
 //! Each model's preemption bound, executions and run time (release build, on 2 cores shared
 //! with other work, so times vary up to 3x) are noted at it; each prints them (`--nocapture`).
-//! The whole file takes about 50 s natively. `LIVEBPF_LOOM_EXTRA_PREEMPTIONS=n` raises every
+//! The whole file takes about 55 s natively (2 test threads). `LIVEBPF_LOOM_EXTRA_PREEMPTIONS=n` raises every
 //! bound by n for a deeper run (n = 1: about 10x the time); under an emulator the bounds of the
 //! models that must pass drop by one (see `emulated`). `LOOM_MAX_PREEMPTIONS` has no effect.
 
