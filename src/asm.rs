@@ -22,7 +22,7 @@
 //!
 //! [`assemble`] checks syntax and operand ranges only, so it can also build instructions the ISA
 //! rejects (e.g. a write to r10) for negative tests; [`assemble_program`] applies the full
-//! validation of [`isa`](crate::isa).
+//! validation of [`isa`].
 
 use std::collections::HashMap;
 
@@ -37,13 +37,16 @@ use crate::isa::{
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("line {line}: {kind}")]
 pub struct AsmError {
+    /// 1-based source line of the error.
     pub line: usize,
+    /// What was wrong on that line.
     pub kind: AsmErrorKind,
 }
 
 /// What went wrong on a line.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AsmErrorKind {
+    /// The line's first word (as written), which is no instruction of the dialect.
     #[error(
         "unknown mnemonic `{0}`; expected an instruction such as `mov`, `add32`, `lddw`, `ldxw`, \
          `stxdw`, `jeq`, `ja`, `call`, `lock add` or `exit`"
@@ -52,27 +55,45 @@ pub enum AsmErrorKind {
     /// `found` is the offending text in backticks, or "end of line".
     #[error("expected {expected}, found {found}")]
     Expected {
+        /// What the parser wanted at that point, e.g. "`,` and another operand".
         expected: &'static str,
+        /// The text found instead.
         found: String,
     },
+    /// The operand text, which looks like a register but names none of %r0–%r10.
     #[error("`{0}` is not a register; expected %r0 to %r10")]
     BadRegister(String),
+    /// A number does not fit its immediate field.
     #[error("immediate `{value}` is out of range; expected {expected}")]
     ImmediateOutOfRange {
+        /// The number as written.
         value: String,
+        /// The accepted range.
         expected: &'static str,
     },
+    /// The memory offset as written, with its sign, which does not fit 16 signed bits.
     #[error("memory offset `{0}` is out of range; expected -32768..=32767 (16-bit signed)")]
     OffsetOutOfRange(String),
+    /// A jump or local-call offset does not fit the instruction's offset field.
     #[error("jump offset {offset} does not fit the instruction; expected {expected}")]
     JumpOutOfRange {
+        /// The offset in slots from the next instruction (`i128::MIN` / `MAX` if even that
+        /// overflowed).
         offset: i128,
+        /// The range the instruction accepts.
         expected: &'static str,
     },
+    /// The label a jump or call names, which is defined nowhere.
     #[error("undefined label `{0}`; expected a label defined as `{0}:` somewhere in the program")]
     UndefinedLabel(String),
+    /// A label is defined twice.
     #[error("label `{name}` is already defined on line {first_line}; expected unique labels")]
-    DuplicateLabel { name: String, first_line: usize },
+    DuplicateLabel {
+        /// The label.
+        name: String,
+        /// Line of its first definition (1-based).
+        first_line: usize,
+    },
     /// Syntactically fine, but the ISA rejects it (reported by [`assemble_program`] only).
     #[error("invalid instruction: {0}")]
     Invalid(DecodeErrorKind),

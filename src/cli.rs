@@ -1,8 +1,9 @@
 //! The `livebpf` command line. `main.rs` only parses arguments and prints the one-line error.
 //!
-//! `dump` lives in [`dump`], `trace` in [`trace`]; everything else is here.
+//! `dump` lives in `cli/dump.rs`, `show` in `cli/show.rs`, `trace` in `cli/trace.rs`; everything else is here.
 
 mod dump;
+mod show;
 mod trace;
 
 use std::io::{Read, Write};
@@ -11,13 +12,28 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-use crate::conformance::{TestCase, parse_hex_bytes};
+use crate::conformance::{HexError, TestCase, parse_hex_bytes};
 use crate::helpers::Helpers;
 use crate::interp::Interpreter;
 use crate::isa::{DecodeError, Program};
 use crate::jit::{JitError, JitOptions, JitProgram};
 
 pub use dump::Arch;
+
+/// Largest program file read: 2^24 instruction slots of 8 bytes, the most the JIT's runtime
+/// calls can number (`jit::rt::MAX_PC`). Assembly and `.data` files get the same limit, which is
+/// far beyond any program written by hand or compiled; anything larger is the wrong file.
+pub const MAX_PROGRAM_FILE: u64 = ((crate::jit::rt::MAX_PC as u64) + 1) * 8;
+
+/// Largest program `conformance-plugin` reads on stdin: the hex text of the largest program file,
+/// two digits and a separator per byte.
+pub const MAX_PROGRAM_HEX: u64 = 3 * MAX_PROGRAM_FILE;
+
+/// The first bytes of every ELF file.
+const ELF_MAGIC: &[u8] = b"\x7fELF";
+
+/// The UTF-8 byte order mark some editors put at the start of a text file.
+const UTF8_BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// Largest `--zeroed-mem` accepted, so a typo cannot exhaust memory.
 pub const MAX_ZEROED_MEM: usize = 1 << 30;
@@ -78,8 +94,9 @@ pub enum Command {
         mem: MemArgs,
         #[arg(long, value_enum, default_value_t = Engine::default_for_host())]
         engine: Engine,
-        /// Stop after this many instructions (needs --engine interp).
-        #[arg(long)]
+        /// Stop a runaway program with an error: after this many instructions under the
+        /// interpreter, after this many back edges and BPF-to-BPF calls under the JIT.
+        #[arg(long, value_name = "N")]
         budget: Option<u64>,
     },
     /// Speak the conformance suite's plugin protocol: program as hex on stdin, memory as hex in the
@@ -121,6 +138,17 @@ pub enum Command {
         /// Attach/detach cycles.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
         cycles: u64,
+        /// Back edges and BPF-to-BPF calls a tracer run may take; one that needs more fails
+        /// (counted in errors), so a tracer that loops forever cannot hang the trace.
+        #[arg(long, value_name = "N", default_value_t = trace::TRACER_BUDGET)]
+        budget: u64,
+    },
+    /// Describe an ELF object compiled with `clang -O2 -g -target bpf` (libbpf conventions), one
+    /// line per item: `program NAME section=S type=T [target=F] insns=N maps=M helpers=IDS`,
+    /// then `map NAME type=T key_size=K value_size=V max_entries=N flags=0xF`, then `note TEXT`.
+    Show {
+        /// The object file (`.o`).
+        object: PathBuf,
     },
 }
 
@@ -139,7 +167,10 @@ impl MemArgs {
     /// The memory these options ask for, else `file_mem` (a `.data` file's), else none.
     fn resolve(&self, file_mem: Option<Vec<u8>>) -> Result<Vec<u8>, CliError> {
         match (&self.mem, self.zeroed_mem) {
-            (Some(hex), _) => parse_hex_bytes(hex).ok_or(CliError::Hex { what: "--mem" }),
+            (Some(hex), _) => parse_hex_bytes(hex).map_err(|source| CliError::Hex {
+                what: "--mem",
+                source,
+            }),
             (None, Some(n)) if n <= MAX_ZEROED_MEM => Ok(vec![0; n]),
             (None, Some(n)) => Err(CliError::MemTooLarge(n)),
             (None, None) => Ok(file_mem.unwrap_or_default()),
@@ -168,16 +199,43 @@ pub enum CliError {
     Decode { what: String, source: DecodeError },
     #[error("{0}")]
     Conformance(#[from] crate::conformance::ConformanceError),
-    #[error("bad hex in {what}: expected pairs of hex digits such as `01 ff`")]
-    Hex { what: &'static str },
+    #[error("bad hex in {what}: {source}; expected pairs of hex digits such as `01 ff`")]
+    Hex {
+        what: &'static str,
+        source: HexError,
+    },
+    #[error(
+        "{path} is larger than {limit} bytes, the limit for a program file (2^24 instruction slots of 8 bytes, the most the JIT accepts); is it the right file?"
+    )]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error(
+        "the program on stdin is larger than {limit} bytes of hex (3 characters per byte of the largest program, 2^24 slots of 8 bytes)"
+    )]
+    StdinTooLarge { limit: u64 },
+    #[error(
+        "{what} is an ELF object file, and ELF objects are not loaded yet (an ELF loader is planned); extract the program's section with `llvm-objcopy -O binary --only-section=SECTION {what} out.bin` and pass out.bin"
+    )]
+    Elf { what: String },
+    #[error("{path}: line {line}, column {column}: {}; assembly must be UTF-8 text, and the file is not valid bytecode either", not_text(*.byte))]
+    NotText {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        byte: u8,
+    },
+    #[error(
+        "{}; refusing to overwrite it with the bytecode: pass -o OUTPUT naming another file",
+        output_is_input(.input, .output)
+    )]
+    OverwriteInput { input: PathBuf, output: PathBuf },
+    #[error("cannot write to stdout: {source}{}", stdout_hint(.source))]
+    Stdout { source: std::io::Error },
     #[error("{0}")]
     Exec(#[from] crate::exec::ExecError),
     #[error("--zeroed-mem {0} is too large; the limit is {MAX_ZEROED_MEM} bytes")]
     MemTooLarge(usize),
     #[error("cannot read the program from stdin: {0}")]
     Stdin(std::io::Error),
-    #[error("--budget needs --engine interp (the JIT has no instruction budget)")]
-    BudgetNeedsInterp,
     #[error("cannot JIT-compile {what}: {source}")]
     Jit { what: String, source: JitError },
     #[error("cannot JIT-compile {what}: {source}; use --engine interp")]
@@ -206,42 +264,211 @@ pub enum CliError {
     TraceStalled { thread: usize, secs: u64 },
     #[error("trace failed: {0}")]
     TraceFailed(String),
+    /// `show`: the object was refused.
+    #[error("{}: {source}", path.display())]
+    Load {
+        /// The object file.
+        path: PathBuf,
+        /// Why the loader refused it.
+        source: Box<crate::loader::LoadError>,
+    },
 }
 
+fn not_text(byte: u8) -> String {
+    match byte {
+        0 => "a NUL byte".to_string(),
+        b => format!("byte {b:#04x} is not UTF-8"),
+    }
+}
+
+fn output_is_input(input: &Path, output: &Path) -> String {
+    if input == output {
+        format!("the output {} is the input file", output.display())
+    } else {
+        format!(
+            "the output {} is the input file {} under another name",
+            output.display(),
+            input.display()
+        )
+    }
+}
+
+fn stdout_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EBADF) => {
+            " (stdout is closed or not open for writing; redirect it, e.g. to /dev/null)"
+        }
+        Some(libc::EPIPE) => " (the program reading the output has exited)",
+        _ => "",
+    }
+}
+
+/// Reads `reader` to its end if it holds at most `limit` bytes, else returns `None`. It reads no
+/// more than `limit + 1` bytes, so an endless source (a FIFO, `/dev/zero`) cannot exhaust memory.
+fn read_at_most(reader: impl Read, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let mut bytes = Vec::new();
+    reader
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
+}
+
+/// As [`read_at_most`], for hex text: it stops early after a chunk with a byte that is neither a
+/// hex digit nor whitespace, since the parser rejects the text at the first such byte anyway
+/// (`conformance-plugin < /dev/zero` fails at once).
+fn read_hex_at_most(reader: impl Read, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let mut reader = reader.take(limit.saturating_add(1));
+    let (mut bytes, mut chunk) = (Vec::new(), vec![0u8; 1 << 16]);
+    loop {
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        bytes.extend_from_slice(&chunk[..n]);
+        if chunk[..n]
+            .iter()
+            .any(|b| !b.is_ascii_hexdigit() && !b.is_ascii_whitespace())
+        {
+            return Ok(Some(bytes));
+        }
+    }
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
+}
+
+/// Reads a program file of at most [`MAX_PROGRAM_FILE`] bytes.
 fn read(path: &Path) -> Result<Vec<u8>, CliError> {
-    std::fs::read(path).map_err(|source| CliError::Read {
+    let io = |source| CliError::Read {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let too_large = || CliError::TooLarge {
+        path: path.to_path_buf(),
+        limit: MAX_PROGRAM_FILE,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // A regular file says how large it is: refuse a huge one without reading it.
+    if file
+        .metadata()
+        .is_ok_and(|m| m.is_file() && m.len() > MAX_PROGRAM_FILE)
+    {
+        return Err(too_large());
+    }
+    read_at_most(file, MAX_PROGRAM_FILE)
+        .map_err(io)?
+        .ok_or_else(too_large)
 }
 
+/// Decodes bytecode; an ELF object gets its own message.
 fn decode(bytes: &[u8], what: &Path) -> Result<Program, CliError> {
+    if bytes.starts_with(ELF_MAGIC) {
+        return Err(CliError::Elf {
+            what: what.display().to_string(),
+        });
+    }
     Program::decode(bytes).map_err(|source| CliError::Decode {
         what: what.display().to_string(),
         source,
     })
 }
 
+/// Whether bytes that did not decode as bytecode read as text with a few bad bytes: at most one
+/// byte in 16 is binary (not UTF-8, or an ASCII control byte other than tab, newline, form feed
+/// and carriage return). Bytecode is mostly zero bytes; text has none.
+fn looks_like_text(bytes: &[u8]) -> bool {
+    let binary: usize = bytes
+        .utf8_chunks()
+        .map(|chunk| {
+            chunk.invalid().len()
+                + chunk
+                    .valid()
+                    .bytes()
+                    .filter(|b| b.is_ascii_control() && !matches!(b, b'\t' | b'\n' | b'\r' | 0x0c))
+                    .count()
+        })
+        .sum();
+    binary.saturating_mul(16) <= bytes.len()
+}
+
+/// The bytes as assembly text, or the line and column of the first byte that is not UTF-8 or is
+/// a NUL.
+fn as_text<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a str, CliError> {
+    let (valid, bad) = match std::str::from_utf8(bytes) {
+        Ok(text) => (text, None),
+        Err(e) => {
+            let (good, rest) = bytes.split_at(e.valid_up_to());
+            (
+                std::str::from_utf8(good).unwrap_or_default(),
+                rest.first().copied(),
+            )
+        }
+    };
+    let (before, byte) = match (valid.find('\0'), bad) {
+        (Some(nul), _) => (&valid[..nul], 0),
+        (None, Some(byte)) => (valid, byte),
+        (None, None) => return Ok(valid),
+    };
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    Err(CliError::NotText {
+        path: path.to_path_buf(),
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+        byte,
+    })
+}
+
 /// A program file: a conformance `.data` file, assembly text, or raw bytecode. Returns the
-/// program and, for `.data` files, its memory.
+/// program and, for `.data` files, its memory. The README's "Program files" gives the rule,
+/// in this order:
+///
+/// 1. `\x7fELF` at the start: an ELF object, refused with the way to extract its bytecode.
+/// 2. A UTF-8 byte order mark at the start: text; the mark is dropped.
+/// 3. No NUL byte: text. Valid bytecode always has one, since its last instruction is `exit`,
+///    `ja` or `ja32`, whose register byte (and more) must be zero.
+/// 4. Bytes that decode as a valid program: bytecode.
+/// 5. Otherwise text if it looks like text (`looks_like_text`), else bytecode, and the error
+///    is the decoder's.
+///
+/// Text must be UTF-8 without NUL bytes; the first byte that is not is reported with its line
+/// and column. Text with a line `-- asm` is a `.data` file, other text is assembly.
 pub fn load_program(path: &Path) -> Result<(Program, Option<Vec<u8>>), CliError> {
     let bytes = read(path)?;
-    let text = std::str::from_utf8(&bytes).ok();
-    match text {
-        Some(text) if text.lines().any(|l| l.trim() == "-- asm") => {
-            let name = path.display().to_string();
-            let case = TestCase::parse(&name, text)?;
-            Ok((case.program()?, Some(case.mem)))
+    if bytes.starts_with(ELF_MAGIC) {
+        return Err(CliError::Elf {
+            what: path.display().to_string(),
+        });
+    }
+    let text = if let Some(rest) = bytes.strip_prefix(UTF8_BOM) {
+        rest
+    } else if !bytes.contains(&0) {
+        &bytes[..]
+    } else {
+        match decode(&bytes, path) {
+            Ok(program) => return Ok((program, None)),
+            Err(CliError::Decode { .. }) if looks_like_text(&bytes) => &bytes[..],
+            Err(e) => return Err(e),
         }
-        // Bytecode almost always holds NUL bytes; text never does.
-        Some(text) if !text.contains('\0') => {
-            let program = crate::asm::assemble_program(text).map_err(|source| CliError::Asm {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            Ok((program, None))
-        }
-        _ => Ok((decode(&bytes, path)?, None)),
+    };
+    let text = as_text(text, path)?;
+    if text.lines().any(|l| l.trim() == "-- asm") {
+        let name = path.display().to_string();
+        let case = TestCase::parse(&name, text)?;
+        return Ok((case.program()?, Some(case.mem)));
+    }
+    let program = crate::asm::assemble_program(text).map_err(|source| CliError::Asm {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((program, None))
+}
+
+/// Whether two paths name the same existing file (device and inode), whatever the spelling.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -266,17 +493,17 @@ fn run_engine(
             .with_budget(budget)
             .run(mem)?),
         Engine::Jit => {
-            if budget.is_some() {
-                return Err(CliError::BudgetNeedsInterp);
-            }
-            let jit = JitProgram::compile(program, &Helpers::conformance(), JitOptions::checked())
-                .map_err(|source| match source {
-                    // Only an explicit `--engine jit` gets here: say what works instead.
-                    JitError::UnsupportedHost { .. } => CliError::JitUnsupportedHost {
-                        what: what.display().to_string(),
-                        source,
-                    },
-                    source => jit_error(what, source),
+            let opts = JitOptions::checked().with_budget(budget);
+            let jit =
+                JitProgram::compile(program, &Helpers::conformance(), opts).map_err(|source| {
+                    match source {
+                        // Only an explicit `--engine jit` gets here: say what works instead.
+                        JitError::UnsupportedHost { .. } => CliError::JitUnsupportedHost {
+                            what: what.display().to_string(),
+                            source,
+                        },
+                        source => jit_error(what, source),
+                    }
                 })?;
             Ok(jit.run(mem)?)
         }
@@ -284,18 +511,19 @@ fn run_engine(
 }
 
 fn stdout_err(source: std::io::Error) -> CliError {
-    CliError::Write {
-        path: PathBuf::from("<stdout>"),
-        source,
-    }
+    CliError::Stdout { source }
 }
 
 /// Runs one command, writing its normal output to `out`.
 pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Asm { input, output } => {
-            let (program, _) = load_program(&input)?;
             let output = output.unwrap_or_else(|| input.with_extension("bin"));
+            // `asm x.bin` with assembly in x.bin would replace the source with its bytecode.
+            if same_file(&input, &output) {
+                return Err(CliError::OverwriteInput { input, output });
+            }
+            let (program, _) = load_program(&input)?;
             std::fs::write(&output, program.encode()).map_err(|source| CliError::Write {
                 path: output.clone(),
                 source,
@@ -319,27 +547,31 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             engine,
             budget,
         } => {
-            // A usage error: report it before touching any file.
-            if budget.is_some() && engine != Engine::Interp {
-                return Err(CliError::BudgetNeedsInterp);
-            }
             let (prog, file_mem) = load_program(&program)?;
             let mut mem = mem.resolve(file_mem)?;
             let r0 = run_engine(engine, &prog, &mut mem, budget, &program)?;
             writeln!(out, "{r0:#x}").map_err(stdout_err)?;
         }
         Command::ConformancePlugin { mem, engine } => {
-            let mut input = String::new();
-            std::io::stdin()
-                .read_to_string(&mut input)
-                .map_err(CliError::Stdin)?;
-            let bytes = parse_hex_bytes(&input).ok_or(CliError::Hex {
-                what: "the program on stdin",
+            let input = read_hex_at_most(std::io::stdin().lock(), MAX_PROGRAM_HEX)
+                .map_err(CliError::Stdin)?
+                .ok_or(CliError::StdinTooLarge {
+                    limit: MAX_PROGRAM_HEX,
+                })?;
+            // Bytes that are not UTF-8 become U+FFFD, which the hex parser reports in place.
+            let bytes = parse_hex_bytes(&String::from_utf8_lossy(&input)).map_err(|source| {
+                CliError::Hex {
+                    what: "the program on stdin",
+                    source,
+                }
             })?;
             let stdin = Path::new("<stdin>");
             let program = decode(&bytes, stdin)?;
             let mut mem = match mem {
-                Some(hex) => parse_hex_bytes(&hex).ok_or(CliError::Hex { what: "memory" })?,
+                Some(hex) => parse_hex_bytes(&hex).map_err(|source| CliError::Hex {
+                    what: "memory",
+                    source,
+                })?,
                 None => Vec::new(),
             };
             let r0 = run_engine(engine, &program, &mut mem, None, stdin)?;
@@ -368,6 +600,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             mem,
             threads,
             cycles,
+            budget,
         } => {
             trace::trace(
                 &trace::TraceArgs {
@@ -377,10 +610,61 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     mem,
                     threads: threads as usize,
                     cycles,
+                    tracer_budget: budget,
                 },
                 out,
             )?;
         }
+        Command::Show { object } => show::show(&object, out)?,
     }
-    Ok(())
+    // A buffered writer would report a failed final write only here (its drop ignores errors).
+    out.flush().map_err(stdout_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_at_most_the_limit() {
+        assert_eq!(
+            read_at_most(&b"abcd"[..], 4).unwrap(),
+            Some(b"abcd".to_vec())
+        );
+        assert_eq!(read_at_most(&b"abcde"[..], 4).unwrap(), None);
+        // An endless source: only limit + 1 bytes are taken from it.
+        assert_eq!(read_at_most(std::io::repeat(0), 1000).unwrap(), None);
+        assert_eq!(
+            read_hex_at_most(std::io::repeat(b'0'), 100_000).unwrap(),
+            None
+        );
+        assert_eq!(
+            read_hex_at_most(&b"01 02\n"[..], 6).unwrap(),
+            Some(b"01 02\n".to_vec())
+        );
+        // Hex text that has gone wrong is read no further than the chunk with the bad byte.
+        let bad = read_hex_at_most(std::io::repeat(b'+'), MAX_PROGRAM_HEX).unwrap();
+        assert!(bad.is_some_and(|b| b.len() <= 1 << 16));
+    }
+
+    #[test]
+    fn text_and_bytecode_are_told_apart() {
+        assert!(looks_like_text(b"mov %r0, 1\r\n\texit\x0c\n"));
+        assert!(looks_like_text(
+            "é€ mov %r0, 1 # comment with one NUL\0 in it".as_bytes()
+        ));
+        assert!(!looks_like_text(&[0x95, 0, 0, 0, 0, 0, 0, 0]));
+        assert!(!looks_like_text(b"\xff\xfe\xfd\xfc mostly text"));
+        let path = Path::new("p.s");
+        let at = |bytes: &[u8]| match as_text(bytes, path) {
+            Err(CliError::NotText {
+                line, column, byte, ..
+            }) => (line, column, byte),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(as_text(b"exit\n", path).unwrap(), "exit\n");
+        assert_eq!(at(b"exit\n\xff"), (2, 1, 0xff));
+        assert_eq!(at(b"\xc3\xa9\nab\0\xff"), (2, 3, 0));
+        assert_eq!(at(b"\xc3\xa9a\xe9"), (1, 3, 0xe9));
+    }
 }

@@ -17,12 +17,16 @@ pub const TOTAL_STACK: usize = STACK_SIZE * MAX_CALL_DEPTH;
 /// A range of memory a program may access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemRegion {
+    /// Address of the first byte.
     pub start: u64,
+    /// Length in bytes.
     pub len: u64,
+    /// Whether stores and atomics may touch it (loads always may).
     pub writable: bool,
 }
 
 impl MemRegion {
+    /// The region `[start, start + len)`.
     pub fn new(start: u64, len: u64, writable: bool) -> MemRegion {
         MemRegion {
             start,
@@ -48,32 +52,64 @@ impl MemRegion {
 /// Why a run stopped without returning a value.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum ExecError {
+    /// A memory access fell outside every region that allows it.
     #[error(
         "out-of-bounds {access} of {size} bytes at address {addr:#x} (instruction {pc}); a program may only touch its input memory, its stack and the regions it was given"
     )]
     OutOfBounds {
+        /// Slot index of the accessing instruction.
         pc: usize,
+        /// First byte accessed.
         addr: u64,
+        /// Access width in bytes.
         size: u64,
+        /// What the instruction tried to do.
         access: Access,
     },
+    /// An atomic, load-acquire or store-release address is not a multiple of its width.
     #[error(
         "misaligned atomic access of {size} bytes at address {addr:#x} (instruction {pc}); atomics need naturally aligned addresses"
     )]
-    MisalignedAtomic { pc: usize, addr: u64, size: u64 },
+    MisalignedAtomic {
+        /// Slot index of the accessing instruction.
+        pc: usize,
+        /// The misaligned address.
+        addr: u64,
+        /// Access width in bytes.
+        size: u64,
+    },
+    /// A `call` or `callx` named a helper id that is not registered.
     #[error("call to unknown helper {id} (instruction {pc}); register it in `Helpers` first")]
-    UnknownHelper { pc: usize, id: u64 },
+    UnknownHelper {
+        /// Slot index of the call.
+        pc: usize,
+        /// The id called (for `callx`, the full 64-bit register value).
+        id: u64,
+    },
+    /// A BPF-to-BPF call would make more than [`MAX_CALL_DEPTH`] frames live.
     #[error(
         "BPF-to-BPF call depth exceeds {MAX_CALL_DEPTH} frames (instruction {pc}); is the program recursing without end?"
     )]
-    CallDepthExceeded { pc: usize },
+    CallDepthExceeded {
+        /// Slot index of the call.
+        pc: usize,
+    },
+    /// The run used up its instruction budget (see the engine for what it counts).
     #[error(
         "instruction budget of {budget} exhausted at instruction {pc}; the program may loop forever, or needs a larger budget"
     )]
-    BudgetExhausted { pc: usize, budget: u64 },
+    BudgetExhausted {
+        /// Slot index of the instruction at which the budget ran out.
+        pc: usize,
+        /// The budget the run was given.
+        budget: u64,
+    },
+    /// The requested execution engine cannot run on this host.
     #[error("engine `{engine}` is not available: {reason}")]
     EngineUnavailable {
+        /// The engine's name, e.g. `"jit"`.
         engine: &'static str,
+        /// Why it is unavailable.
         reason: String,
     },
 }
@@ -81,8 +117,11 @@ pub enum ExecError {
 /// The kind of a memory access, for error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
+    /// A load, or a load-acquire.
     Load,
+    /// A store, or a store-release.
     Store,
+    /// An atomic read-modify-write.
     Atomic,
 }
 

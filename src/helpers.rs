@@ -22,6 +22,7 @@ extern "C" fn identity(r1: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
 }
 
 impl Helpers {
+    /// An empty registry.
     pub fn new() -> Helpers {
         Helpers::default()
     }
@@ -46,6 +47,7 @@ impl Helpers {
             .and_then(|id| self.by_id.get(&id).copied())
     }
 
+    /// Every registered `(id, helper)` pair, in ascending id order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, HelperFn)> + '_ {
         self.by_id.iter().map(|(id, f)| (*id, *f))
     }

@@ -29,6 +29,7 @@ pub struct Interpreter<'p> {
 }
 
 impl<'p> Interpreter<'p> {
+    /// An interpreter for `program` with no helpers, no budget and no extra regions.
     pub fn new(program: &'p Program) -> Interpreter<'p> {
         let targets = (0..program.insns().len())
             .map(|i| program.target_of(i).unwrap_or(usize::MAX))
@@ -42,6 +43,7 @@ impl<'p> Interpreter<'p> {
         }
     }
 
+    /// Replaces the helpers `call` and `callx` can reach.
     pub fn with_helpers(mut self, helpers: Helpers) -> Self {
         self.helpers = helpers;
         self
@@ -71,6 +73,30 @@ impl<'p> Interpreter<'p> {
 
     /// As [`Interpreter::run`], and also returns how many instructions were executed.
     pub fn run_counted(&self, mem: &mut [u8]) -> Result<(u64, u64), ExecError> {
+        // u64 elements keep the stack 8-byte aligned, as atomics on it need.
+        let mut stack: Box<[u64; TOTAL_STACK / 8]> = vec![0; TOTAL_STACK / 8]
+            .try_into()
+            .expect("exactly TOTAL_STACK bytes");
+        self.run_on(mem, &mut stack)
+    }
+
+    /// As [`Interpreter::run`], with `stack` as the run's stack (zeroed first): for callers that
+    /// need to know where it lies, e.g. to recognise a result that points into it.
+    pub fn run_with_stack(
+        &self,
+        mem: &mut [u8],
+        stack: &mut [u64; TOTAL_STACK / 8],
+    ) -> Result<u64, ExecError> {
+        stack.fill(0);
+        self.run_on(mem, stack).map(|(r0, _)| r0)
+    }
+
+    /// Runs on a zeroed `stack`, counting instructions.
+    fn run_on(
+        &self,
+        mem: &mut [u8],
+        stack: &mut [u64; TOTAL_STACK / 8],
+    ) -> Result<(u64, u64), ExecError> {
         let mem_addr = if mem.is_empty() {
             0
         } else {
@@ -80,8 +106,6 @@ impl<'p> Interpreter<'p> {
         if !mem.is_empty() {
             regions.push(MemRegion::of_slice(mem));
         }
-        // u64 elements keep the stack 8-byte aligned, as atomics on it need.
-        let mut stack = vec![0u64; TOTAL_STACK / 8];
         let stack_base = stack.as_mut_ptr() as u64;
         regions.push(MemRegion::new(stack_base, TOTAL_STACK as u64, true));
         regions.extend_from_slice(&self.extra_regions);

@@ -17,15 +17,25 @@ pub const MAX_REG: u8 = 10;
 pub struct Reg(u8);
 
 impl Reg {
+    /// Return value of the program, of helpers and of BPF-to-BPF calls.
     pub const R0: Reg = Reg(0);
+    /// First call argument; at entry, the address of the input memory (0 if it is empty).
     pub const R1: Reg = Reg(1);
+    /// Second call argument; at entry, the input length in bytes.
     pub const R2: Reg = Reg(2);
+    /// Third call argument; r1–r5 are caller-saved in RFC 9669's calling convention.
     pub const R3: Reg = Reg(3);
+    /// Fourth call argument; caller-saved.
     pub const R4: Reg = Reg(4);
+    /// Fifth call argument; caller-saved.
     pub const R5: Reg = Reg(5);
+    /// Callee-saved: preserved across helper and BPF-to-BPF calls.
     pub const R6: Reg = Reg(6);
+    /// Callee-saved: preserved across helper and BPF-to-BPF calls.
     pub const R7: Reg = Reg(7);
+    /// Callee-saved: preserved across helper and BPF-to-BPF calls.
     pub const R8: Reg = Reg(8);
+    /// Callee-saved: preserved across helper and BPF-to-BPF calls.
     pub const R9: Reg = Reg(9);
     /// The frame pointer.
     pub const R10: Reg = Reg(10);
@@ -35,10 +45,12 @@ impl Reg {
         if n <= MAX_REG { Some(Reg(n)) } else { None }
     }
 
+    /// The register number, 0–10, as stored in an instruction's 4-bit `dst` / `src` field.
     pub const fn num(self) -> u8 {
         self.0
     }
 
+    /// The register number as an index into an 11-entry register file.
     pub const fn index(self) -> usize {
         self.0 as usize
     }
@@ -62,13 +74,18 @@ pub enum Width {
 /// Memory access size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Size {
+    /// `BPF_B`: 1 byte.
     B,
+    /// `BPF_H`: 2 bytes (half word).
     H,
+    /// `BPF_W`: 4 bytes (word).
     W,
+    /// `BPF_DW`: 8 bytes (double word).
     DW,
 }
 
 impl Size {
+    /// Access width in bytes: 1, 2, 4 or 8.
     pub const fn bytes(self) -> usize {
         match self {
             Size::B => 1,
@@ -100,27 +117,44 @@ impl Size {
 /// Second operand of ALU, jump and store instructions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Source {
+    /// `BPF_X`: the value of a register.
     Reg(Reg),
+    /// `BPF_K`: the instruction's 32-bit `imm`, sign-extended to 64 bits where the operation is
+    /// 64-bit.
     Imm(i32),
 }
 
 /// Binary ALU operations (`dst = dst op src`; `Mov*` ignore the old `dst`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AluOp {
+    /// `dst += src`, wrapping.
     Add,
+    /// `dst -= src`, wrapping.
     Sub,
+    /// `dst *= src`, keeping the low 32 or 64 bits of the product.
     Mul,
+    /// Unsigned `dst /= src`; division by zero sets `dst` to 0.
     Div,
-    /// Signed division (offset 1).
+    /// Signed division (offset 1), truncating toward zero; division by zero sets `dst` to 0 and
+    /// `MIN / -1` wraps to `MIN`.
     SDiv,
+    /// `dst |= src`.
     Or,
+    /// `dst &= src`.
     And,
+    /// `dst <<= src`, the shift amount masked to 63 (64-bit) or 31 (32-bit).
     Lsh,
+    /// Logical (zero-filling) `dst >>= src`, the shift amount masked to 63 or 31.
     Rsh,
+    /// Unsigned `dst %= src`; modulo by zero leaves `dst` unchanged (its upper half zeroed for
+    /// 32-bit).
     Mod,
-    /// Signed modulo (offset 1).
+    /// Signed modulo (offset 1) of truncated division, so the result takes the dividend's sign;
+    /// modulo by zero leaves `dst` as [`AluOp::Mod`] does.
     SMod,
+    /// `dst ^= src`.
     Xor,
+    /// `dst = src` (32-bit: the low half, zero-extended).
     Mov,
     /// Move with sign extension from 8 bits (offset 8, register source only).
     MovSx8,
@@ -128,6 +162,7 @@ pub enum AluOp {
     MovSx16,
     /// Move with sign extension from 32 bits (offset 32, 64-bit only).
     MovSx32,
+    /// Arithmetic (sign-filling) `dst >>= src`, the shift amount masked to 63 or 31.
     Arsh,
 }
 
@@ -197,20 +232,32 @@ pub enum Endian {
 /// Conditions of conditional jumps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum JmpCond {
+    /// `jeq`: `dst == src`.
     Eq,
+    /// `jgt`: `dst > src`, unsigned.
     Gt,
+    /// `jge`: `dst >= src`, unsigned.
     Ge,
+    /// `jset`: `dst & src != 0`.
     Set,
+    /// `jne`: `dst != src`.
     Ne,
+    /// `jsgt`: `dst > src`, signed.
     Sgt,
+    /// `jsge`: `dst >= src`, signed.
     Sge,
+    /// `jlt`: `dst < src`, unsigned.
     Lt,
+    /// `jle`: `dst <= src`, unsigned.
     Le,
+    /// `jslt`: `dst < src`, signed.
     Slt,
+    /// `jsle`: `dst <= src`, signed.
     Sle,
 }
 
 impl JmpCond {
+    /// Every condition, in opcode order.
     pub const ALL: [JmpCond; 11] = [
         JmpCond::Eq,
         JmpCond::Gt,
@@ -280,14 +327,21 @@ impl JmpCond {
 /// Read-modify-write atomic operations (`BPF_STX | BPF_ATOMIC`, 32 or 64 bit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AtomicOp {
+    /// Atomic `*addr += src`; no register is written (`imm` 0x00).
     Add,
+    /// Atomic `*addr |= src`; no register is written (`imm` 0x40).
     Or,
+    /// Atomic `*addr &= src`; no register is written (`imm` 0x50).
     And,
+    /// Atomic `*addr ^= src`; no register is written (`imm` 0xa0).
     Xor,
     /// As `Add`, and `src` receives the old value.
     FetchAdd,
+    /// As `Or`, and `src` receives the old value (zero-extended for 32 bits).
     FetchOr,
+    /// As `And`, and `src` receives the old value (zero-extended for 32 bits).
     FetchAnd,
+    /// As `Xor`, and `src` receives the old value (zero-extended for 32 bits).
     FetchXor,
     /// `src` and memory exchange values.
     Xchg,
@@ -296,6 +350,7 @@ pub enum AtomicOp {
 }
 
 impl AtomicOp {
+    /// Every operation: the plain ones, their fetching forms, then `Xchg` and `CmpXchg`.
     pub const ALL: [AtomicOp; 10] = [
         AtomicOp::Add,
         AtomicOp::Or,
@@ -341,72 +396,135 @@ const PSEUDO_CALL: u8 = 1;
 pub enum Insn {
     /// `dst = dst op src` (or a move).
     Alu {
+        /// `BPF_ALU` (32-bit, result zero-extended) or `BPF_ALU64`.
         width: Width,
+        /// The operation.
         op: AluOp,
+        /// Destination and first operand.
         dst: Reg,
+        /// Second operand (the value moved, for moves).
         src: Source,
     },
     /// `dst = -dst`.
-    Neg { width: Width, dst: Reg },
+    Neg {
+        /// 32-bit (result zero-extended) or 64-bit negation.
+        width: Width,
+        /// The register negated in place.
+        dst: Reg,
+    },
     /// Byte-order conversion of the low `bits` (16, 32 or 64) of `dst`.
-    Endian { kind: Endian, bits: u8, dst: Reg },
+    Endian {
+        /// Target byte order, or an unconditional swap.
+        kind: Endian,
+        /// Width converted: 16, 32 or 64 (the `imm` field); the result is zero-extended.
+        bits: u8,
+        /// The register converted in place.
+        dst: Reg,
+    },
     /// `lddw dst, imm` — two slots.
-    LoadImm64 { dst: Reg, imm: u64 },
+    LoadImm64 {
+        /// The register loaded.
+        dst: Reg,
+        /// The 64-bit value: low half in the first slot's `imm`, high half in the second's.
+        imm: u64,
+    },
     /// `dst = *(size *)(base + off)`, zero- or sign-extended.
     Load {
+        /// Access width.
         size: Size,
+        /// Sign-extend to 64 bits (`BPF_MEMSX`; B, H or W only) instead of zero-extending.
         signed: bool,
+        /// The register loaded.
         dst: Reg,
+        /// Register holding the base address.
         base: Reg,
+        /// Signed byte offset added to `base`.
         off: i16,
     },
     /// `*(size *)(base + off) = src`.
     Store {
+        /// Access width; the low `size` bytes of the value are stored.
         size: Size,
+        /// Register holding the base address.
         base: Reg,
+        /// Signed byte offset added to `base`.
         off: i16,
+        /// The value: a register (`BPF_STX`) or a sign-extended immediate (`BPF_ST`).
         src: Source,
     },
     /// Atomic read-modify-write on `*(size *)(base + off)`; size is W or DW.
     Atomic {
+        /// W or DW; the address must be aligned to it.
         size: Size,
+        /// The operation (the `imm` field).
         op: AtomicOp,
+        /// Register holding the base address.
         base: Reg,
+        /// Signed byte offset added to `base`.
         off: i16,
+        /// The operand; receives the old value for fetching operations and `Xchg`.
         src: Reg,
     },
     /// `dst = load_acquire((size *)(base + off))`.
     LoadAcquire {
+        /// Access width; the address must be aligned to it. The value is zero-extended.
         size: Size,
+        /// The register loaded.
         dst: Reg,
+        /// Register holding the base address.
         base: Reg,
+        /// Signed byte offset added to `base`.
         off: i16,
     },
     /// `store_release((size *)(base + off), src)`.
     StoreRelease {
+        /// Access width; the address must be aligned to it.
         size: Size,
+        /// Register holding the base address.
         base: Reg,
+        /// Signed byte offset added to `base`.
         off: i16,
+        /// Register whose low `size` bytes are stored.
         src: Reg,
     },
     /// Unconditional jump, 16-bit offset (`ja`).
-    Ja { off: i16 },
+    Ja {
+        /// Target, in slots relative to the next instruction.
+        off: i16,
+    },
     /// Unconditional jump, 32-bit offset (`ja32`, "gotol").
-    Ja32 { off: i32 },
+    Ja32 {
+        /// Target, in slots relative to the next instruction (carried in `imm`).
+        off: i32,
+    },
     /// Conditional jump.
     Jump {
+        /// `BPF_JMP` (64-bit compare) or `BPF_JMP32` (compares the low 32 bits).
         width: Width,
+        /// The condition.
         cond: JmpCond,
+        /// Left operand.
         dst: Reg,
+        /// Right operand; an immediate is sign-extended to 64 bits for 64-bit compares.
         src: Source,
+        /// Target if taken, in slots relative to the next instruction.
         off: i16,
     },
     /// Call helper `id`.
-    Call { id: u32 },
+    Call {
+        /// Helper id (the `imm` field); arguments in r1–r5, result in r0.
+        id: u32,
+    },
     /// BPF-to-BPF call; the callee starts `off` slots after the next instruction.
-    CallLocal { off: i32 },
+    CallLocal {
+        /// Callee entry, in slots relative to the next instruction (carried in `imm`).
+        off: i32,
+    },
     /// Call the helper whose id is in `reg`.
-    CallX { reg: Reg },
+    CallX {
+        /// Register holding the helper id (carried in the `dst` field).
+        reg: Reg,
+    },
     /// Return r0 (from the program or the current BPF-to-BPF call).
     Exit,
 }
@@ -414,14 +532,20 @@ pub enum Insn {
 /// The five fields of one wire slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct RawInsn {
+    /// Byte 0: the opcode; its low 3 bits are the instruction class.
     pub opcode: u8,
+    /// Low nibble of byte 1: destination register number (0–15; only the low 4 bits are encoded).
     pub dst: u8,
+    /// High nibble of byte 1: source register number or pseudo source (0–15).
     pub src: u8,
+    /// Bytes 2–3, little-endian: signed offset.
     pub off: i16,
+    /// Bytes 4–7, little-endian: signed immediate.
     pub imm: i32,
 }
 
 impl RawInsn {
+    /// The 8 wire bytes of the slot.
     pub fn to_bytes(self) -> [u8; 8] {
         let mut b = [0u8; 8];
         b[0] = self.opcode;
@@ -431,6 +555,7 @@ impl RawInsn {
         b
     }
 
+    /// Splits 8 wire bytes into fields; every byte pattern is accepted.
     pub fn from_bytes(b: [u8; 8]) -> RawInsn {
         RawInsn {
             opcode: b[0],
@@ -446,6 +571,7 @@ impl RawInsn {
         u64::from_le_bytes(self.to_bytes())
     }
 
+    /// The inverse of [`RawInsn::to_u64`].
     pub fn from_u64(word: u64) -> RawInsn {
         RawInsn::from_bytes(word.to_le_bytes())
     }
@@ -733,30 +859,61 @@ pub fn encode_program(insns: &[Insn]) -> Vec<u8> {
 /// Why an encoding was rejected.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum DecodeErrorKind {
+    /// The program (or the slice given to [`decode_one`]) has no slots.
     #[error("the program is empty; it needs at least an `exit`")]
     Empty,
+    /// The byte length, which is not a multiple of [`INSN_SIZE`].
     #[error("program length {0} is not a multiple of 8 bytes; eBPF instructions are 8 bytes each")]
     BadLength(usize),
+    /// The opcode byte, which names no supported instruction (or sets a source or mode bit its
+    /// class does not allow).
     #[error("unknown opcode {0:#04x}")]
     UnknownOpcode(u8),
+    /// The value of a `dst` or `src` field that names no register (it is above 10), or of an
+    /// `lddw`'s `src` above 6 (no pseudo source has that number).
     #[error("register r{0} does not exist (registers are r0-r10)")]
     BadRegister(u8),
+    /// The instruction would write r10 (as `dst`, or as the source of a fetching atomic).
     #[error("r10 is the read-only frame pointer and cannot be written")]
     FramePointerWrite,
+    /// The name (`"dst"`, `"src"`, `"off"` or `"imm"`) of a field this opcode reserves, which is
+    /// not zero.
     #[error("reserved field `{0}` must be zero for this opcode")]
     ReservedNotZero(&'static str),
+    /// A field holds a value not allowed for this opcode.
     #[error("invalid field `{field}` = {value} for this opcode")]
-    BadField { field: &'static str, value: i64 },
+    BadField {
+        /// The field's name, possibly with a hint (e.g. `"imm (atomic operation)"`).
+        field: &'static str,
+        /// The value found, widened to `i64`.
+        value: i64,
+    },
+    /// An `lddw` starts in the last slot, so its second slot is missing.
     #[error("lddw needs a second slot but the program ends")]
     TruncatedLddw,
+    /// The second slot of an `lddw` has a non-zero opcode, `dst`, `src` or `off`.
     #[error("second slot of lddw must have opcode, registers and offset zero")]
     BadLddwSecondSlot,
+    /// A description of a valid eBPF encoding this runtime does not implement (legacy packet
+    /// loads, `lddw` pseudo sources, kfunc calls).
     #[error("unsupported: {0}")]
     Unsupported(&'static str),
+    /// A jump or local call lands outside the program.
     #[error("jump target {target} is outside the program (0..{len})")]
-    JumpOutOfProgram { target: i64, len: usize },
+    JumpOutOfProgram {
+        /// The target slot index (may be negative).
+        target: i64,
+        /// The program's length in slots.
+        len: usize,
+    },
+    /// A jump or local call lands on the second slot of an `lddw`.
     #[error("jump target {target} is the second slot of an lddw")]
-    JumpIntoLddw { target: i64 },
+    JumpIntoLddw {
+        /// The target slot index.
+        target: i64,
+    },
+    /// The last instruction is neither `exit` nor an unconditional jump, so execution could run
+    /// past the end.
     #[error("the last instruction must be `exit` or an unconditional jump")]
     FallsOffEnd,
 }
@@ -767,6 +924,7 @@ pub enum DecodeErrorKind {
 pub struct DecodeError {
     /// Slot index (8-byte units from the start of the program).
     pub index: usize,
+    /// Why the instruction was rejected.
     pub kind: DecodeErrorKind,
 }
 
@@ -1180,6 +1338,7 @@ impl Program {
         Program::new(insns)
     }
 
+    /// The instructions in order, one entry per instruction (an `lddw` is one entry, two slots).
     pub fn insns(&self) -> &[Insn] {
         &self.insns
     }
@@ -1206,6 +1365,7 @@ impl Program {
         self.insn_at(target as usize)
     }
 
+    /// The program's wire bytes, as [`encode_program`] gives them.
     pub fn encode(&self) -> Vec<u8> {
         encode_program(&self.insns)
     }

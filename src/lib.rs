@@ -1,10 +1,13 @@
 //! livebpf: a userspace eBPF runtime whose JIT code can be traced and replaced while other threads
 //! run it. See `docs/ARCHITECTURE.md` for the layers.
+#![warn(missing_docs)]
 
 #[cfg(target_endian = "big")]
 compile_error!("livebpf supports little-endian hosts only (x86-64, arm64)");
 
 pub mod asm;
+// The `livebpf` binary's command-line implementation, not library API.
+#[doc(hidden)]
 pub mod cli;
 pub mod conformance;
 pub mod exec;
@@ -12,9 +15,18 @@ pub mod helpers;
 pub mod interp;
 pub mod isa;
 pub mod jit;
+pub mod loader;
 pub mod reclaim;
 pub mod text;
 pub mod trampoline;
+
+pub use asm::assemble_program;
+pub use exec::ExecError;
+pub use helpers::Helpers;
+pub use interp::Interpreter;
+pub use isa::Program;
+pub use jit::{JitOptions, JitProgram};
+pub use trampoline::{AttachError, AttachKind, Link, Prog, ProgStats, attach};
 
 /// The README's examples, compiled and run as doctests so they stay true.
 #[doc = include_str!("../README.md")]

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::limits;
+
 use common::progen::{
     self, ALU_OPS, BuildOptions, CallxOptions, Case, CaseOptions, EDGE_VALUES, IDENTITY_ID,
     ItemOptions, MIX_ID, UNKNOWN_ID, access, asm, data_reg, endian, lddw, mix, neg, size, source,
@@ -714,6 +716,20 @@ fn concurrent_runs_of_one_program() {
             });
         }
     });
+}
+
+// ---------------------------------------------------------------- run limits
+
+#[test]
+fn budget_ends_runaway_loops_and_recursion_in_every_mode() {
+    arena();
+    limits::budget_in_every_mode(&modes(true), &helpers());
+}
+
+#[test]
+fn read_only_input_refuses_stores_and_atomics() {
+    arena();
+    limits::read_only_input_in_every_mode(&modes(false), &helpers());
 }
 
 // ---------------------------------------------------------------- random programs

@@ -120,7 +120,7 @@ fn plt_targets_and_the_dummy_trampoline_are_valid_landing_pads() {
 fn call_at(addr: usize) -> u64 {
     let helpers = Helpers::new();
     let mut stack = JitStack::new();
-    let mut ctx = RunContext::new(&mut [], &mut stack, &[], &helpers);
+    let mut ctx = RunContext::new(&mut [], &mut stack, &[], &helpers, None);
     // SAFETY: `addr` is inside the caller's live program image: its entry, or the instruction
     // after the landing pad, from which the code still runs to its end (or BTI stops it).
     unsafe {
@@ -199,7 +199,10 @@ fn bti_child() {
                 words.insert(0, enc::BTI_JC);
             }
             let far = far_code(arena, &words);
-            text_poke(entry, PokeInsn::Nop, PokeInsn::Call(far)).unwrap();
+            // SAFETY: `far` is complete code that returns into the body as the nop would, and
+            // stays mapped for the rest of this child process.
+            unsafe { text_poke(prog.patch_site().ip(), PokeInsn::Nop, PokeInsn::Call(far)) }
+                .unwrap();
             prog.run(&mut []).unwrap()
         }
         "dummy-via-plt" => {

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::limits;
+
 use common::progen::{
     self, ALU_OPS, ATOMIC, BuildOptions, CallxOptions, Case, CaseOptions, EDGE_VALUES, IDENTITY_ID,
     ItemOptions, LOAD, LOAD_ACQUIRE, MIX_ID, STORE, UNKNOWN_ID, access, asm, endian, lddw, mix,
@@ -674,6 +676,25 @@ fn concurrent_runs_of_one_program() {
             });
         }
     });
+}
+
+// ---------------------------------------------------------------- run limits
+
+fn both_modes() -> Vec<(String, JitOptions)> {
+    vec![
+        ("checked".to_string(), JitOptions::checked()),
+        ("trusted".to_string(), trusted()),
+    ]
+}
+
+#[test]
+fn budget_ends_runaway_loops_and_recursion_in_checked_and_trusted_code() {
+    limits::budget_in_every_mode(&both_modes(), &helpers());
+}
+
+#[test]
+fn read_only_input_refuses_stores_and_atomics() {
+    limits::read_only_input_in_every_mode(&both_modes(), &helpers());
 }
 
 // ---------------------------------------------------------------- random programs

@@ -15,7 +15,8 @@ use livebpf::jit::arm64::host_features;
 use livebpf::jit::{JitOptions, JitProgram};
 use livebpf::text::poke::{
     A64_NOP, DUMMY_TRAMPOLINE, PokeError, PokeInsn, PokeOutcome, ProgramSite, decode_a64,
-    dummy_trampoline, register_program_site, text_poke, unregister_program_site,
+    dummy_trampoline, plt_quiesced, register_program_site, text_poke as raw_text_poke,
+    unregister_program_site,
 };
 use livebpf::text::{
     Allocation, ArenaOptions, CodeArena, ImageKind, Registry, TextError, sync_all_threads,
@@ -80,6 +81,13 @@ fn layout(p: &JitProgram) -> Layout {
     }
 }
 
+/// The raw poke on this file's own images and programs.
+fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome, PokeError> {
+    // SAFETY: every target these tests branch a site to is complete code of this file (a stub,
+    // a program, a trampoline-like image) that stays mapped while a site can branch there.
+    unsafe { raw_text_poke(ip, old, new) }
+}
+
 /// Code in the global arena, registered as a trampoline image; freed on drop.
 struct Image {
     alloc: Option<Allocation>,
@@ -91,9 +99,15 @@ impl Image {
         let bytes = words_to_bytes(words);
         let alloc = arena.alloc(bytes.len(), 16).unwrap();
         arena.write(&alloc, 0, &bytes).unwrap();
-        Registry::global()
-            .register(alloc.rx(), alloc.len(), ImageKind::Trampoline, 0)
-            .unwrap();
+        // SAFETY: the image is this test's code in the global arena, unregistered before it is
+        // freed; the tests poke only its first word, a `nop`/`b`/`bl` site.
+        unsafe {
+            let registry = Registry::global();
+            registry
+                .register(alloc.rx(), alloc.len(), ImageKind::Trampoline, 0)
+                .unwrap();
+            registry.add_site(alloc.rx()).unwrap();
+        }
         Image { alloc: Some(alloc) }
     }
 
@@ -228,7 +242,7 @@ fn near_nop_call_jump_nop() {
 
     let call = PokeInsn::Call(stub.addr());
     assert_eq!(
-        text_poke(prog.entry(), PokeInsn::Nop, call),
+        text_poke(prog.patch_site().ip(), PokeInsn::Nop, call),
         Ok(PokeOutcome::Applied)
     );
     assert_eq!(word_at(l.site), bl_to(l.site, stub.addr()));
@@ -238,21 +252,21 @@ fn near_nop_call_jump_nop() {
 
     let jump = PokeInsn::Jump(alt.addr());
     assert_eq!(
-        text_poke(prog.entry(), call, jump),
+        text_poke(prog.patch_site().ip(), call, jump),
         Ok(PokeOutcome::Applied)
     );
     assert_eq!(run(&prog, 1), 100);
     assert_eq!(COUNT.load(Ordering::Relaxed), 1);
 
     assert_eq!(
-        text_poke(prog.entry(), jump, PokeInsn::Nop),
+        text_poke(prog.patch_site().ip(), jump, PokeInsn::Nop),
         Ok(PokeOutcome::Applied)
     );
     assert_eq!(word_at(l.site), A64_NOP);
     assert_eq!(run(&prog, 1), 2);
     // Applying what is already there is reported, not an error.
     assert_eq!(
-        text_poke(prog.entry(), call, PokeInsn::Nop),
+        text_poke(prog.patch_site().ip(), call, PokeInsn::Nop),
         Ok(PokeOutcome::AlreadyApplied)
     );
     // The literal never left the dummy trampoline.
@@ -272,7 +286,7 @@ fn far_targets_go_through_the_plt() {
     let l = layout(&prog);
     let dummy = dummy_trampoline().unwrap() as u64;
     let bl_plt = bl_to(l.site, l.plt);
-    let e = prog.entry();
+    let e = prog.patch_site().ip();
 
     // nop -> far: the literal first, then `bl plt`.
     let c1 = PokeInsn::Call(far1.addr);
@@ -294,17 +308,27 @@ fn far_targets_go_through_the_plt() {
     );
     assert_eq!(text_poke(e, c1, c2), Ok(PokeOutcome::AlreadyApplied));
 
-    // far -> near: the literal back to the dummy, then a direct `bl`.
+    // far -> near: a direct `bl`; the literal keeps the old target for threads that executed
+    // the old `bl plt` and have yet to load it.
     let cn = PokeInsn::Call(near.addr());
     assert_eq!(text_poke(e, c2, cn), Ok(PokeOutcome::Applied));
     assert_eq!(word_at(l.site), bl_to(l.site, near.addr()));
-    assert_eq!(literal_at(l.literal), dummy);
+    assert_eq!(literal_at(l.literal), far2.addr as u64);
     assert_eq!(run(&prog, 1), 6);
     assert_eq!(NEAR.load(Ordering::Relaxed), 1);
 
-    // near -> far jump, then far jump -> nop.
+    // near -> far jump: the literal last served a call, so it is refused until a grace period
+    // is declared (a stale `bl plt` must never enter a replacement).
     let j = PokeInsn::Jump(far_alt.addr);
-    assert_eq!(text_poke(e, cn, j), Ok(PokeOutcome::Applied));
+    assert!(matches!(
+        text_poke(e, cn, j),
+        Err(PokeError::PltKindChange { was_call: true, .. })
+    ));
+    assert_eq!(word_at(l.site), bl_to(l.site, near.addr()));
+    assert_eq!(text_poke(e, cn, PokeInsn::Nop), Ok(PokeOutcome::Applied));
+    // SAFETY: this test's own program; no other thread runs it.
+    unsafe { plt_quiesced(prog.entry()) };
+    assert_eq!(text_poke(e, PokeInsn::Nop, j), Ok(PokeOutcome::Applied));
     assert_eq!(
         word_at(l.site),
         enc::b(l.plt as i64 - l.site as i64).unwrap()
@@ -313,8 +337,22 @@ fn far_targets_go_through_the_plt() {
     assert_eq!(run(&prog, 1), 777);
     assert_eq!(text_poke(e, j, PokeInsn::Nop), Ok(PokeOutcome::Applied));
     assert_eq!(word_at(l.site), A64_NOP);
-    assert_eq!(literal_at(l.literal), dummy);
+    assert_eq!(literal_at(l.literal), far_alt.addr as u64);
     assert_eq!(run(&prog, 1), 6);
+    // A thread that executed the old `b plt` just before the nop was stored still runs the
+    // replacement (it used to land in the dummy trampoline and return r1).
+    let rw = arena().rw_alias(l.site).unwrap();
+    let set_word = |w: u32| {
+        // SAFETY: the site is a 4-aligned word of this test's own image, which no other
+        // thread runs; the store is single-copy atomic.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(rw.cast()).store(w, Ordering::Release) };
+        arena().sync_text(l.site, 4).unwrap();
+        sync_all_threads().unwrap();
+    };
+    set_word(enc::b(l.plt as i64 - l.site as i64).unwrap());
+    assert_eq!(run(&prog, 1), 777);
+    set_word(A64_NOP);
+    let _ = dummy;
     assert_eq!(FAR1.load(Ordering::Relaxed), 1);
     assert_eq!(FAR2.load(Ordering::Relaxed), 1);
 }
@@ -328,7 +366,7 @@ fn mismatch_writes_nothing_literal_included() {
     let far2 = FarCode::new(&counting_stub(&C2));
     let near = Image::new(&counting_stub(&C1));
     let l = layout(&prog);
-    let e = prog.entry();
+    let e = prog.patch_site().ip();
     // The site holds a nop, not the expected call.
     let r = text_poke(e, PokeInsn::Call(near.addr()), PokeInsn::Call(far1.addr));
     assert_eq!(
@@ -396,7 +434,7 @@ fn contract_errors() {
     // Misaligned targets cannot be encoded.
     assert!(matches!(
         text_poke(
-            prog.entry(),
+            prog.patch_site().ip(),
             PokeInsn::Nop,
             PokeInsn::Call(prog.entry() + 2)
         ),
@@ -415,9 +453,12 @@ fn contract_errors() {
     let bytes = words_to_bytes(&[A64_NOP, enc::ret(enc::LR)]);
     let a = arena().alloc(bytes.len(), 16).unwrap();
     arena().write(&a, 0, &bytes).unwrap();
-    Registry::global()
-        .register(a.rx(), a.len(), ImageKind::Program, 0)
-        .unwrap();
+    // SAFETY: this test's own code, never run, unregistered below.
+    unsafe {
+        Registry::global()
+            .register(a.rx(), a.len(), ImageKind::Program, 0)
+            .unwrap()
+    };
     assert!(matches!(
         text_poke(a.rx(), PokeInsn::Nop, PokeInsn::Jump(a.rx() + 4)),
         Err(PokeError::NotASite { .. })
@@ -469,7 +510,7 @@ fn dummy_trampoline_behind_the_plt_behaves_like_the_nop() {
     }
     // text_poke sees `bl plt` with the dummy literal as a call to the dummy.
     assert_eq!(
-        text_poke(prog.entry(), PokeInsn::Call(dummy), PokeInsn::Nop),
+        text_poke(prog.patch_site().ip(), PokeInsn::Call(dummy), PokeInsn::Nop),
         Ok(PokeOutcome::Applied)
     );
     assert_eq!(word_at(l.site), A64_NOP);
@@ -493,10 +534,20 @@ fn prologue_site_layout_with_and_without_bti() {
         static C: AtomicU64 = AtomicU64::new(0);
         let stub = Image::new(&counting_stub(&C));
         let before = C.load(Ordering::Relaxed);
-        text_poke(prog.entry(), PokeInsn::Nop, PokeInsn::Call(stub.addr())).unwrap();
+        text_poke(
+            prog.patch_site().ip(),
+            PokeInsn::Nop,
+            PokeInsn::Call(stub.addr()),
+        )
+        .unwrap();
         assert_eq!(prog.call([0; 5]), Ok(1));
         assert_eq!(C.load(Ordering::Relaxed), before + 1);
-        text_poke(prog.entry(), PokeInsn::Call(stub.addr()), PokeInsn::Nop).unwrap();
+        text_poke(
+            prog.patch_site().ip(),
+            PokeInsn::Call(stub.addr()),
+            PokeInsn::Nop,
+        )
+        .unwrap();
     }
 }
 
@@ -543,7 +594,7 @@ fn site_switched_under_two_runners_with_far_targets() {
         })
         .collect();
     let started = std::time::Instant::now();
-    let e = prog.entry();
+    let e = prog.patch_site().ip();
     for i in 0..pokes {
         let old = cycle[i % cycle.len()];
         let new = cycle[(i + 1) % cycle.len()];

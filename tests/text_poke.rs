@@ -4,8 +4,17 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use livebpf::text::poke::{PokeError, PokeInsn, PokeOutcome, X86_NOP5, text_poke, traps_handled};
+use livebpf::text::poke::{
+    PokeError, PokeInsn, PokeOutcome, X86_NOP5, text_poke as raw_text_poke, traps_handled,
+};
 use livebpf::text::{Allocation, CodeArena, ImageKind, Registry};
+
+/// The raw poke on this file's own images and programs.
+fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome, PokeError> {
+    // SAFETY: every target these tests branch a site to is complete code of this file (a stub,
+    // a program, a trampoline-like image) that stays mapped while a site can branch there.
+    unsafe { raw_text_poke(ip, old, new) }
+}
 
 /// An image in the global arena, registered in the registry, freed on drop.
 struct Image {
@@ -17,9 +26,15 @@ impl Image {
         let arena = CodeArena::global().unwrap();
         let alloc = arena.alloc(code.len(), 16).unwrap();
         arena.write(&alloc, 0, code).unwrap();
-        Registry::global()
-            .register(alloc.rx(), alloc.len(), kind, 0)
-            .unwrap();
+        // SAFETY: the image is this test's code in the global arena, unregistered before it is
+        // freed; a `Program` image starts with its 5-byte nop patch site.
+        unsafe {
+            let registry = Registry::global();
+            registry.register(alloc.rx(), alloc.len(), kind, 0).unwrap();
+            if kind == ImageKind::Program {
+                registry.add_site(alloc.rx()).unwrap();
+            }
+        }
         Image { alloc: Some(alloc) }
     }
 

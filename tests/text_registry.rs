@@ -5,12 +5,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use livebpf::text::{ImageKind, Registry, Symbol, TextError};
 
+// SAFETY (of every `register` below): these registries hold made-up ranges that no code
+// patches or runs; the global registry is only given a range of this test's own.
+
 #[test]
 fn lookup_inside_at_edges_outside_and_after_unregister() {
     let r = Registry::new();
-    r.register(0x1000, 0x100, ImageKind::Program, 7).unwrap();
-    r.register(0x1100, 0x40, ImageKind::Plt, 7).unwrap(); // adjacent is fine
-    r.register(0x2000, 0x10, ImageKind::Trampoline, 9).unwrap();
+    unsafe { r.register(0x1000, 0x100, ImageKind::Program, 7) }.unwrap();
+    unsafe { r.register(0x1100, 0x40, ImageKind::Plt, 7) }.unwrap(); // adjacent is fine
+    unsafe { r.register(0x2000, 0x10, ImageKind::Trampoline, 9) }.unwrap();
     let sym = |offset| Symbol {
         start: 0x1000,
         len: 0x100,
@@ -54,7 +57,7 @@ fn lookup_inside_at_edges_outside_and_after_unregister() {
 #[test]
 fn overlapping_or_invalid_ranges_are_refused() {
     let r = Registry::new();
-    r.register(0x1000, 0x100, ImageKind::Program, 1).unwrap();
+    unsafe { r.register(0x1000, 0x100, ImageKind::Program, 1) }.unwrap();
     for (start, len) in [
         (0x1000, 0x100), // identical
         (0x0f00, 0x101), // overlaps the head
@@ -64,7 +67,7 @@ fn overlapping_or_invalid_ranges_are_refused() {
     ] {
         assert!(
             matches!(
-                r.register(start, len, ImageKind::Other, 2),
+                unsafe { r.register(start, len, ImageKind::Other, 2) },
                 Err(TextError::Overlap {
                     existing_start: 0x1000,
                     ..
@@ -74,15 +77,15 @@ fn overlapping_or_invalid_ranges_are_refused() {
         );
     }
     assert!(matches!(
-        r.register(0x5000, 0, ImageKind::Other, 2),
+        unsafe { r.register(0x5000, 0, ImageKind::Other, 2) },
         Err(TextError::InvalidRange { .. })
     ));
     assert!(matches!(
-        r.register(usize::MAX, 2, ImageKind::Other, 2),
+        unsafe { r.register(usize::MAX, 2, ImageKind::Other, 2) },
         Err(TextError::InvalidRange { .. })
     ));
-    r.register(0x0f00, 0x100, ImageKind::Other, 3).unwrap();
-    r.register(usize::MAX - 1, 1, ImageKind::Other, 4).unwrap();
+    unsafe { r.register(0x0f00, 0x100, ImageKind::Other, 3) }.unwrap();
+    unsafe { r.register(usize::MAX - 1, 1, ImageKind::Other, 4) }.unwrap();
     assert_eq!(r.lookup(usize::MAX - 1).map(|s| s.owner), Some(4));
     assert_eq!(r.lookup(usize::MAX), None);
     assert_eq!(r.len(), 3);
@@ -95,7 +98,7 @@ fn global_registry_is_one_instance() {
     assert!(std::ptr::eq(g, Registry::global()));
     // An address no other test uses.
     let start = usize::MAX - 0x1000;
-    g.register(start, 0x10, ImageKind::Other, 42).unwrap();
+    unsafe { g.register(start, 0x10, ImageKind::Other, 42) }.unwrap();
     assert_eq!(
         Registry::global().lookup(start + 3).map(|s| s.offset),
         Some(3)
@@ -108,7 +111,7 @@ fn concurrent_lookups_while_registering() {
     let r = Arc::new(Registry::new());
     // Stable images at even 0x1000 slots; the writer churns odd slots between them.
     for i in 0..64usize {
-        r.register(0x10_0000 + i * 0x2000, 0x1000, ImageKind::Program, i as u64)
+        unsafe { r.register(0x10_0000 + i * 0x2000, 0x1000, ImageKind::Program, i as u64) }
             .unwrap();
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -148,8 +151,7 @@ fn concurrent_lookups_while_registering() {
         for i in 0..64usize {
             let odd = 0x10_1000 + i * 0x2000;
             if round % 2 == 0 {
-                r.register(odd, 0x1000, ImageKind::Trampoline, 1000 + i as u64)
-                    .unwrap();
+                unsafe { r.register(odd, 0x1000, ImageKind::Trampoline, 1000 + i as u64) }.unwrap();
             } else {
                 r.unregister(odd).unwrap();
             }
@@ -161,4 +163,22 @@ fn concurrent_lookups_while_registering() {
         assert!(n >= 10_000);
     }
     assert_eq!(r.len(), 64);
+}
+
+#[test]
+fn sites_live_inside_their_image_and_go_with_it() {
+    let r = Registry::new();
+    // SAFETY: made-up ranges of a local registry that nothing patches.
+    unsafe {
+        assert_eq!(
+            r.add_site(0x1000),
+            Err(TextError::NotRegistered { start: 0x1000 })
+        );
+        r.register(0x1000, 0x100, ImageKind::Program, 1).unwrap();
+        r.add_site(0x1008).unwrap();
+    }
+    assert!(r.is_site(0x1008));
+    assert!(!r.is_site(0x1000));
+    r.unregister(0x1000).unwrap();
+    assert!(!r.is_site(0x1008));
 }

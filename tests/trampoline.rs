@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use livebpf::asm::assemble_program;
+use livebpf::exec::{Access, ExecError};
 use livebpf::helpers::Helpers;
 use livebpf::jit::JitOptions;
 use livebpf::trampoline::{
@@ -50,7 +51,7 @@ impl Seen {
     }
 }
 
-static SEEN: [Seen; 4] = [Seen::new(), Seen::new(), Seen::new(), Seen::new()];
+static SEEN: [Seen; 5] = [const { Seen::new() }; 5];
 
 extern "C" fn record(which: u64, a: u64, b: u64, ret: u64, cookie: u64) -> u64 {
     SEEN[which as usize].record(a, b, ret, cookie);
@@ -222,6 +223,79 @@ fn tracer_errors_are_counted_not_propagated() {
     let _link = attach(AttachKind::Fentry, &target, &bad, 0).unwrap();
     assert_eq!(target.call([2, 3, 0, 0, 0]), Ok(5));
     assert_eq!(bad.stats().errors, 1);
+}
+
+#[test]
+fn the_tracer_context_is_read_only() {
+    let target = adder();
+    // fentry overwrites the first argument, fexit the return value (a store and an atomic).
+    let fentry = load(
+        "mov %r2, 1000\nstxdw [%r1+0], %r2\nmov %r0, 0\nexit",
+        &Helpers::new(),
+    );
+    let store = load(
+        "mov %r2, 1234\nstxdw [%r1+40], %r2\nmov %r0, 0\nexit",
+        &Helpers::new(),
+    );
+    let atomic = load(
+        "mov %r2, 1\nlock add [%r1+40], %r2\nmov %r0, 0\nexit",
+        &Helpers::new(),
+    );
+    let links = [
+        attach(AttachKind::Fentry, &target, &fentry, 0).unwrap(),
+        attach(AttachKind::Fexit, &target, &store, 0).unwrap(),
+        attach(AttachKind::Fexit, &target, &atomic, 0).unwrap(),
+    ];
+    for n in 1..=3 {
+        assert_eq!(target.call([20, 22, 0, 0, 0]), Ok(42));
+        for (tracer, access) in [
+            (&fentry, Access::Store),
+            (&store, Access::Store),
+            (&atomic, Access::Atomic),
+        ] {
+            assert_eq!(tracer.stats().errors, n);
+            assert!(
+                matches!(
+                    tracer.last_error(),
+                    Some(ExecError::OutOfBounds { pc: 1, size: 8, access: a, .. }) if a == access
+                ),
+                "{:?}",
+                tracer.last_error()
+            );
+        }
+    }
+    drop(links);
+    // Loads keep working: the recorder reads the arguments and the return value.
+    let fexit = recorder(4, 0);
+    let _link = attach(AttachKind::Fexit, &target, &fexit, 7).unwrap();
+    assert_eq!(target.call([5, 6, 0, 0, 0]), Ok(11));
+    let s = &SEEN[4];
+    assert_eq!(s.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        [&s.arg0, &s.arg1, &s.retval, &s.cookie].map(|v| v.load(Ordering::SeqCst)),
+        [5, 6, 11, 7]
+    );
+    assert_eq!(fexit.stats().errors, 0);
+    assert_eq!(fexit.last_error(), None);
+}
+
+#[test]
+fn a_runaway_tracer_ends_at_its_budget() {
+    let target = adder();
+    let program = assemble_program("l:\nja l").unwrap();
+    let opts = JitOptions::checked().with_budget(Some(1 << 12));
+    let looping = Prog::load(&program, &Helpers::new(), opts).unwrap();
+    let _link = attach(AttachKind::Fentry, &target, &looping, 0).unwrap();
+    assert_eq!(target.call([1, 2, 0, 0, 0]), Ok(3));
+    assert_eq!(target.call([3, 4, 0, 0, 0]), Ok(7));
+    assert_eq!(looping.stats().errors, 2);
+    assert_eq!(
+        looping.last_error(),
+        Some(ExecError::BudgetExhausted {
+            pc: 0,
+            budget: 1 << 12
+        })
+    );
 }
 
 #[test]

@@ -1,6 +1,18 @@
 //! `livebpf trace`: the runtime's main job under load. Threads run a target program in a loop
 //! while the main thread attaches and detaches tracing programs to it; every result is checked
 //! against the interpreter, and at the end no trampoline image may be left alive.
+//!
+//! Tracers are compiled with a budget of back edges and calls ([`TRACER_BUDGET`] unless
+//! `--budget`), so a tracer that never ends fails each run instead of hanging its runner; trace
+//! then fails naming the tracer and its last error.
+//!
+//! Results that are addresses: engines place the input and the stack at different addresses, so
+//! a target that returns a pointer into them (`r10`, `r1 + 8`) returns different numbers under
+//! the interpreter and the JIT. The oracle runs on an input and a stack whose addresses trace
+//! knows; a result inside one of them (either end included) is taken as that address and is
+//! expected at the same offset into the JIT run's own input or stack. Any other result must be
+//! equal. (A plain number that happens to equal such an address would be misread; with 64-bit
+//! values and fresh heap addresses that is not a practical concern.)
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -9,11 +21,11 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use super::{CliError, MemArgs, jit_error, load_program, stdout_err};
-use crate::exec::ExecError;
+use crate::exec::{ExecError, TOTAL_STACK};
 use crate::helpers::Helpers;
 use crate::interp::Interpreter;
 use crate::isa::Program;
-use crate::jit::JitOptions;
+use crate::jit::{JitOptions, JitStack};
 use crate::reclaim;
 use crate::trampoline::{self, AttachKind, Prog, attach, set_stats_enabled};
 
@@ -22,6 +34,9 @@ use crate::trampoline::{self, AttachKind, Prog, attach, set_stats_enabled};
 const ORACLE_BUDGET: u64 = 1 << 24;
 /// How long a runner may go without completing a run before the trace gives up on it.
 const STALL: Duration = Duration::from_secs(60);
+/// The tracers' default budget of back edges and calls per run: a runaway tracer fails within
+/// milliseconds, while any tracer that does real work stays far below it.
+pub const TRACER_BUDGET: u64 = 1 << 20;
 
 pub struct TraceArgs {
     pub target: PathBuf,
@@ -30,6 +45,8 @@ pub struct TraceArgs {
     pub mem: MemArgs,
     pub threads: usize,
     pub cycles: u64,
+    /// The tracers' budget of back edges and calls per run.
+    pub tracer_budget: u64,
 }
 
 /// One runner thread's progress, on its own cache line (the main thread polls them all).
@@ -66,23 +83,78 @@ struct Tracer<'a> {
     path: &'a Path,
 }
 
+/// What a correct run of the target gives, from the interpreter (see the module documentation
+/// for address-valued results).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Expected {
+    /// This value.
+    Value(u64),
+    /// The address this many bytes into the run's input.
+    Input(u64),
+    /// The address this many bytes into the run's stack (from its lowest byte).
+    Stack(u64),
+    /// This error.
+    Fails(ExecError),
+}
+
+impl Expected {
+    /// Reads the oracle's `result` for a run whose input is `input` and whose stack starts at
+    /// `stack_base`.
+    fn classify(result: Result<u64, ExecError>, input: &[u8], stack_base: u64) -> Expected {
+        let r0 = match result {
+            Ok(r0) => r0,
+            Err(e) => return Expected::Fails(e),
+        };
+        let start = input.as_ptr() as u64;
+        if !input.is_empty() && (start..=start + input.len() as u64).contains(&r0) {
+            Expected::Input(r0 - start)
+        } else if (stack_base..=stack_base + TOTAL_STACK as u64).contains(&r0) {
+            Expected::Stack(r0 - stack_base)
+        } else {
+            Expected::Value(r0)
+        }
+    }
+
+    /// The value a run on `input` with its stack at `stack_base` must return, or the error.
+    fn value(&self, input: &[u8], stack_base: u64) -> Result<u64, &ExecError> {
+        match self {
+            Expected::Value(v) => Ok(*v),
+            Expected::Input(off) => Ok(input.as_ptr() as u64 + off),
+            Expected::Stack(off) => Ok(stack_base + off),
+            Expected::Fails(e) => Err(e),
+        }
+    }
+
+    /// The expected result in words.
+    fn describe(&self) -> String {
+        match self {
+            Expected::Value(v) => format!("returns {v:#x}"),
+            Expected::Input(off) => format!("returns the address of input byte {off}"),
+            Expected::Stack(off) => format!("returns the address of stack byte {off}"),
+            Expected::Fails(e) => format!("fails: {e}"),
+        }
+    }
+}
+
 pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let (target_program, file_mem) = load_program(&args.target)?;
     let mem = args.mem.resolve(file_mem)?;
     let expected = oracle(&target_program, &mem, &args.target)?;
 
     let helpers = Helpers::conformance();
-    let load = |program: &Program, path: &Path| {
-        Prog::load(program, &helpers, JitOptions::checked()).map_err(|e| jit_error(path, e))
+    let load = |program: &Program, path: &Path, opts: JitOptions| {
+        Prog::load(program, &helpers, opts).map_err(|e| jit_error(path, e))
     };
-    let target = load(&target_program, &args.target)?;
+    // The oracle has checked that the target ends; a tracer might not.
+    let tracer_opts = JitOptions::checked().with_budget(Some(args.tracer_budget));
+    let target = load(&target_program, &args.target, JitOptions::checked())?;
     let fentry = Tracer {
-        prog: load(&load_program(&args.fentry)?.0, &args.fentry)?,
+        prog: load(&load_program(&args.fentry)?.0, &args.fentry, tracer_opts)?,
         path: &args.fentry,
     };
     let fexit = match &args.fexit {
         Some(path) => Some(Tracer {
-            prog: load(&load_program(path)?.0, path)?,
+            prog: load(&load_program(path)?.0, path, tracer_opts)?,
             path,
         }),
         None => None,
@@ -160,9 +232,22 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<(), CliError> {
             .unwrap_or("");
         problems.push(format!("{run_errors} target runs failed (first: {first})"));
     }
-    for (name, stats) in [("fentry", entry_stats), ("fexit", exit_stats)] {
-        if stats.errors > 0 {
-            problems.push(format!("{} {name} runs failed", stats.errors));
+    let failed = [("fentry", Some(&fentry), entry_stats)]
+        .into_iter()
+        .chain([("fexit", fexit.as_ref(), exit_stats)]);
+    for (name, tracer, stats) in failed {
+        if let Some(tracer) = tracer
+            && stats.errors > 0
+        {
+            let why = tracer
+                .prog
+                .last_error()
+                .map_or_else(String::new, |e| format!(", the last with: {e}"));
+            problems.push(format!(
+                "{name} tracer {} failed in {} runs{why}",
+                tracer.path.display(),
+                stats.errors
+            ));
         }
     }
     // Each cycle waited for every runner to complete a run that began after the attach, and
@@ -194,18 +279,19 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<(), CliError> {
 }
 
 /// The expected outcome of one run, from the interpreter.
-fn oracle(program: &Program, mem: &[u8], what: &Path) -> Result<Result<u64, ExecError>, CliError> {
+fn oracle(program: &Program, mem: &[u8], what: &Path) -> Result<Expected, CliError> {
     let mut copy = mem.to_vec();
+    let mut stack = Box::new([0u64; TOTAL_STACK / 8]);
     let result = Interpreter::new(program)
         .with_helpers(Helpers::conformance())
         .with_budget(Some(ORACLE_BUDGET))
-        .run(&mut copy);
+        .run_with_stack(&mut copy, &mut stack);
     match result {
         Err(ExecError::BudgetExhausted { budget, .. }) => Err(CliError::TraceTargetRunsAway {
             what: what.display().to_string(),
             budget,
         }),
-        result => Ok(result),
+        result => Ok(Expected::classify(result, &copy, stack.as_ptr() as u64)),
     }
 }
 
@@ -216,18 +302,21 @@ fn runner(
     index: usize,
     target: &Prog,
     base: &[u8],
-    expected: &Result<u64, ExecError>,
+    expected: &Expected,
     stop: &AtomicBool,
     counter: &Counter,
     main: &Thread,
 ) -> Report {
     let mut mem = base.to_vec();
+    let mut stack = Box::new(JitStack::new());
     let mut report = Report::default();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         mem.copy_from_slice(base);
-        let got = target.run(&mut mem);
-        if let Some(problem) = check(&got, expected) {
+        // On a stack whose address is known, for address-valued results.
+        let got = target.jit().run_with_stack(&mut mem, &mut stack);
+        let want = expected.value(&mem, stack.base());
+        if let Some(problem) = check(&got, want, expected) {
             report.errors += 1;
             report
                 .first
@@ -249,13 +338,20 @@ fn runner(
     report
 }
 
-/// Why `got` is not a correct run, if it is not.
-fn check(got: &Result<u64, ExecError>, expected: &Result<u64, ExecError>) -> Option<String> {
-    match (got, expected) {
-        (Ok(v), Ok(e)) if v == e => None,
-        (Ok(v), Ok(e)) => Some(format!("returned {v:#x}, the interpreter returns {e:#x}")),
-        (Ok(v), Err(e)) => Some(format!("returned {v:#x}, the interpreter fails: {e}")),
-        (Err(e), _) => Some(e.to_string()),
+/// Why `got` is not a correct run, if it is not: it must return `want`, which is what
+/// `expected` means for this run.
+fn check(
+    got: &Result<u64, ExecError>,
+    want: Result<u64, &ExecError>,
+    expected: &Expected,
+) -> Option<String> {
+    match got {
+        Ok(v) if want == Ok(*v) => None,
+        Ok(v) => Some(format!(
+            "returned {v:#x}, the interpreter {}",
+            expected.describe()
+        )),
+        Err(e) => Some(e.to_string()),
     }
 }
 
@@ -277,9 +373,9 @@ fn cycle(
         })
     };
     let detach_one = |link: trampoline::Link, tracer: &Tracer<'_>| {
-        link.detach().map_err(|source| CliError::Detach {
+        link.detach().map_err(|e| CliError::Detach {
             what: tracer.path.display().to_string(),
-            source,
+            source: e.error,
         })
     };
     for c in 0..args.cycles {

@@ -6,7 +6,7 @@
 //! arm64 also its PLT, see [`crate::text::poke`]). [`generate`] produces the code for either
 //! architecture on any host, without placing it (for dumps).
 //! [`JitProgram::run`] follows the same contract as [`crate::interp::Interpreter::run`] and returns
-//! exactly the interpreter's results and errors (the JIT has no instruction budget).
+//! exactly the interpreter's results and errors (budgets aside, see below).
 //!
 //! # Function ABI of a compiled program
 //!
@@ -33,6 +33,25 @@
 //!   the interpreter does it. See [`x86_64`] for how.
 //! * trusted ([`JitOptions::trusted`], `unsafe`): no checks at all, for speed; the caller vouches
 //!   that the programs only touch memory they may.
+//!
+//! A run's input is writable unless its context says otherwise ([`RunContext::init_raw`] with a
+//! read-only [`MemRegion`], as trampolines give tracers their arguments): then checked code
+//! refuses stores and atomics to it with [`ExecError::OutOfBounds`]. Trusted code checks nothing,
+//! so the read-only guarantee needs checked mode.
+//!
+//! # Instruction budget
+//!
+//! [`JitOptions::with_budget`] (off by default) bounds how long a run may go: the code counts
+//! every execution of a *back edge* (a jump, conditional or not, `ja32` included, whose target is
+//! at or before the jump itself; counted whether or not a conditional one is taken) and of a
+//! BPF-to-BPF call, against the budget kept in the [`RunContext`]. The event that would take it
+//! below zero ends the run with [`ExecError::BudgetExhausted`] at that instruction — the
+//! interpreter's error, but not its count: the interpreter counts every instruction, the JIT only
+//! these events (straight-line code and calls to helpers cannot run forever, and counting only at
+//! back edges and calls keeps the cost off the fast paths). Every counted event is an executed
+//! instruction, so a program the interpreter finishes within a budget of N, the JIT finishes
+//! within N too, and usually goes much further before failing. Without a budget the
+//! generated code is exactly the code of a program compiled without one: no counting at all.
 
 pub mod arm64;
 pub mod x86_64;
@@ -50,19 +69,36 @@ use crate::text::{Allocation, CodeArena, Registry, TextError};
 /// Why a program could not be compiled.
 #[derive(Debug, Error)]
 pub enum JitError {
+    /// The program has more slots than the error information in generated code can name.
     #[error(
         "the program has {slots} instruction slots; the JIT supports at most {max} (split it into smaller programs)"
     )]
-    ProgramTooLarge { slots: usize, max: usize },
+    ProgramTooLarge {
+        /// The program's length in slots.
+        slots: usize,
+        /// The largest length supported, in slots (2^24 − 1).
+        max: usize,
+    },
+    /// The backend cannot generate code for an instruction (e.g. an arm64 branch out of range).
     #[error("instruction {pc} cannot be compiled: {reason}")]
-    InvalidInstruction { pc: usize, reason: &'static str },
+    InvalidInstruction {
+        /// Slot index of the instruction (0 when the problem concerns the whole image).
+        pc: usize,
+        /// What went wrong.
+        reason: &'static str,
+    },
+    /// The x86-64 assembler rejected the generated code (a JIT bug).
     #[error("the generated code is inconsistent: {0} (a JIT bug; please report it)")]
     Assembler(#[from] x86_64::asm::AsmError),
+    /// The code arena or the program registry could not place or register the image.
     #[error("cannot place the code: {0}")]
     Text(#[from] TextError),
+    /// The backend's code cannot run on this host's architecture.
     #[error("the {backend} JIT cannot run on this {host} host")]
     UnsupportedHost {
+        /// The backend, e.g. `"x86-64"`.
         backend: &'static str,
+        /// The host architecture, as [`std::env::consts::ARCH`] names it.
         host: &'static str,
     },
 }
@@ -74,6 +110,7 @@ pub struct JitOptions {
     bti: bool,
     pac: bool,
     lse: Option<bool>,
+    budget: Option<u64>,
 }
 
 impl Default for JitOptions {
@@ -91,6 +128,7 @@ impl JitOptions {
             bti: true,
             pac: true,
             lse: None,
+            budget: None,
         }
     }
 
@@ -106,9 +144,11 @@ impl JitOptions {
             bti: true,
             pac: true,
             lse: None,
+            budget: None,
         }
     }
 
+    /// Whether memory accesses are checked ([`JitOptions::checked`]) rather than trusted.
     pub const fn is_checked(&self) -> bool {
         self.checked
     }
@@ -134,12 +174,32 @@ impl JitOptions {
         self
     }
 
+    /// Ends a run with [`ExecError::BudgetExhausted`] once it has executed more than `budget`
+    /// back edges and BPF-to-BPF calls (see the module documentation); `None` (the default)
+    /// compiles no counting at all.
+    pub const fn with_budget(mut self, budget: Option<u64>) -> JitOptions {
+        self.budget = budget;
+        self
+    }
+
+    /// The budget of back edges and calls per run, if any.
+    pub const fn budget(&self) -> Option<u64> {
+        self.budget
+    }
+
+    /// Whether arm64 code starts with a `bti jc` landing pad ([`JitOptions::with_bti`]).
     pub const fn bti(&self) -> bool {
         self.bti
     }
 
+    /// Whether arm64 code signs its return address ([`JitOptions::with_pac`]).
     pub const fn pac(&self) -> bool {
         self.pac
+    }
+
+    /// The LSE choice of [`JitOptions::with_lse`], `None` when left to the CPU.
+    pub const fn lse(&self) -> Option<bool> {
+        self.lse
     }
 }
 
@@ -151,6 +211,13 @@ impl JitStack {
     /// A zeroed stack, as the interpreter gives every run.
     pub const fn new() -> JitStack {
         JitStack([0; TOTAL_STACK / 8])
+    }
+}
+
+impl JitStack {
+    /// Address of the stack's lowest byte; a run's r10 starts at `base() + TOTAL_STACK`.
+    pub fn base(&self) -> u64 {
+        self.0.as_ptr() as u64
     }
 }
 
@@ -173,9 +240,17 @@ pub struct RunContext<'a> {
     /// For access sizes 1, 2, 4, 8: `len - size + 1`, or 0 when the input is smaller, so that an
     /// access is inside the input iff `addr - mem_start < mem_bound[log2 size]` (unsigned).
     mem_bound: [u64; 4],
+    /// `mem_bound` for stores and atomics: all zero when the input is read-only, so that every
+    /// write to it takes the slow path, which refuses it.
+    store_bound: [u64; 4],
     /// A BPF-to-BPF call fails when r10 ≤ this (all [`crate::exec::MAX_CALL_DEPTH`] frames used).
     fp_limit: u64,
+    /// Back edges and calls the run may still take, decremented by code compiled with a budget.
+    budget_left: u64,
+    /// The budget the run started with, for the error.
+    budget: u64,
     mem_len: u64,
+    mem_writable: bool,
     extra: *const MemRegion,
     extra_len: usize,
     helpers: *const Helpers,
@@ -189,40 +264,63 @@ pub(crate) const CTX_STACK_BASE: i32 = std::mem::offset_of!(RunContext<'static>,
 pub(crate) const CTX_MEM_START: i32 = std::mem::offset_of!(RunContext<'static>, mem_start) as i32;
 pub(crate) const CTX_MEM_BOUND: i32 = std::mem::offset_of!(RunContext<'static>, mem_bound) as i32;
 pub(crate) const CTX_FP_LIMIT: i32 = std::mem::offset_of!(RunContext<'static>, fp_limit) as i32;
+pub(crate) const CTX_STORE_BOUND: i32 =
+    std::mem::offset_of!(RunContext<'static>, store_bound) as i32;
+pub(crate) const CTX_BUDGET_LEFT: i32 =
+    std::mem::offset_of!(RunContext<'static>, budget_left) as i32;
+
+/// The bound generated code compares an access of `size` bytes with (see `mem_bound`).
+pub(crate) const fn ctx_bound(size: usize, access: Access) -> i32 {
+    let base = match access {
+        Access::Load => CTX_MEM_BOUND,
+        Access::Store | Access::Atomic => CTX_STORE_BOUND,
+    };
+    base + 8 * size.trailing_zeros() as i32
+}
 
 impl<'a> RunContext<'a> {
-    /// A context for one run over `mem`, with `stack` (zero it first for the interpreter's
-    /// semantics), `extra` regions and the `helpers` that `callx` may call.
+    /// A context for one run over `mem` (writable), with `stack` (zero it first for the
+    /// interpreter's semantics), `extra` regions, the `helpers` that `callx` may call and the
+    /// run's `budget` of back edges and calls (only code compiled with a budget counts; give it
+    /// the program's [`JitProgram::budget`]; `None` is as good as unlimited).
     pub fn new(
         mem: &'a mut [u8],
         stack: &'a mut JitStack,
         extra: &'a [MemRegion],
         helpers: &'a Helpers,
+        budget: Option<u64>,
     ) -> RunContext<'a> {
         let mem_start = if mem.is_empty() {
             0
         } else {
             mem.as_mut_ptr() as u64
         };
-        RunContext::from_parts(mem_start, mem.len() as u64, stack, extra, helpers)
+        let input = MemRegion::new(mem_start, mem.len() as u64, true);
+        RunContext::from_parts(input, stack, extra, helpers, budget)
     }
 
     fn from_parts(
-        mem_start: u64,
-        mem_len: u64,
+        input: MemRegion,
         stack: *mut JitStack,
         extra: *const [MemRegion],
         helpers: *const Helpers,
+        budget: Option<u64>,
     ) -> RunContext<'a> {
+        let mem_len = input.len;
         let mem_bound = [1u64, 2, 4, 8].map(|n| mem_len.saturating_sub(n - 1));
         let stack_base = stack as u64;
+        let budget = budget.unwrap_or(u64::MAX);
         RunContext {
             stack_base,
             // An empty input has no address (r1 = 0), as in the interpreter.
-            mem_start: if mem_len == 0 { 0 } else { mem_start },
+            mem_start: if mem_len == 0 { 0 } else { input.start },
             mem_bound,
+            store_bound: if input.writable { mem_bound } else { [0; 4] },
             fp_limit: stack_base + STACK_SIZE as u64,
+            budget_left: budget,
+            budget,
             mem_len,
+            mem_writable: input.writable,
             extra: extra as *const MemRegion,
             extra_len: extra.len(),
             helpers,
@@ -247,7 +345,8 @@ impl<'a> RunContext<'a> {
     }
 
     /// Whether `[addr, addr + size)` is accessible for `access`, exactly as the interpreter
-    /// decides: the input, the stack, then the extra regions (stores and atomics need writable).
+    /// decides: the input, the stack, then the extra regions (stores and atomics need a writable
+    /// one; the input is writable unless the context was made with a read-only one).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn allows(&self, addr: u64, size: u64, access: Access) -> bool {
         // As `MemRegion::contains`, without a possible overflow panic (this runs inside JIT code).
@@ -257,7 +356,11 @@ impl<'a> RunContext<'a> {
                     .checked_add(size)
                     .is_some_and(|end| end <= start.wrapping_add(len))
         };
-        if self.mem_len != 0 && contains(self.mem_start, self.mem_len) {
+        let writes = access != Access::Load;
+        if self.mem_len != 0
+            && contains(self.mem_start, self.mem_len)
+            && (!writes || self.mem_writable)
+        {
             return true;
         }
         if contains(self.stack_base, TOTAL_STACK as u64) {
@@ -278,22 +381,24 @@ impl<'a> RunContext<'a> {
 
 impl RunContext<'static> {
     /// Initialises a context in place, for callers that keep it in raw memory (a trampoline's
-    /// frame): input `mem` (always readable and writable to the program, like `run`'s input; its
-    /// `writable` flag is not consulted), `stack`, no extra regions, and `helpers` for `callx`.
-    /// Pair it with [`RunContext::take_raw`].
+    /// frame): input `mem`, which checked code may write only if `mem.writable` (trusted code
+    /// is not checked at all), `stack`, no extra regions, `helpers` for `callx`, and the run's
+    /// `budget` (as for [`RunContext::new`]). Pair it with [`RunContext::take_raw`].
     ///
     /// # Safety
     /// `ctx` is valid for writing a `RunContext` and aligned for it (any old contents are
-    /// overwritten, not dropped). Until `take_raw`, `mem` must be valid for reads and writes,
-    /// `stack` must point at a `JitStack` that nothing else uses, and `helpers` must stay alive.
+    /// overwritten, not dropped). Until `take_raw`, `mem` must be valid for reads (and writes,
+    /// if writable or run by trusted code), `stack` must point at a `JitStack` that nothing else
+    /// uses, and `helpers` must stay alive.
     pub unsafe fn init_raw(
         ctx: *mut RunContext<'static>,
         mem: MemRegion,
         stack: *mut JitStack,
         helpers: &Helpers,
+        budget: Option<u64>,
     ) {
         let empty: &[MemRegion] = &[];
-        let value = RunContext::from_parts(mem.start, mem.len, stack, empty, helpers);
+        let value = RunContext::from_parts(mem, stack, empty, helpers, budget);
         // SAFETY: the caller guarantees `ctx` is valid and aligned for this write.
         unsafe { ctx.write(value) };
     }
@@ -324,6 +429,8 @@ pub(crate) mod rt {
     pub const HELPER: u32 = 2;
     /// Report a BPF-to-BPF call beyond the depth limit. Always fails.
     pub const CALL_DEPTH: u32 = 3;
+    /// Report an exhausted instruction budget. Always fails.
+    pub const BUDGET: u32 = 4;
 
     /// The highest slot index `info` can carry.
     pub const MAX_PC: usize = (1 << 24) - 1;
@@ -397,6 +504,10 @@ fn runtime_dispatch(ctx: *mut RunContext<'static>, arg: u64, info: u64) -> u64 {
                 None => ExecError::UnknownHelper { pc, id: arg },
             }
         }
+        rt::BUDGET => ExecError::BudgetExhausted {
+            pc,
+            budget: ctx.budget,
+        },
         _ => ExecError::CallDepthExceeded { pc },
     };
     ctx.error = Some(error);
@@ -437,7 +548,9 @@ fn runtime_fn_addr() -> Result<u64, JitError> {
 /// A target architecture of the JIT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Arch {
+    /// x86-64 (AMD64); programs use the System V calling convention.
     X86_64,
+    /// AArch64 (the A64 instruction set); programs use AAPCS64.
     Arm64,
 }
 
@@ -471,11 +584,14 @@ pub const FOREIGN_ADDRESS_PLACEHOLDER: u64 = 0;
 /// (`livebpf dump --jited --arch ...`) and size measurements.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GeneratedCode {
+    /// The architecture the code is for.
     pub arch: Arch,
     /// The image; the entry is offset 0.
     pub bytes: Vec<u8>,
-    /// Byte offset and length of the patch site.
+    /// Byte offset of the patch site.
     pub patch_site: usize,
+    /// Length of the patch site in bytes: 5 on x86-64 (a 5-byte `nop`), 4 on arm64 (one
+    /// instruction).
     pub patch_site_len: usize,
     /// Byte offset of the instruction after the patch site.
     pub body: usize,
@@ -501,6 +617,7 @@ pub fn generate(
         Arch::X86_64 => {
             let cg = x86_64::CodegenOptions {
                 checked: opts.checked,
+                budget: opts.budget.is_some(),
                 runtime_fn: if native {
                     runtime_fn_addr()?
                 } else {
@@ -536,6 +653,7 @@ pub fn generate(
                 helpers,
                 &arm64::Arm64Options {
                     checked: opts.checked,
+                    budget: opts.budget.is_some(),
                     bti: opts.bti,
                     pac: opts.pac,
                     lse,
@@ -569,6 +687,7 @@ pub struct JitProgram {
     /// For `callx`; static `call`s have their helper's address compiled in.
     helpers: Helpers,
     checked: bool,
+    budget: Option<u64>,
     id: u64,
     patch_site: usize,
     body: usize,
@@ -602,19 +721,14 @@ impl JitProgram {
         opts: JitOptions,
     ) -> Result<JitProgram, JitError> {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let placed = arm64::place(
-            program,
-            helpers,
-            opts.checked,
-            (opts.bti, opts.pac, opts.lse),
-            id,
-        )?;
+        let placed = arm64::place(program, helpers, opts, id)?;
         Ok(JitProgram {
             entry: placed.image.rx(),
             image: Some(placed.image),
             code: placed.code.code,
             helpers: helpers.clone(),
             checked: opts.checked,
+            budget: opts.budget,
             id,
             patch_site: placed.code.patch_site,
             body: placed.code.body,
@@ -629,19 +743,22 @@ impl JitProgram {
     ) -> Result<JitProgram, JitError> {
         let cg = x86_64::CodegenOptions {
             checked: opts.checked,
+            budget: opts.budget.is_some(),
             runtime_fn: runtime_fn_addr()?,
         };
         let code = x86_64::generate(program, helpers, &cg)?;
         let arena = CodeArena::global()?;
         let image = arena.alloc(code.len(), x86_64::IMAGE_ALIGN)?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let registry = Registry::global();
         let placed = arena.write(&image, 0, &code).and_then(|()| {
-            Registry::global().register(
-                image.rx(),
-                image.len(),
-                crate::text::ImageKind::Program,
-                id,
-            )
+            // SAFETY: the image is this program's code in the global arena, owned by the
+            // JitProgram being built, which unregisters it before freeing it; its patch site
+            // is the generated 5-byte nop.
+            unsafe {
+                registry.register(image.rx(), image.len(), crate::text::ImageKind::Program, id)?;
+                registry.add_site(image.rx() + x86_64::PATCH_SITE_OFFSET)
+            }
         });
         if let Err(e) = placed {
             // SAFETY: the image was never published, so nothing can be running it.
@@ -654,6 +771,7 @@ impl JitProgram {
             code,
             helpers: helpers.clone(),
             checked: opts.checked,
+            budget: opts.budget,
             id,
             patch_site: x86_64::PATCH_SITE_OFFSET,
             body: x86_64::BODY_OFFSET,
@@ -678,7 +796,29 @@ impl JitProgram {
         extra: &[MemRegion],
     ) -> Result<u64, ExecError> {
         let mut stack = JitStack::new();
-        let mut ctx = RunContext::new(mem, &mut stack, extra, &self.helpers);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.run_on(mem, &mut stack, extra) }
+    }
+
+    /// As [`JitProgram::run`], with `stack` as the run's stack (zeroed first): for callers that
+    /// need to know where the run's stack lies (e.g. to recognise a result that points into it).
+    pub fn run_with_stack(&self, mem: &mut [u8], stack: &mut JitStack) -> Result<u64, ExecError> {
+        stack.0.fill(0);
+        // SAFETY: no extra regions, so the contract of `run_on` holds trivially.
+        unsafe { self.run_on(mem, stack, &[]) }
+    }
+
+    /// Runs on `stack`, which the caller zeroed.
+    ///
+    /// # Safety
+    /// As for [`JitProgram::run_with_regions`].
+    unsafe fn run_on(
+        &self,
+        mem: &mut [u8],
+        stack: &mut JitStack,
+        extra: &[MemRegion],
+    ) -> Result<u64, ExecError> {
+        let mut ctx = RunContext::new(mem, stack, extra, &self.helpers, self.budget);
         let args = [ctx.mem_addr(), ctx.mem_len(), 0, 0, 0];
         self.execute(args, &mut ctx)
     }
@@ -687,7 +827,7 @@ impl JitProgram {
     /// arguments; in checked mode the program can only dereference its stack).
     pub fn call(&self, args: [u64; 5]) -> Result<u64, ExecError> {
         let mut stack = JitStack::new();
-        let mut ctx = RunContext::new(&mut [], &mut stack, &[], &self.helpers);
+        let mut ctx = RunContext::new(&mut [], &mut stack, &[], &self.helpers, self.budget);
         self.execute(args, &mut ctx)
     }
 
@@ -733,6 +873,11 @@ impl JitProgram {
         &self.code
     }
 
+    /// The program's prologue patch site, where trampolines and replacements are attached.
+    pub fn patch_site(&self) -> crate::text::poke::PatchSite {
+        crate::text::poke::PatchSite::recorded(self.entry + self.patch_site)
+    }
+
     /// Offset of the patch site from [`JitProgram::entry`].
     pub fn patch_site_offset(&self) -> usize {
         self.patch_site
@@ -746,6 +891,11 @@ impl JitProgram {
     /// Whether memory accesses are checked.
     pub fn is_checked(&self) -> bool {
         self.checked
+    }
+
+    /// The budget of back edges and calls each run gets, if it was compiled with one.
+    pub fn budget(&self) -> Option<u64> {
+        self.budget
     }
 
     /// The owner id the image is registered under in [`Registry::global`].

@@ -46,17 +46,26 @@
 //! Each access computes its address into r11 and compares it inline with the stack and the input
 //! memory (two subtract-and-compare pairs against the context; fully skipped for r10-relative
 //! accesses inside the current frame, which are always in bounds). Anything else takes the
-//! out-of-line slow path: the thunk calls [`super::runtime_call`], which scans the extra regions
+//! out-of-line slow path: the thunk calls `super::runtime_call`, which scans the extra regions
 //! and either lets the access go on or records the interpreter's `OutOfBounds` error, after
 //! which the code unwinds to the entry frame (`lea rsp, [rbp-40]`) and returns. Atomics and
 //! acquire/release accesses then test alignment. Unknown helpers and excessive call depth fail
-//! through the same path.
+//! through the same path. Stores and atomics compare with the context's `store_bound`, which is
+//! zero for a read-only input, so they reach the slow path, which refuses them.
+//!
+//! # Budget
+//!
+//! With [`CodegenOptions::budget`], each back edge and BPF-to-BPF call first does
+//! `sub qword [r12 + budget_left], 1; jae ok` and otherwise reports the exhausted budget through
+//! the runtime (which always fails). It comes before the jump's compare, so flags are intact.
 
 pub mod asm;
 
 use asm::{AluOp as X, Asm, Cond, Gpr, Label, Mem, OpSize, ShiftOp};
 
-use super::{CTX_FP_LIMIT, CTX_MEM_BOUND, CTX_MEM_START, CTX_STACK_BASE, JitError, rt};
+use super::{
+    CTX_BUDGET_LEFT, CTX_FP_LIMIT, CTX_MEM_START, CTX_STACK_BASE, JitError, ctx_bound, rt,
+};
 use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
 use crate::helpers::Helpers;
 use crate::interp::{alu32, alu64};
@@ -124,7 +133,9 @@ const CALL_SAVED: [Gpr; 5] = [Gpr::Rbx, Gpr::R13, Gpr::R14, Gpr::R15, Gpr::R9];
 pub struct CodegenOptions {
     /// Emit bounds and alignment checks.
     pub checked: bool,
-    /// Address of [`super::runtime_call`] (a parameter so tests can generate code anywhere).
+    /// Count back edges and BPF-to-BPF calls against the run's budget.
+    pub budget: bool,
+    /// Address of `super::runtime_call` (a parameter so tests can generate code anywhere).
     pub runtime_fn: u64,
 }
 
@@ -319,6 +330,7 @@ impl Gen<'_> {
             }
             Insn::Ja { .. } | Insn::Ja32 { .. } => {
                 let t = self.target(i)?;
+                self.count_back_edge(i, pc);
                 self.a.jmp(t);
             }
             Insn::Jump {
@@ -329,6 +341,7 @@ impl Gen<'_> {
                 ..
             } => {
                 let t = self.target(i)?;
+                self.count_back_edge(i, pc);
                 self.jump(width == Width::W64, cond, map(dst), src, t);
             }
             Insn::Call { id } => match self.helpers.get(id as u64) {
@@ -346,11 +359,33 @@ impl Gen<'_> {
             }
             Insn::CallLocal { .. } => {
                 let t = self.target(i)?;
+                self.count(pc);
                 self.call_local(pc, t);
             }
             Insn::Exit => self.a.ret(),
         }
         Ok(())
+    }
+
+    /// Counts instruction `i` (slot `pc`) against the budget if it jumps backwards.
+    fn count_back_edge(&mut self, i: usize, pc: usize) {
+        if self.program.target_of(i).is_some_and(|t| t <= i) {
+            self.count(pc);
+        }
+    }
+
+    /// Takes one from the run's budget, failing at `pc` when none is left; nothing without a
+    /// budget.
+    fn count(&mut self, pc: usize) {
+        if !self.opts.budget {
+            return;
+        }
+        let ok = self.a.new_label();
+        self.a
+            .alu_mi(X::Sub, true, Mem::new(CTX, CTX_BUDGET_LEFT), 1);
+        self.a.jcc_short(Cond::Ae, ok);
+        self.runtime(rt::info(rt::BUDGET, pc, 1, Access::Load));
+        self.a.bind(ok);
     }
 
     fn alu(&mut self, w64: bool, op: AluOp, d: Gpr, src: Source) {
@@ -572,8 +607,7 @@ impl Gen<'_> {
             a.jcc_short(Cond::B, ok);
             a.mov_rr(true, TMP, ADDR);
             a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, CTX_MEM_START));
-            let bound = CTX_MEM_BOUND + 8 * n.trailing_zeros() as i32;
-            a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, bound));
+            a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, ctx_bound(n, access)));
             a.jcc_short(Cond::B, ok);
             self.runtime(rt::info(rt::BOUNDS, pc, n, access));
             self.a.bind(ok);
@@ -727,9 +761,14 @@ mod tests {
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 
     fn gen_code(insns: Vec<Insn>, checked: bool) -> Vec<u8> {
+        gen_budgeted(insns, checked, false)
+    }
+
+    fn gen_budgeted(insns: Vec<Insn>, checked: bool, budget: bool) -> Vec<u8> {
         let p = Program::new(insns).unwrap();
         let opts = CodegenOptions {
             checked,
+            budget,
             runtime_fn: 0x1122_3344_5566_7788,
         };
         generate(&p, &Helpers::conformance(), &opts).unwrap()
@@ -767,6 +806,38 @@ mod tests {
         assert_eq!(l[2], "mov rbp, rsp");
         // The last instruction is the program's `exit`.
         assert_eq!(l.last().unwrap(), "ret");
+    }
+
+    #[test]
+    fn budget_counts_back_edges_and_local_calls_only() {
+        let asm = |src: &str| crate::asm::assemble_program(src).unwrap().insns().to_vec();
+        // `sub qword ptr [r12+58h], 1` (iced writes displacements as `58h`, `0A8h`).
+        let is_count = |s: &String| {
+            s.strip_prefix("sub qword ptr [r12+")
+                .and_then(|s| s.strip_suffix("h], 1"))
+                .and_then(|d| i32::from_str_radix(d, 16).ok())
+                == Some(CTX_BUDGET_LEFT)
+        };
+        let counts = |code: &[u8]| listing(code).iter().filter(|s| is_count(s)).count();
+        // Forward jumps, helper calls, callx and accesses: nothing to count, the same bytes.
+        let straight = asm("jeq %r1, 0, +2\nldxdw %r0, [%r1+0]\ncall 5\nmov %r2, 5\n\
+                            call %r2\nja +0\nstxdw [%r10-8], %r0\nexit");
+        // Back edges: `ja` to itself, a conditional one, `ja32`; plus a local call (forward).
+        let looping = asm(
+            "ja +1\nl:\nja l\nmov %r0, 0\nm:\nadd %r0, 1\njlt %r0, 9, m\n\
+                           ja32 +1\nja32 -2\ncall local f\nexit\nf:\nexit",
+        );
+        for checked in [true, false] {
+            let off = gen_budgeted(straight.clone(), checked, false);
+            assert_eq!(gen_budgeted(straight.clone(), checked, true), off);
+            assert_eq!(counts(&off), 0);
+            let off = gen_budgeted(looping.clone(), checked, false);
+            let on = gen_budgeted(looping.clone(), checked, true);
+            assert_eq!(counts(&off), 0);
+            assert_eq!(counts(&on), 4, "ja l, jlt, ja32 -2, call local");
+            // Each count is `sub; jae ok; mov r10d, info; call thunk`: 6 + 2 + 6 + 5 bytes.
+            assert_eq!(on.len(), off.len() + 4 * 19);
+        }
     }
 
     #[test]

@@ -81,10 +81,12 @@ impl Domain {
         lock(&self.threads).retain(|r| !Arc::ptr_eq(r, &reader.record));
     }
 
-    /// Forgets every thread but `keep` (after `fork`, only the forking thread exists).
-    pub fn retain_only(&self, keep: Option<&Reader>) {
-        lock(&self.threads).retain(|r| keep.is_some_and(|k| Arc::ptr_eq(r, &k.record)));
-        lock(&self.overflow).clear();
+    /// Holds the domain's locks until the guard drops (across `fork`).
+    pub fn hold(&self) -> DomainHold<'_> {
+        DomainHold {
+            threads: lock(&self.threads),
+            overflow: lock(&self.overflow),
+        }
     }
 
     /// Kernel ids of the registered threads.
@@ -141,6 +143,22 @@ impl Domain {
                 .iter()
                 .any(|slot| slot.load(Ordering::Acquire) == image)
         }) || lock(&self.overflow).contains(&image)
+    }
+}
+
+/// The domain's locks, held by [`Domain::hold`].
+pub struct DomainHold<'a> {
+    threads: super::shim::MutexGuard<'a, Vec<Arc<ThreadRecord>>>,
+    overflow: super::shim::MutexGuard<'a, Vec<usize>>,
+}
+
+impl DomainHold<'_> {
+    /// Forgets every thread but `keep` and every shared reference (in a forked child, where
+    /// only the forking thread exists).
+    pub fn retain_only(&mut self, keep: Option<&Reader>) {
+        self.threads
+            .retain(|r| keep.is_some_and(|k| Arc::ptr_eq(r, &k.record)));
+        self.overflow.clear();
     }
 }
 

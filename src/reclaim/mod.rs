@@ -7,7 +7,7 @@
 //!
 //! # The answer, in three parts (the kernel's `bpf_tramp_image_put`)
 //! 1. **Grace period 1** ([`synchronize`]). Every thread that runs JIT code is *online* for the
-//!    whole run (`JitProgram::run` brackets the call with [`read_lock`] / [`read_unlock`]); a
+//!    whole run (`JitProgram::run` brackets the call with a [`ReadGuard`]); a
 //!    thread is *quiescent* outside runs and inside [`blocking`] sections. A grace period waits
 //!    until every thread that was online when it started has been quiescent at least once. The
 //!    poke that unlinked the image happened before the grace period started, and the poke ended
@@ -15,7 +15,7 @@
 //!    fetch the new instruction. A thread that fetched the *old* branch was online before it and
 //!    stays online (there is no quiescent point between a site and the trampoline's reference),
 //!    so the grace period waits for it: it either left the run, or took the image's reference.
-//! 2. **The image reference** ([`image_enter`] / [`image_exit`]). Trampoline code takes it right
+//! 2. **The image reference** (`image_enter` / `image_exit`). Trampoline code takes it right
 //!    after entry and drops it just before its epilogue. It covers everything in between —
 //!    tracer programs and the call of the original — including time spent quiescent in a
 //!    blocking helper, which the grace period deliberately does not wait for. After grace
@@ -26,7 +26,7 @@
 //!    period covers them. Then the image is freed.
 //!
 //! # Costs on the run path
-//! [`read_lock`] and [`read_unlock`] are a thread-local load and a relaxed store each, with only
+//! Going online and offline ([`ReadGuard`]) are a thread-local load and a relaxed store each, with only
 //! a compiler fence: no atomic read-modify-write and no hardware fence. References are a push and
 //! a pop on a per-thread stack of image addresses, again plain relaxed stores. The writer pays:
 //! `membarrier(PRIVATE_EXPEDITED)` makes every thread of the process execute a full memory barrier
@@ -46,7 +46,7 @@
 
 mod core;
 
-use self::core::{Domain, Reader, Retiring, Worker};
+use self::core::{Domain, DomainHold, Reader, Retiring, Worker};
 pub use self::core::{MAX_NESTED_IMAGES, RetireState};
 
 use std::collections::BTreeMap;
@@ -81,6 +81,8 @@ struct Local {
 
 impl Local {
     fn new() -> Local {
+        register_fork_hooks();
+        REGISTERED.set(true);
         let domain: &'static Domain = &DOMAIN;
         Local {
             reader: domain.register(current_tid()),
@@ -97,6 +99,70 @@ impl Drop for Local {
 
 thread_local! {
     static LOCAL: Local = Local::new();
+    /// Whether `LOCAL` was made on this thread (readable without creating it).
+    static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// What the fork prepare handler holds until the parent or child handler.
+    static FORK_HELD: std::cell::RefCell<Option<ForkHeld>> = const { std::cell::RefCell::new(None) };
+}
+
+struct ForkHeld {
+    domain: DomainHold<'static>,
+    queue: Option<std::sync::MutexGuard<'static, Vec<Retiring<Item>>>>,
+    status: Option<std::sync::MutexGuard<'static, BTreeMap<u64, PendingRetirement>>>,
+}
+
+fn register_fork_hooks() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        crate::text::fork::register_inner(crate::text::fork::Hooks {
+            prepare: fork_prepare,
+            parent: fork_parent,
+            child: fork_child,
+        })
+    });
+}
+
+fn fork_prepare() {
+    let reclaimer = RECLAIMER.get();
+    let held = ForkHeld {
+        domain: DOMAIN.hold(),
+        queue: reclaimer.map(|r| lock(&r.queue)),
+        status: reclaimer.map(|r| lock(&r.status)),
+    };
+    FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
+}
+
+fn fork_parent() {
+    FORK_HELD.with(|h| h.borrow_mut().take());
+}
+
+/// The child has only the forking thread: forget the others (their records would hold grace
+/// periods forever), and restart the reclaimer, whose thread did not survive. Items it was
+/// draining are lost with it (their memory leaks in the child; nothing unsafe); queued ones are
+/// retired by the new thread.
+fn fork_child() {
+    let Some(mut held) = FORK_HELD.with(|h| h.borrow_mut().take()) else {
+        return;
+    };
+    let keep = if REGISTERED.get() {
+        LOCAL
+            .try_with(|l| held.domain.retain_only(Some(&l.reader)))
+            .is_ok()
+    } else {
+        false
+    };
+    if !keep {
+        held.domain.retain_only(None);
+    }
+    if let (Some(r), Some(queue), Some(status)) =
+        (RECLAIMER.get(), held.queue.as_ref(), held.status.as_mut())
+    {
+        status.retain(|id, _| queue.iter().any(|item| item.id == *id));
+        r.pending.store(queue.len(), Ordering::Release);
+        r.started.store(false, Ordering::Release);
+    }
+    // The next `retire` or `flush` starts a new reclaimer thread.
+    drop(held);
 }
 
 fn current_tid() -> i32 {
@@ -410,9 +476,11 @@ pub fn flush() -> Result<(), ReclaimError> {
     if is_online() {
         return Err(ReclaimError::Online);
     }
-    let Some(r) = RECLAIMER.get() else {
+    if RECLAIMER.get().is_none() {
         return Ok(());
-    };
+    }
+    // Starts the reclaimer thread if it is not running (in a forked child).
+    let r = reclaimer();
     let mut guard = lock(&r.idle_lock);
     while r.pending.load(Ordering::Acquire) != 0 {
         guard = r

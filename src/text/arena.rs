@@ -200,7 +200,9 @@ impl Drop for Reservation {
 
 /// Allocator state, guarded by `CodeArena::state`.
 #[derive(Debug, Default)]
-struct State {
+pub(crate) struct State {
+    /// The memfd behind both views (replaced by a private copy in a forked child).
+    fd: Option<OwnedFd>,
     /// Free blocks: offset → length. Never two adjacent entries (coalesced on insert).
     free: BTreeMap<usize, usize>,
     /// Live blocks: offset → reserved size.
@@ -246,6 +248,9 @@ impl State {
 
 static NEXT_ARENA_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The process-wide arena ([`CodeArena::global`]).
+static GLOBAL_ARENA: OnceLock<CodeArena> = OnceLock::new();
+
 /// W^X executable memory for JIT images. `Send + Sync`.
 ///
 /// ## Layout
@@ -275,7 +280,6 @@ static NEXT_ARENA_ID: AtomicU64 = AtomicU64::new(1);
 pub struct CodeArena {
     id: u64,
     opts: ArenaOptions,
-    fd: OwnedFd,
     rx: Reservation,
     rw: Reservation,
     /// Bytes of both views that are mapped (a multiple of `MAX_PAGE_SIZE`). Only grows, only
@@ -283,6 +287,9 @@ pub struct CodeArena {
     /// lock-free `Acquire` reader never computes an alias into an unmapped range.
     committed: AtomicUsize,
     state: Mutex<State>,
+    /// The fork generation this arena's text belongs to (see [`super::fork`]): an arena made
+    /// before a `fork` still maps the parent's text in the child, so the child must not use it.
+    generation: AtomicU64,
     /// Whether the arm64 self-test at creation saw stale code (and so enabled the workaround).
     stale_alias_detected: bool,
 }
@@ -305,6 +312,7 @@ impl CodeArena {
             max_size,
             ..opts
         };
+        super::fork::ensure_registered();
         let fd =
             memfd_create("livebpf-text", MemfdFlags::CLOEXEC).map_err(TextError::MemfdCreate)?;
         let rx = Reservation::new(max_size)?;
@@ -313,11 +321,14 @@ impl CodeArena {
         let mut arena = Self {
             id: NEXT_ARENA_ID.fetch_add(1, Ordering::Relaxed),
             opts,
-            fd,
             rx,
             rw,
             committed: AtomicUsize::new(0),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                fd: Some(fd),
+                ..State::default()
+            }),
+            generation: AtomicU64::new(super::fork::generation()),
             stale_alias_detected: false,
         };
         #[cfg(target_arch = "aarch64")]
@@ -387,8 +398,13 @@ impl CodeArena {
         Self::global_with(opts, true)
     }
 
+    /// The process-wide arena if it was created (never creates it).
+    pub(crate) fn existing_global() -> Option<&'static CodeArena> {
+        GLOBAL_ARENA.get()
+    }
+
     fn global_with(opts: ArenaOptions, must_create: bool) -> Result<&'static Self, TextError> {
-        static GLOBAL: OnceLock<CodeArena> = OnceLock::new();
+        const GLOBAL: &OnceLock<CodeArena> = &GLOBAL_ARENA;
         // Serialises creation: `OnceLock::get_or_try_init` is unstable, and an arena must not be
         // created twice (the loser's reservations would be wasted).
         static INIT: Mutex<()> = Mutex::new(());
@@ -451,6 +467,7 @@ impl CodeArena {
             _ => return Err(full),
         };
 
+        self.check_generation()?;
         let mut state = self.lock();
         let off = match state.take_fit(self.rx.base, size, align) {
             Some(off) => off,
@@ -488,7 +505,10 @@ impl CodeArena {
     /// Map `bytes` more of the memfd at offset `committed` into both views.
     fn grow(&self, state: &mut State, committed: usize, bytes: usize) -> Result<(), TextError> {
         let new_len = committed + bytes;
-        ftruncate(&self.fd, new_len as u64).map_err(|errno| TextError::Grow {
+        let Some(fd) = state.fd.as_ref() else {
+            return Err(TextError::Forked);
+        };
+        ftruncate(fd, new_len as u64).map_err(|errno| TextError::Grow {
             bytes: new_len,
             errno,
         })?;
@@ -496,7 +516,7 @@ impl CodeArena {
             if mapped_rw {
                 self.rw.unmap_to_none(committed, bytes);
             }
-            let _ = ftruncate(&self.fd, committed as u64);
+            let _ = ftruncate(fd, committed as u64);
         };
         // SAFETY: the target range lies inside this arena's own RW reservation beyond the
         // committed part, so MAP_FIXED replaces only PROT_NONE pages nobody references; the
@@ -507,7 +527,7 @@ impl CodeArena {
                 bytes,
                 ProtFlags::READ | ProtFlags::WRITE,
                 MapFlags::SHARED | MapFlags::FIXED,
-                &self.fd,
+                fd,
                 committed as u64,
             )
         };
@@ -522,7 +542,7 @@ impl CodeArena {
                 bytes,
                 self.rx_prot(),
                 MapFlags::SHARED | MapFlags::FIXED,
-                &self.fd,
+                fd,
                 committed as u64,
             )
         };
@@ -560,6 +580,7 @@ impl CodeArena {
             len: a.size,
         };
         let off = a.rx.checked_sub(self.rx.base).ok_or(not_live.clone())?;
+        self.check_generation()?;
         let mut state = self.lock();
         // Always true for genuine allocations (not Clone, consumed here); checked anyway so a
         // forged one cannot corrupt the free list.
@@ -582,6 +603,7 @@ impl CodeArena {
     /// job: see [`Self::rw_alias`]).
     pub fn write(&self, a: &Allocation, offset: usize, bytes: &[u8]) -> Result<(), TextError> {
         self.check_access(a, offset, bytes.len())?;
+        self.check_generation()?;
         if bytes.is_empty() {
             return Ok(());
         }
@@ -680,6 +702,80 @@ impl CodeArena {
             protect(self.rx_prot())?;
         }
         Ok(())
+    }
+
+    /// Refuses use of an arena whose text is the parent's, in a forked child.
+    fn check_generation(&self) -> Result<(), TextError> {
+        if self.generation.load(Ordering::Acquire) == super::fork::generation() {
+            Ok(())
+        } else {
+            Err(TextError::Forked)
+        }
+    }
+
+    /// In a forked child, with `state` locked since before the fork: gives this arena a private
+    /// copy of its text at the same addresses (a new memfd mapped over both views), so that the
+    /// child and the parent never write each other's code. Only system calls and copies: it
+    /// runs in the child's `atfork` handler, where the process has a single thread.
+    pub(crate) fn privatize_after_fork(&self, state: &mut State) -> Result<(), TextError> {
+        let committed = self.committed.load(Ordering::Acquire);
+        let fd =
+            memfd_create("livebpf-text", MemfdFlags::CLOEXEC).map_err(TextError::MemfdCreate)?;
+        ftruncate(&fd, committed as u64).map_err(|errno| TextError::Grow {
+            bytes: committed,
+            errno,
+        })?;
+        let mut done = 0;
+        while done < committed {
+            // SAFETY: `rw.base .. + committed` is the mapped RW view; the parent cannot change it
+            // meanwhile (it holds the text locks until this child reports, see `fork`).
+            let chunk = unsafe {
+                std::slice::from_raw_parts((self.rw.base + done) as *const u8, committed - done)
+            };
+            match rustix::io::pwrite(&fd, chunk, done as u64) {
+                Ok(0) => return Err(TextError::Forked),
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(errno) => {
+                    return Err(TextError::Grow {
+                        bytes: committed,
+                        errno,
+                    });
+                }
+            }
+        }
+        if committed != 0 {
+            for (base, prot, view) in [
+                (self.rw.base, ProtFlags::READ | ProtFlags::WRITE, "RW"),
+                (self.rx.base, self.rx_prot(), "RX"),
+            ] {
+                // SAFETY: the range is this arena's own committed view, replaced in place by a
+                // mapping of identical contents; the child's only thread is in this handler, so
+                // nothing executes or writes the text meanwhile.
+                unsafe {
+                    mmap(
+                        base as *mut c_void,
+                        committed,
+                        prot,
+                        MapFlags::SHARED | MapFlags::FIXED,
+                        &fd,
+                        0,
+                    )
+                }
+                .map_err(|errno| TextError::Map { view, errno })?;
+            }
+            // SAFETY: the RX view was just mapped readable over this range.
+            unsafe { sync_icache(self.rx.base, committed) };
+        }
+        state.fd = Some(fd);
+        self.generation
+            .store(super::fork::generation(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Locks the allocator state (for `fork`, which holds it across the fork).
+    pub(crate) fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.lock()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -20,7 +20,9 @@
 //! let code = [0xb8, 0x2a, 0, 0, 0, 0xc3]; // x86-64: mov eax, 42; ret
 //! let image = arena.alloc(code.len(), 16)?;
 //! arena.write(&image, 0, &code)?;
-//! Registry::global().register(image.rx(), image.len(), ImageKind::Program, 7)?;
+//! // SAFETY (of the example): the image is our own code in the global arena, unregistered
+//! // below before it is freed.
+//! unsafe { Registry::global().register(image.rx(), image.len(), ImageKind::Program, 7)? };
 //! // ... publish image.rx() to other threads, run it ...
 //! Registry::global().unregister(image.rx())?;
 //! // SAFETY (of the example): nothing runs the image any more.
@@ -30,6 +32,7 @@
 //! ```
 
 mod arena;
+pub(crate) mod fork;
 pub mod poke;
 mod registry;
 mod sync;
@@ -53,25 +56,45 @@ pub enum TextError {
     #[error(
         "reserving {bytes} bytes of address space for the code arena failed: {errno}; lower ArenaOptions::max_size or raise RLIMIT_AS"
     )]
-    Reserve { bytes: usize, errno: Errno },
+    Reserve {
+        /// Bytes asked for.
+        bytes: usize,
+        /// The `mmap(2)` error.
+        errno: Errno,
+    },
 
     /// Growing the memfd with `ftruncate(2)` failed.
     #[error(
         "growing the code arena's memfd to {bytes} bytes failed: {errno}; check RLIMIT_FSIZE and the memory cgroup limit"
     )]
-    Grow { bytes: usize, errno: Errno },
+    Grow {
+        /// The memfd size asked for.
+        bytes: usize,
+        /// The `ftruncate(2)` error.
+        errno: Errno,
+    },
 
     /// Mapping one of the two views failed.
     #[error(
         "mapping the code arena's {view} view failed: {errno}; an SELinux execmem/execmod denial, PaX MPROTECT or a seccomp filter can forbid executable shared mappings"
     )]
-    Map { view: &'static str, errno: Errno },
+    Map {
+        /// `"RW"` or `"RX"`.
+        view: &'static str,
+        /// The `mmap(2)` error.
+        errno: Errno,
+    },
 
     /// `mprotect(2)` of the RX view (stale-alias workaround) failed.
     #[error(
         "mprotect of code arena text at {addr:#x} failed: {errno}; disable ArenaOptions::stale_alias_workaround if the platform does not need it"
     )]
-    Mprotect { addr: usize, errno: Errno },
+    Mprotect {
+        /// Start of the pages.
+        addr: usize,
+        /// The `mprotect(2)` error.
+        errno: Errno,
+    },
 
     /// Zero-byte allocation.
     #[error("cannot allocate a zero-byte code image; pass the image's length in bytes")]
@@ -81,15 +104,23 @@ pub enum TextError {
     #[error(
         "alignment {align} is not a power of two no larger than the arena ({max_size} bytes); use 8, 16, 64 or page_size()"
     )]
-    BadAlignment { align: usize, max_size: usize },
+    BadAlignment {
+        /// The alignment asked for.
+        align: usize,
+        /// The arena's reservation size.
+        max_size: usize,
+    },
 
     /// The arena's reserved address space is used up.
     #[error(
         "code arena exhausted: {requested} bytes (aligned to {align}) do not fit in its {max_size}-byte reservation; free unused images or raise ArenaOptions::max_size"
     )]
     ArenaFull {
+        /// Bytes asked for.
         requested: usize,
+        /// Their alignment.
         align: usize,
+        /// The arena's reservation size.
         max_size: usize,
     },
 
@@ -97,15 +128,21 @@ pub enum TextError {
     #[error(
         "allocation at {rx:#x} does not belong to this code arena; write or free it through the arena that allocated it"
     )]
-    ForeignAllocation { rx: usize },
+    ForeignAllocation {
+        /// The allocation's executable address.
+        rx: usize,
+    },
 
     /// A write or read beyond the end of an allocation.
     #[error(
         "access of {len} bytes at offset {offset} exceeds the {alloc_len}-byte code image; allocate a bigger image"
     )]
     OutOfBounds {
+        /// Offset of the access in the image.
         offset: usize,
+        /// Its length.
         len: usize,
+        /// The image's length.
         alloc_len: usize,
     },
 
@@ -113,7 +150,12 @@ pub enum TextError {
     #[error(
         "address range {addr:#x}+{len} is not inside this code arena's mapped text; pass an address returned by CodeArena::alloc"
     )]
-    NotArenaText { addr: usize, len: usize },
+    NotArenaText {
+        /// Start of the range.
+        addr: usize,
+        /// Its length.
+        len: usize,
+    },
 
     /// `CodeArena::init_global` after the global arena was already created.
     #[error(
@@ -131,27 +173,51 @@ pub enum TextError {
     #[error(
         "membarrier({mode:?}) failed: {errno}; this should not happen after a successful registration"
     )]
-    Membarrier { mode: SyncMode, errno: Errno },
+    Membarrier {
+        /// The flavour that was registered.
+        mode: SyncMode,
+        /// The `membarrier(2)` error.
+        errno: Errno,
+    },
 
     /// An empty or wrapping range given to the registry.
     #[error(
         "invalid text range {start:#x}+{len}: it must be non-empty and not wrap the address space"
     )]
-    InvalidRange { start: usize, len: usize },
+    InvalidRange {
+        /// Start of the range.
+        start: usize,
+        /// Its length.
+        len: usize,
+    },
 
     /// A registry range overlapping an existing one.
     #[error(
         "text range {start:#x}+{len} overlaps registered {existing_kind:?} image {existing_start:#x}+{existing_len}; unregister it first"
     )]
     Overlap {
+        /// Start of the new range.
         start: usize,
+        /// Its length.
         len: usize,
+        /// Start of the registered range it overlaps.
         existing_start: usize,
+        /// That range's length.
         existing_len: usize,
+        /// That range's kind.
         existing_kind: ImageKind,
     },
 
+    /// An arena made before `fork`, used in the child.
+    #[error(
+        "this code arena belongs to the parent process (it was created before fork); the child cannot use it — use CodeArena::global(), which the child gets a private copy of, or create a new arena"
+    )]
+    Forked,
+
     /// `unregister` of a start address that is not registered.
     #[error("no image is registered at {start:#x}; pass the start address given to register")]
-    NotRegistered { start: usize },
+    NotRegistered {
+        /// The address given.
+        start: usize,
+    },
 }

@@ -8,7 +8,7 @@
 //! thread that learns an image's address through any release/acquire chain started after
 //! `register` returned (e.g. the image being published) is guaranteed to find it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::TextError;
@@ -65,6 +65,9 @@ impl Entry {
 pub struct Registry {
     /// start → entry; ranges `[start, start + len)` are disjoint and non-empty.
     map: RwLock<BTreeMap<usize, Entry>>,
+    /// Addresses of the patch sites inside registered images (the only addresses a poke
+    /// accepts). Taken after `map` when both are locked.
+    sites: RwLock<BTreeSet<usize>>,
 }
 
 impl Registry {
@@ -72,6 +75,7 @@ impl Registry {
     pub const fn new() -> Self {
         Self {
             map: RwLock::new(BTreeMap::new()),
+            sites: RwLock::new(BTreeSet::new()),
         }
     }
 
@@ -83,7 +87,12 @@ impl Registry {
 
     /// Register `[start, start + len)`. Fails if the range is empty, wraps, or overlaps a
     /// registered one (the registry is left unchanged).
-    pub fn register(
+    ///
+    /// # Safety
+    /// For as long as it stays registered, the range must be code in the global
+    /// [`super::CodeArena`] that the caller owns, of the stated `kind`: livebpf trusts these
+    /// records when it patches code (a program's layout and PLT are found through them).
+    pub unsafe fn register(
         &self,
         start: usize,
         len: usize,
@@ -115,12 +124,52 @@ impl Registry {
         Ok(())
     }
 
-    /// Remove the image registered at exactly `start`; returns what it was.
+    /// Remove the image registered at exactly `start`, and its patch sites; returns what it
+    /// was.
     pub fn unregister(&self, start: usize) -> Result<Symbol, TextError> {
-        self.write()
+        let mut map = self.write();
+        let entry = map
             .remove(&start)
-            .map(|e| e.symbol(start, 0))
-            .ok_or(TextError::NotRegistered { start })
+            .ok_or(TextError::NotRegistered { start })?;
+        let mut sites = self.sites_write();
+        let inside: Vec<usize> = sites.range(start..start + entry.len).copied().collect();
+        for site in inside {
+            sites.remove(&site);
+        }
+        Ok(entry.symbol(start, 0))
+    }
+
+    /// Records a patch site at `ip`, inside a registered image: an address `text_poke` may
+    /// rewrite. Fails with [`TextError::NotRegistered`] when `ip` is in no registered image.
+    ///
+    /// # Safety
+    /// The instruction at `ip` is a patch site of the image's owner — on x86-64 a 5-byte
+    /// nop, call or jump; on arm64 one `nop`, `b` or `bl` word — that other threads may execute
+    /// while it is rewritten, and whose every state (nop, or a branch a poke writes) is valid
+    /// code for them.
+    pub unsafe fn add_site(&self, ip: usize) -> Result<(), TextError> {
+        let map = self.read();
+        let inside = map
+            .range(..=ip)
+            .next_back()
+            .is_some_and(|(&start, e)| ip - start < e.len);
+        if !inside {
+            return Err(TextError::NotRegistered { start: ip });
+        }
+        self.sites_write().insert(ip);
+        Ok(())
+    }
+
+    /// Whether `ip` is a recorded patch site.
+    pub fn is_site(&self, ip: usize) -> bool {
+        self.sites
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&ip)
+    }
+
+    fn sites_write(&self) -> RwLockWriteGuard<'_, BTreeSet<usize>> {
+        self.sites.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The image containing `addr`, with `addr`'s offset in it.
@@ -146,6 +195,12 @@ impl Registry {
         self.read().iter().map(|(&s, e)| e.symbol(s, 0)).collect()
     }
 
+    /// Holds the registry's write lock until the guard drops (across `fork`, so the child never
+    /// inherits it locked by a thread it does not have).
+    pub(crate) fn hold(&'static self) -> RegistryHold {
+        RegistryHold(self.write(), self.sites_write())
+    }
+
     // Nothing panics while holding the lock, so a poisoned map is still consistent.
     fn read(&self) -> RwLockReadGuard<'_, BTreeMap<usize, Entry>> {
         self.map.read().unwrap_or_else(PoisonError::into_inner)
@@ -155,3 +210,10 @@ impl Registry {
         self.map.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+/// The registry held by [`Registry::hold`].
+#[allow(dead_code)] // held for its locks
+pub(crate) struct RegistryHold(
+    RwLockWriteGuard<'static, BTreeMap<usize, Entry>>,
+    RwLockWriteGuard<'static, BTreeSet<usize>>,
+);

@@ -129,6 +129,17 @@ pub fn sync_mode() -> SyncMode {
     })
 }
 
+/// In a forked child: registers the flavour [`sync_mode`] chose again, since a `membarrier`
+/// registration belongs to the address space and the child has a new one.
+pub(crate) fn reregister_after_fork() {
+    let register = match sync_mode() {
+        SyncMode::SyncCore => MembarrierCommand::RegisterPrivateExpeditedSyncCore,
+        SyncMode::Expedited => MembarrierCommand::RegisterPrivateExpedited,
+        SyncMode::Unavailable => return,
+    };
+    let _ = membarrier(register);
+}
+
 /// Make every thread of the process see all memory (and code) written by the caller before this
 /// call, and — in [`SyncMode::SyncCore`] — serialise its instruction stream, so that none keeps
 /// executing instructions it fetched before the call. Returns the mode used.

@@ -58,7 +58,7 @@ use crate::jit::{JitError, JitOptions, JitProgram, JitStack, RunContext};
 use crate::reclaim::{self, Retirable};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::text::ImageKind;
-use crate::text::poke::{PokeError, PokeInsn};
+use crate::text::poke::{PatchSite, PokeError, PokeInsn};
 use crate::text::{Allocation, CodeArena, Registry, TextError};
 
 /// Most fentry + fexit + fmod_ret links on one target (the kernel's `BPF_MAX_TRAMP_LINKS`).
@@ -77,30 +77,54 @@ pub enum AttachKind {
     Freplace,
 }
 
+/// Why an attach or detach did not happen. In every case the target is unchanged.
 #[derive(Debug, Error)]
 pub enum AttachError {
     #[error(
         "the target already has {max} fentry/fexit/fmod_ret links, the most one trampoline holds; detach one first"
     )]
-    TooManyLinks { max: usize },
+    /// The target has the most links one trampoline holds.
+    TooManyLinks {
+        /// The limit ([`MAX_TRAMP_LINKS`]).
+        max: usize,
+    },
     #[error(
         "cannot attach {requested:?}: the target has {existing:?} links, and freplace excludes every other kind on one target"
     )]
+    /// freplace and the other kinds exclude each other on one target.
     Conflict {
+        /// A kind already attached.
         existing: AttachKind,
+        /// The kind asked for.
         requested: AttachKind,
     },
     #[error("a program cannot be attached to itself")]
+    /// The tracer and the target are the same program.
     SelfAttach,
+    #[error(
+        "cannot attach: {0}; Linux refuses this too (a replacement chain or cycle would loop forever), so attach to the original program instead"
+    )]
+    /// An freplace that would chain or cycle; the text says which rule.
+    Recursive(&'static str),
     #[error("patching the target failed: {0}")]
+    /// Rewriting the patch site failed.
     Poke(#[from] PokeError),
     #[error("building the trampoline failed: {0}")]
+    /// Generating the trampoline failed.
     Jit(#[from] JitError),
     #[error("placing the trampoline failed: {0}")]
+    /// Placing the trampoline in the code arena failed.
     Text(#[from] TextError),
+    #[error(
+        "cannot attach or detach from inside a JIT run (a helper or tracer) when a grace period is needed; do it from outside the run"
+    )]
+    /// A grace period was needed and the caller is inside a JIT run.
+    InsideRun,
     #[error("trampolines are not implemented for this {0} host yet")]
+    /// This architecture (named) has no trampolines.
     UnsupportedHost(&'static str),
     #[error("the trampoline image could not be generated: {0} (a livebpf bug; please report it)")]
+    /// The image generator found an inconsistency (a bug).
     Image(&'static str),
 }
 
@@ -125,6 +149,7 @@ pub fn set_stats_enabled(on: bool) {
     STATS_ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// Whether run statistics are on ([`set_stats_enabled`]).
 pub fn stats_enabled() -> bool {
     STATS_ENABLED.load(Ordering::Relaxed)
 }
@@ -149,8 +174,12 @@ struct ProgInner {
     run_time_ns: AtomicU64,
     misses: AtomicU64,
     errors: AtomicU64,
+    /// The error of the latest failed run as a tracer.
+    last_error: Mutex<Option<ExecError>>,
     /// Links attached to this program as a target.
     attach: Mutex<AttachState>,
+    /// How many targets this program replaces through freplace (changed under `ATTACH_LOCK`).
+    replaces: AtomicUsize,
 }
 
 impl Drop for ProgInner {
@@ -184,7 +213,9 @@ impl Prog {
             run_time_ns: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
             attach: Mutex::new(AttachState::default()),
+            replaces: AtomicUsize::new(0),
         })))
     }
 
@@ -214,6 +245,7 @@ impl Prog {
         }
     }
 
+    /// The program's run statistics so far.
     pub fn stats(&self) -> ProgStats {
         ProgStats {
             run_cnt: self.0.run_cnt.load(Ordering::Relaxed),
@@ -223,6 +255,17 @@ impl Prog {
         }
     }
 
+    /// The error the latest failed run of this program as a tracer ended with (those counted in
+    /// [`ProgStats::errors`]).
+    pub fn last_error(&self) -> Option<ExecError> {
+        self.0
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The compiled program.
     pub fn jit(&self) -> &JitProgram {
         &self.0.jit
     }
@@ -231,6 +274,11 @@ impl Prog {
     pub fn trampoline_image(&self) -> Option<usize> {
         let state = self.0.attach.lock().unwrap_or_else(|e| e.into_inner());
         state.image.as_ref().map(|i| i.addr())
+    }
+
+    /// Whether this program currently replaces another one (freplace).
+    pub fn is_replacement(&self) -> bool {
+        self.0.replaces.load(Ordering::Relaxed) != 0
     }
 
     /// Links currently attached to this program as a target.
@@ -264,7 +312,7 @@ struct AttachState {
 /// A trampoline image in the code arena.
 pub(crate) struct TrampImage {
     alloc: Option<Allocation>,
-    ip_after_call: Option<usize>,
+    ip_after_call: Option<PatchSite>,
     ip_epilogue: Option<usize>,
     /// Keeps the tracers this image calls alive.
     _links: Vec<Arc<LinkShared>>,
@@ -337,14 +385,21 @@ const _: () = {
 };
 
 impl Link {
+    /// How the link attaches.
     pub fn kind(&self) -> AttachKind {
         self.kind
     }
 
-    /// Detaches now, reporting errors (dropping the link detaches and ignores them).
-    pub fn detach(mut self) -> Result<(), AttachError> {
-        self.attached = false;
-        detach(&self.target, self.id, self.kind)
+    /// Detaches now. On failure nothing changed: the error gives the link back, still
+    /// attached, to retry or keep (dropping a link detaches and ignores errors).
+    pub fn detach(mut self) -> Result<(), DetachError> {
+        match detach(&self.target, self.id, self.kind) {
+            Ok(()) => {
+                self.attached = false;
+                Ok(())
+            }
+            Err(error) => Err(DetachError { link: self, error }),
+        }
     }
 }
 
@@ -356,12 +411,69 @@ impl Drop for Link {
     }
 }
 
+/// A failed [`Link::detach`]: the link, still attached, and why.
+#[derive(Debug, Error)]
+#[error("detaching failed: {error}; the link is still attached (retry, or keep it)")]
+pub struct DetachError {
+    /// The link, unchanged.
+    pub link: Link,
+    /// What went wrong.
+    pub error: AttachError,
+}
+
+/// Serialises attach and detach across targets, so rules that involve two programs (freplace
+/// chains) are checked against a stable state, and so `fork` never copies a half-made change.
+pub(crate) static ATTACH_LOCK: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// `ATTACH_LOCK`, held by the fork prepare handler until the parent or child handler.
+    static FORK_HELD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, ()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Takes `ATTACH_LOCK` across `fork` so that no attach is half-done in the child.
+fn serialise_attach() -> std::sync::MutexGuard<'static, ()> {
+    static HOOKS: std::sync::Once = std::sync::Once::new();
+    HOOKS.call_once(|| {
+        crate::text::fork::register_outer(crate::text::fork::Hooks {
+            prepare: || {
+                let guard = ATTACH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+                FORK_HELD.with(|h| *h.borrow_mut() = Some(guard));
+            },
+            parent: || drop(FORK_HELD.with(|h| h.borrow_mut().take())),
+            child: || drop(FORK_HELD.with(|h| h.borrow_mut().take())),
+        })
+    });
+    ATTACH_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `text_poke` where trampolines are supported; a typed error elsewhere.
-fn poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
+fn poke(site: PatchSite, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
+    let ip = site.ip();
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
-        crate::text::poke::text_poke(ip, old, new)?;
-        Ok(())
+        // SAFETY: every caller in this module pokes a site it owns (a target's prologue site,
+        // an image's `ip_after_call`) to a trampoline image, a loaded program or the image's
+        // own epilogue, all kept alive until no thread can branch there.
+        match unsafe { crate::text::poke::text_poke(ip, old, new) } {
+            #[cfg(target_arch = "aarch64")]
+            Err(PokeError::PltKindChange { .. }) if old == PokeInsn::Nop => {
+                // The site's PLT last served the other kind (a far fentry, now a far
+                // freplace, or back). The site holds the nop, so after a grace period no
+                // thread can still load the literal.
+                reclaim::synchronize().map_err(|_| AttachError::InsideRun)?;
+                if let Some(sym) = crate::text::Registry::global().lookup(ip) {
+                    // SAFETY: the grace period began after the site left the PLT (it holds
+                    // the nop), so every thread that executed the old branch has finished.
+                    unsafe { crate::text::poke::plt_quiesced(sym.start) };
+                }
+                // SAFETY: as above.
+                unsafe { crate::text::poke::text_poke(ip, old, new) }?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(()),
+        }
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
@@ -391,6 +503,24 @@ pub fn attach(
     if Arc::ptr_eq(&target.0, &prog.0) {
         return Err(AttachError::SelfAttach);
     }
+    let _serial = serialise_attach();
+    if kind == AttachKind::Freplace {
+        if target.is_replacement() {
+            return Err(AttachError::Recursive(
+                "the target is itself a replacement (freplace of an freplace program)",
+            ));
+        }
+        if prog.is_replacement() {
+            return Err(AttachError::Recursive(
+                "the replacement already replaces another program",
+            ));
+        }
+        if prog.link_count() != 0 {
+            return Err(AttachError::Recursive(
+                "the replacement is itself a target of attached programs",
+            ));
+        }
+    }
     let mut state = target.0.attach.lock().unwrap_or_else(|e| e.into_inner());
     let id = state.next_id;
     if kind == AttachKind::Freplace {
@@ -407,11 +537,12 @@ pub fn attach(
             });
         }
         poke(
-            target.0.jit.entry(),
+            target.0.jit.patch_site(),
             PokeInsn::Nop,
             PokeInsn::Jump(prog.0.jit.entry()),
         )?;
         state.freplace = Some((id, prog.clone()));
+        prog.0.replaces.fetch_add(1, Ordering::Relaxed);
     } else {
         if state.freplace.is_some() {
             return Err(AttachError::Conflict {
@@ -447,6 +578,7 @@ pub fn attach(
 }
 
 fn detach(target: &Prog, id: u64, kind: AttachKind) -> Result<(), AttachError> {
+    let _serial = serialise_attach();
     let mut state = target.0.attach.lock().unwrap_or_else(|e| e.into_inner());
     if kind == AttachKind::Freplace {
         let Some((fid, prog)) = state.freplace.take() else {
@@ -457,13 +589,14 @@ fn detach(target: &Prog, id: u64, kind: AttachKind) -> Result<(), AttachError> {
             return Ok(());
         }
         if let Err(e) = poke(
-            target.0.jit.entry(),
+            target.0.jit.patch_site(),
             PokeInsn::Jump(prog.0.jit.entry()),
             PokeInsn::Nop,
         ) {
             state.freplace = Some((fid, prog));
             return Err(e);
         }
+        prog.0.replaces.fetch_sub(1, Ordering::Relaxed);
         reclaim::retire(Box::new(RetiredProg(prog)));
         return Ok(());
     }
@@ -488,7 +621,7 @@ fn update_image(target: &Prog, state: &mut AttachState) -> Result<(), AttachErro
     };
     let old_insn = site_insn(state.image.as_ref());
     let new_insn = site_insn(new_image.as_ref());
-    if let Err(e) = poke(target.0.jit.entry(), old_insn, new_insn) {
+    if let Err(e) = poke(target.0.jit.patch_site(), old_insn, new_insn) {
         if let Some(img) = new_image {
             // Never published, so free it through the normal path (cheap when nobody is inside).
             reclaim::retire(Box::new(img));
@@ -525,8 +658,17 @@ fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachE
         };
         let arena = CodeArena::global()?;
         let alloc = arena.alloc(layout.code.len(), 16)?;
+        let registry = Registry::global();
         let placed = arena.write(&alloc, 0, &layout.code).and_then(|()| {
-            Registry::global().register(alloc.rx(), alloc.len(), ImageKind::Trampoline, 0)
+            // SAFETY: the image is ours, in the global arena, unregistered before it is freed;
+            // `ip_after_call` is the image's nop, poked only to jump to `ip_epilogue`.
+            unsafe {
+                registry.register(alloc.rx(), alloc.len(), ImageKind::Trampoline, 0)?;
+                match layout.ip_after_call {
+                    Some(offset) => registry.add_site(alloc.rx() + offset),
+                    None => Ok(()),
+                }
+            }
         });
         if let Err(e) = placed {
             // SAFETY: never published.
@@ -537,7 +679,7 @@ fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachE
         let base = alloc.rx();
         Ok(TrampImage {
             alloc: Some(alloc),
-            ip_after_call: layout.ip_after_call.map(|o| base + o),
+            ip_after_call: layout.ip_after_call.map(|o| PatchSite::recorded(base + o)),
             ip_epilogue: layout.ip_epilogue.map(|o| base + o),
             _links: links.iter().map(|l| l.shared.clone()).collect(),
         })
@@ -552,7 +694,7 @@ fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachE
 // ---------------------------------------------------------------------------------------------
 // Functions trampoline code calls.
 
-/// Test hook run by [`tramp_image_enter`] before the reference is taken: the window between a
+/// Test hook run by the image's entry code before the reference is taken: the window between a
 /// thread's branch into the image and its reference, which grace period 1 must cover.
 pub type EnterHook = fn(image: usize);
 static ENTER_HOOK: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
@@ -599,11 +741,12 @@ thread_local! {
     };
 }
 
-/// Runs `f` on this thread's tracer state.
-fn with_trace<R>(f: impl FnOnce(&mut TraceLocal) -> R) -> R {
+/// Runs `f` on this thread's tracer state; `None` once the thread-local is destroyed (a traced
+/// program run from another thread-local's destructor: its tracers are skipped as misses).
+fn with_trace<R>(f: impl FnOnce(&mut TraceLocal) -> R) -> Option<R> {
     // SAFETY: the state is this thread's own, and `f` never re-enters `with_trace` (its callers
     // below only touch plain fields), so this is the only reference while it lives.
-    TRACE.with(|t| f(unsafe { &mut *t.get() }))
+    TRACE.try_with(|t| f(unsafe { &mut *t.get() })).ok()
 }
 
 /// Starts one tracer run: recursion guard, run context, stats. Returns 0 to skip the program,
@@ -633,16 +776,17 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
         let stack = &mut *t.stacks[t.depth] as *mut JitStack;
         t.depth += 1;
         Some(stack)
-    });
+    })
+    .flatten();
     let Some(stack) = stack else {
         prog.misses.fetch_add(1, Ordering::Relaxed);
         return 0;
     };
-    let region = MemRegion::new(args as u64, (TRACE_CTX_WORDS * 8) as u64, true);
+    let region = MemRegion::new(args as u64, (TRACE_CTX_WORDS * 8) as u64, false);
     // SAFETY: `ctx` is trampoline frame space for one RunContext; the stack is this thread's for
     // this nesting level and stays allocated while the thread lives; `region` covers the saved
     // argument words in the same frame; the helpers live in the program, kept alive by `link`.
-    unsafe { RunContext::init_raw(ctx, region, stack, &prog.helpers) };
+    unsafe { RunContext::init_raw(ctx, region, stack, &prog.helpers, prog.jit.budget()) };
     if stats_enabled() { now_ns() + 1 } else { 1 }
 }
 
@@ -663,8 +807,9 @@ pub(crate) unsafe extern "C" fn tramp_prog_exit(
     let prog = &link.prog.0;
     // SAFETY: initialised by the matching enter; dropped exactly once here.
     let error = unsafe { RunContext::take_raw(ctx) };
-    if error.is_some() {
+    if let Some(error) = error {
         prog.errors.fetch_add(1, Ordering::Relaxed);
+        *prog.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
     if start > 1 {
         prog.run_cnt.fetch_add(1, Ordering::Relaxed);

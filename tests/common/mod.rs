@@ -2,4 +2,5 @@
 // Each test binary that declares this module uses only part of it.
 #![allow(dead_code)]
 
+pub mod limits;
 pub mod progen;

@@ -63,8 +63,14 @@
 //!
 //! Checked accesses compute the address into x11 and compare it with the stack and the input
 //! inline (as the x86-64 backend does); accesses relative to r10 inside the current frame need
-//! no check. Anything else branches to a cold stub that asks [`crate::jit::runtime_call`], which
-//! scans the extra regions or records the interpreter's error.
+//! no check. Anything else branches to a cold stub that asks `crate::jit::runtime_call`, which
+//! scans the extra regions or records the interpreter's error. Stores and atomics compare with
+//! the context's `store_bound`, zero for a read-only input, so writes to it take the slow path,
+//! which refuses them.
+//!
+//! With [`Arm64Options::budget`], each back edge and BPF-to-BPF call first does
+//! `ldr x10, [x26, #budget_left]; subs x10, x10, #1; b.lo cold; str x10, [x26, #budget_left]`,
+//! the cold stub reporting the exhausted budget (it always fails); it precedes the jump's compare.
 //!
 //! `udiv`/`sdiv` already give RFC 9669's results: x / 0 = 0, and MIN / -1 = MIN (no trap);
 //! `msub` then gives x % 0 = x and MIN % -1 = 0. No special cases are needed.
@@ -88,7 +94,9 @@ use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
 use crate::helpers::Helpers;
 use crate::interp::{alu32, alu64};
 use crate::isa::{AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, Width};
-use crate::jit::{CTX_FP_LIMIT, CTX_MEM_BOUND, CTX_MEM_START, CTX_STACK_BASE, JitError, rt};
+use crate::jit::{
+    CTX_BUDGET_LEFT, CTX_FP_LIMIT, CTX_MEM_START, CTX_STACK_BASE, JitError, ctx_bound, rt,
+};
 
 /// Bytes per instruction.
 pub const INSN_BYTES: usize = 4;
@@ -160,6 +168,8 @@ const SAVED_BYTES: u32 = 48;
 pub struct Arm64Options {
     /// Emit bounds and alignment checks.
     pub checked: bool,
+    /// Count back edges and BPF-to-BPF calls against the run's budget.
+    pub budget: bool,
     /// Start with the `bti jc` landing pad (needed when the arena maps text with `PROT_BTI`;
     /// a `hint` that does nothing on CPUs without BTI).
     pub bti: bool,
@@ -551,6 +561,7 @@ impl Gen<'_> {
             }
             Insn::Ja { .. } | Insn::Ja32 { .. } => {
                 let t = self.target(i)?;
+                self.count_back_edge(i, pc);
                 self.e.branch(Fix::B, t);
             }
             Insn::Jump {
@@ -561,6 +572,7 @@ impl Gen<'_> {
                 ..
             } => {
                 let t = self.target(i)?;
+                self.count_back_edge(i, pc);
                 self.jump(width == Width::W64, cond, map(dst), src, t);
             }
             Insn::Call { id } => match self.helpers.get(id as u64) {
@@ -578,11 +590,33 @@ impl Gen<'_> {
             }
             Insn::CallLocal { .. } => {
                 let t = self.target(i)?;
+                self.count(pc);
                 self.call_local(pc, t);
             }
             Insn::Exit => self.e.emit(enc::ret(LR)),
         }
         Ok(())
+    }
+
+    /// Counts instruction `i` (slot `pc`) against the budget if it jumps backwards.
+    fn count_back_edge(&mut self, i: usize, pc: usize) {
+        if self.program.target_of(i).is_some_and(|t| t <= i) {
+            self.count(pc);
+        }
+    }
+
+    /// Takes one from the run's budget, failing at `pc` when none is left; nothing without a
+    /// budget.
+    fn count(&mut self, pc: usize) {
+        if !self.opts.budget {
+            return;
+        }
+        self.e.emit(ldr_ctx(TMP, CTX_BUDGET_LEFT));
+        self.e
+            .emit(enc::subs_imm(true, TMP, TMP, 1).expect("1 encodes"));
+        // Lo (carry clear): the subtraction borrowed, the budget was 0.
+        self.slow_path(Some(Cond::Lo), rt::info(rt::BUDGET, pc, 1, Access::Load));
+        self.e.emit(str_ctx(TMP, CTX_BUDGET_LEFT));
     }
 
     /// `rd = value` as an operand of width `w64`.
@@ -825,7 +859,7 @@ impl Gen<'_> {
             // In the input: addr - mem_start < mem_bound[log2 n] (unsigned).
             e.emit(ldr_ctx(TMP, CTX_MEM_START));
             e.emit(enc::sub_reg(true, TMP, ADDR, TMP));
-            e.emit(ldr_ctx(IMM, CTX_MEM_BOUND + 8 * n.trailing_zeros() as i32));
+            e.emit(ldr_ctx(IMM, ctx_bound(n, access)));
             e.emit(enc::cmp_reg(true, TMP, IMM));
             self.slow_path(Some(Cond::Hs), rt::info(rt::BOUNDS, pc, n, access));
             self.e.bind(ok);
@@ -1018,6 +1052,11 @@ fn ldr_ctx(rt: Gpr, field: i32) -> u32 {
     enc::ldst_uimm(LdSt::Ldr, Size::DW, rt, CTX, field as i64).expect("context fields are small")
 }
 
+/// `str rt, [x26, #field]` for a `RunContext` field.
+fn str_ctx(rt: Gpr, field: i32) -> u32 {
+    enc::ldst_uimm(LdSt::Str, Size::DW, rt, CTX, field as i64).expect("context fields are small")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1031,6 +1070,7 @@ mod tests {
     fn opts(checked: bool, bti: bool, pac: bool, lse: bool) -> Arm64Options {
         Arm64Options {
             checked,
+            budget: false,
             bti,
             pac,
             lse,
@@ -1042,6 +1082,43 @@ mod tests {
     fn gen_code(insns: Vec<Insn>, o: Arm64Options) -> Arm64Code {
         let p = Program::new(insns).unwrap();
         generate(&p, &Helpers::conformance(), &o).unwrap()
+    }
+
+    #[test]
+    fn budget_counts_back_edges_and_local_calls_only() {
+        let asm = |src: &str| crate::asm::assemble_program(src).unwrap().insns().to_vec();
+        let load = format!("ldr x10, [x26, #{CTX_BUDGET_LEFT:#x}]");
+        let counts = |c: &Arm64Code| {
+            let l = listing(&c.code[..c.plt]);
+            let n = l.iter().filter(|s| **s == load).count();
+            assert_eq!(n, l.iter().filter(|s| *s == "subs x10, x10, #1").count());
+            n
+        };
+        // Forward jumps, helper calls, callx and accesses: nothing to count, the same words.
+        let straight = asm("jeq %r1, 0, +2\nldxdw %r0, [%r1+0]\ncall 5\nmov %r2, 5\n\
+                            call %r2\nja +0\nstxdw [%r10-8], %r0\nexit");
+        // Back edges: `ja` to itself, a conditional one, `ja32`; plus a local call (forward).
+        let looping = asm(
+            "ja +1\nl:\nja l\nmov %r0, 0\nm:\nadd %r0, 1\njlt %r0, 9, m\n\
+                           ja32 +1\nja32 -2\ncall local f\nexit\nf:\nexit",
+        );
+        for checked in [true, false] {
+            let off = opts(checked, true, true, true);
+            let on = Arm64Options {
+                budget: true,
+                ..off
+            };
+            let base = gen_code(straight.clone(), off);
+            assert_eq!(gen_code(straight.clone(), on), base);
+            assert_eq!(counts(&base), 0);
+            let base = gen_code(looping.clone(), off);
+            let counted = gen_code(looping.clone(), on);
+            assert_eq!(counts(&base), 0);
+            assert_eq!(counts(&counted), 4, "ja l, jlt, ja32 -2, call local");
+            // Inline: ldr, subs, b.lo, str; cold: mov, adr, b. The PLT may gain or lose its nop.
+            let grown = counted.plt as i64 - base.plt as i64;
+            assert!((grown - 4 * 7 * 4).abs() <= 4, "{grown}");
+        }
     }
 
     /// Capstone's listing of `code[..len]`, one string per word; panics on undecodable words.

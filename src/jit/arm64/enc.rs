@@ -21,29 +21,49 @@ impl Gpr {
         Gpr(n & 31)
     }
 
+    /// The register number, 0–31, as encoded in a 5-bit register field.
     pub const fn num(self) -> u32 {
         self.0 as u32
     }
 }
 
+/// `x0`: AAPCS64 argument 0 and result register; eBPF r1 in the JIT.
 pub const X0: Gpr = Gpr(0);
+/// `x1`: AAPCS64 argument 1; eBPF r2.
 pub const X1: Gpr = Gpr(1);
+/// `x2`: AAPCS64 argument 2; eBPF r3.
 pub const X2: Gpr = Gpr(2);
+/// `x3`: AAPCS64 argument 3; eBPF r4.
 pub const X3: Gpr = Gpr(3);
+/// `x4`: AAPCS64 argument 4; eBPF r5.
 pub const X4: Gpr = Gpr(4);
+/// `x5`: AAPCS64 argument 5; the `RunContext` pointer at entry.
 pub const X5: Gpr = Gpr(5);
+/// `x7`: caller-saved; eBPF r0 in the JIT.
 pub const X7: Gpr = Gpr(7);
+/// `x9`: caller-saved scratch; the caller's return address at entry (`mov x9, x30`).
 pub const X9: Gpr = Gpr(9);
+/// `x10`: caller-saved scratch; the PLT's branch register.
 pub const X10: Gpr = Gpr(10);
+/// `x11`: caller-saved scratch; the address of a checked access.
 pub const X11: Gpr = Gpr(11);
+/// `x12`: caller-saved scratch; the slow-path thunk's return address.
 pub const X12: Gpr = Gpr(12);
+/// `x13`: caller-saved scratch.
 pub const X13: Gpr = Gpr(13);
+/// `x14`: caller-saved scratch.
 pub const X14: Gpr = Gpr(14);
+/// `x19`: callee-saved; eBPF r6.
 pub const X19: Gpr = Gpr(19);
+/// `x20`: callee-saved; eBPF r7.
 pub const X20: Gpr = Gpr(20);
+/// `x21`: callee-saved; eBPF r8.
 pub const X21: Gpr = Gpr(21);
+/// `x22`: callee-saved; eBPF r9.
 pub const X22: Gpr = Gpr(22);
+/// `x25`: callee-saved; eBPF r10.
 pub const X25: Gpr = Gpr(25);
+/// `x26`: callee-saved; the `RunContext` pointer while a program runs.
 pub const X26: Gpr = Gpr(26);
 /// Frame pointer.
 pub const FP: Gpr = Gpr(29);
@@ -57,24 +77,35 @@ pub const SP: Gpr = Gpr(31);
 /// Condition codes of `b.cond`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cond {
+    /// Equal (Z = 1).
     Eq = 0,
+    /// Not equal (Z = 0).
     Ne = 1,
     /// Unsigned ≥ (carry set).
     Hs = 2,
     /// Unsigned <.
     Lo = 3,
+    /// Negative (N = 1).
     Mi = 4,
+    /// Positive or zero (N = 0).
     Pl = 5,
+    /// Signed overflow (V = 1).
     Vs = 6,
+    /// No signed overflow (V = 0).
     Vc = 7,
     /// Unsigned >.
     Hi = 8,
     /// Unsigned ≤.
     Ls = 9,
+    /// Signed ≥ (N = V).
     Ge = 10,
+    /// Signed < (N ≠ V).
     Lt = 11,
+    /// Signed > (Z = 0 and N = V).
     Gt = 12,
+    /// Signed ≤ (Z = 1 or N ≠ V).
     Le = 13,
+    /// Always.
     Al = 14,
 }
 
@@ -235,8 +266,11 @@ pub const fn neg(sf: bool, rd: Gpr, rm: Gpr) -> u32 {
 /// Logical operations (register and immediate forms).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Logic {
+    /// `and`: bitwise AND (`opc` 00).
     And,
+    /// `orr`: bitwise inclusive OR (`opc` 01).
     Orr,
+    /// `eor`: bitwise exclusive OR (`opc` 10).
     Eor,
     /// `ands`: `and` setting the flags (`tst` with zr as destination).
     Ands,
@@ -454,6 +488,7 @@ pub const fn rev(sf: bool, rd: Gpr, rn: Gpr) -> u32 {
 /// What a load/store does with the register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LdSt {
+    /// Store the low `size` bytes of the register.
     Str,
     /// Load, zero-extending.
     Ldr,

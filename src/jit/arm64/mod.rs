@@ -65,7 +65,7 @@ mod place {
     use super::{Arm64Code, Arm64Options, IMAGE_ALIGN, generate, host_features};
     use crate::helpers::Helpers;
     use crate::isa::Program;
-    use crate::jit::JitError;
+    use crate::jit::{JitError, JitOptions};
     use crate::text::poke::{ProgramSite, dummy_trampoline, register_program_site};
     use crate::text::{Allocation, CodeArena, ImageKind, Registry};
 
@@ -77,23 +77,23 @@ mod place {
     }
 
     /// Generates `program` for this host and places it: allocate, write, register the image
-    /// and its patch site / PLT. `bti` is forced on when the arena maps text with `PROT_BTI`
-    /// (the entry must be a landing pad there); `lse` (`None`: use them if the CPU has them) is
-    /// forced off on CPUs without LSE.
+    /// and its patch site / PLT. BTI is forced on when the arena maps text with `PROT_BTI`
+    /// (the entry must be a landing pad there); LSE (by default: if the CPU has it) is forced
+    /// off on CPUs without it.
     pub(crate) fn place(
         program: &Program,
         helpers: &Helpers,
-        checked: bool,
-        (bti, pac, lse): (bool, bool, Option<bool>),
+        jit: JitOptions,
         owner: u64,
     ) -> Result<Placed, JitError> {
         let arena = CodeArena::global()?;
         let host_lse = host_features().lse;
         let opts = Arm64Options {
-            checked,
-            bti: bti || arena.options().bti,
-            pac,
-            lse: lse.unwrap_or(host_lse) && host_lse,
+            checked: jit.is_checked(),
+            budget: jit.budget().is_some(),
+            bti: jit.bti() || arena.options().bti,
+            pac: jit.pac(),
+            lse: jit.lse().unwrap_or(host_lse) && host_lse,
             runtime_fn: crate::jit::runtime_call as *const () as u64,
             plt_target: dummy_trampoline()? as u64,
         };
@@ -109,9 +109,14 @@ mod place {
             .write(&image, 0, &code.code)
             .map_err(JitError::from)
             .and_then(|()| {
-                registry
-                    .register(image.rx(), image.len(), ImageKind::Program, owner)
-                    .map_err(JitError::from)
+                // SAFETY: the image is this program's code in the global arena, owned by the
+                // JitProgram being built, which unregisters it before freeing it; its prologue
+                // site is the generated `nop`.
+                unsafe {
+                    registry.register(image.rx(), image.len(), ImageKind::Program, owner)?;
+                    registry.add_site(image.rx() + code.patch_site)
+                }
+                .map_err(JitError::from)
             })
             .and_then(|()| {
                 register_program_site(image.rx(), site).map_err(|_| {

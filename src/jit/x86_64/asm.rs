@@ -12,25 +12,42 @@ use thiserror::Error;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Gpr {
+    /// `rax` (0): implicit operand of `div`, `idiv`, `cqo`/`cdq` and `cmpxchg`.
     Rax = 0,
+    /// `rcx` (1): `cl` is the count of [`Asm::shift_cl`].
     Rcx,
+    /// `rdx` (2): high half of the `div`/`idiv` dividend, and their remainder.
     Rdx,
+    /// `rbx` (3).
     Rbx,
+    /// `rsp` (4): the stack pointer; as a memory base it needs a SIB byte (emitted for it).
     Rsp,
+    /// `rbp` (5): as a memory base it always takes a displacement (emitted for it).
     Rbp,
+    /// `rsi` (6): its byte form `sil` needs a REX prefix (emitted for it).
     Rsi,
+    /// `rdi` (7): its byte form `dil` needs a REX prefix (emitted for it).
     Rdi,
+    /// `r8` (8); r8–r15 need a REX prefix.
     R8,
+    /// `r9` (9).
     R9,
+    /// `r10` (10).
     R10,
+    /// `r11` (11).
     R11,
+    /// `r12` (12): like `rsp`, as a memory base it needs a SIB byte.
     R12,
+    /// `r13` (13): like `rbp`, as a memory base it always takes a displacement.
     R13,
+    /// `r14` (14).
     R14,
+    /// `r15` (15).
     R15,
 }
 
 impl Gpr {
+    /// All sixteen registers, in hardware-number order.
     pub const ALL: [Gpr; 16] = [
         Gpr::Rax,
         Gpr::Rcx,
@@ -70,20 +87,27 @@ impl Gpr {
 /// Operand size of memory accesses and of the few byte/word forms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OpSize {
+    /// Byte, 8 bits.
     B,
+    /// Word, 16 bits (operand-size prefix `66`).
     W,
+    /// Doubleword, 32 bits.
     D,
+    /// Quadword, 64 bits (REX.W).
     Q,
 }
 
 /// A memory operand `[base + disp]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Mem {
+    /// Base register; any of the sixteen.
     pub base: Gpr,
+    /// Signed displacement, encoded as disp8 when it fits in 8 bits, else disp32.
     pub disp: i32,
 }
 
 impl Mem {
+    /// The operand `[base + disp]`.
     pub const fn new(base: Gpr, disp: i32) -> Mem {
         Mem { base, disp }
     }
@@ -100,20 +124,30 @@ enum Rm {
 /// immediate forms).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AluOp {
+    /// `add` (`01 /r`, `03 /r`, `81 /0`, `83 /0`).
     Add = 0,
+    /// `or` (`09 /r`, `0B /r`, `81 /1`, `83 /1`).
     Or = 1,
+    /// `and` (`21 /r`, `23 /r`, `81 /4`, `83 /4`).
     And = 4,
+    /// `sub` (`29 /r`, `2B /r`, `81 /5`, `83 /5`).
     Sub = 5,
+    /// `xor` (`31 /r`, `33 /r`, `81 /6`, `83 /6`).
     Xor = 6,
+    /// `cmp` (`39 /r`, `3B /r`, `81 /7`, `83 /7`): subtracts for the flags only.
     Cmp = 7,
 }
 
 /// Shifts and rotates; the value is the `/digit` of `C1`/`D3`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ShiftOp {
+    /// `rol`: rotate left.
     Rol = 0,
+    /// `shl`: shift left, filling with zeros.
     Shl = 4,
+    /// `shr`: logical shift right, filling with zeros.
     Shr = 5,
+    /// `sar`: arithmetic shift right, filling with copies of the sign bit.
     Sar = 7,
 }
 
@@ -122,15 +156,23 @@ pub enum ShiftOp {
 pub enum Cond {
     /// Unsigned below (CF).
     B = 0x2,
+    /// Unsigned above or equal (CF = 0).
     Ae = 0x3,
+    /// Equal (ZF = 1).
     E = 0x4,
+    /// Not equal (ZF = 0).
     Ne = 0x5,
+    /// Unsigned below or equal (CF = 1 or ZF = 1).
     Be = 0x6,
+    /// Unsigned above (CF = 0 and ZF = 0).
     A = 0x7,
     /// Signed less.
     L = 0xc,
+    /// Signed greater or equal (SF = OF).
     Ge = 0xd,
+    /// Signed less or equal (ZF = 1 or SF ≠ OF).
     Le = 0xe,
+    /// Signed greater (ZF = 0 and SF = OF).
     G = 0xf,
 }
 
@@ -156,14 +198,28 @@ struct Fixup {
 /// Why [`Asm::finish`] could not resolve the branches.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum AsmError {
+    /// The number of a label (in creation order) that a branch targets but was never bound.
     #[error("label {0} is branched to but never bound")]
     Unbound(usize),
+    /// The number of a label that [`Asm::bind`] was given twice.
     #[error("label {0} is bound twice")]
     Rebound(usize),
+    /// A `rel8` branch whose target is outside -128..=127 bytes.
     #[error("short branch at byte {at} cannot reach its target {distance} bytes away")]
-    ShortOutOfRange { at: usize, distance: i64 },
+    ShortOutOfRange {
+        /// Byte offset of the `rel8` field.
+        at: usize,
+        /// Target minus the end of the branch, in bytes.
+        distance: i64,
+    },
+    /// A `rel32` branch whose target does not fit 32 signed bits.
     #[error("branch at byte {at} cannot reach its target {distance} bytes away (more than 2 GiB)")]
-    NearOutOfRange { at: usize, distance: i64 },
+    NearOutOfRange {
+        /// Byte offset of the `rel32` field.
+        at: usize,
+        /// Target minus the end of the branch, in bytes.
+        distance: i64,
+    },
 }
 
 /// The code buffer with its labels.
@@ -177,6 +233,7 @@ pub struct Asm {
 }
 
 impl Asm {
+    /// An empty buffer without labels.
     pub fn new() -> Asm {
         Asm::default()
     }
@@ -186,10 +243,12 @@ impl Asm {
         self.buf.len()
     }
 
+    /// Whether nothing has been emitted yet.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
 
+    /// A new unbound label; bind it exactly once with [`Asm::bind`].
     pub fn new_label(&mut self) -> Label {
         self.labels.push(None);
         Label(self.labels.len() - 1)
@@ -346,6 +405,17 @@ impl Asm {
             src as u8,
             Rm::Mem(mem),
         );
+    }
+
+    /// `op [mem], imm` (32 or 64 bits, the immediate sign-extended).
+    pub fn alu_mi(&mut self, op: AluOp, w64: bool, mem: Mem, imm: i32) {
+        if let Ok(imm8) = i8::try_from(imm) {
+            self.op_rm(false, w64, false, &[0x83], op as u8, Rm::Mem(mem));
+            self.byte(imm8 as u8);
+        } else {
+            self.op_rm(false, w64, false, &[0x81], op as u8, Rm::Mem(mem));
+            self.imm32(imm);
+        }
     }
 
     /// `test a, b`.
@@ -586,11 +656,13 @@ impl Asm {
 
     // ---- stack and control flow ----
 
+    /// `push r64` (`50+rd`).
     pub fn push(&mut self, r: Gpr) {
         self.rex_b(false, r);
         self.byte(0x50 + r.low());
     }
 
+    /// `pop r64` (`58+rd`).
     pub fn pop(&mut self, r: Gpr) {
         self.rex_b(false, r);
         self.byte(0x58 + r.low());
@@ -601,6 +673,7 @@ impl Asm {
         self.op_rm(false, false, false, &[0xff], 2, Rm::Reg(r));
     }
 
+    /// Near `ret` (`C3`).
     pub fn ret(&mut self) {
         self.byte(0xc3);
     }
@@ -811,6 +884,15 @@ mod tests {
                     check(|a| a.alu_rm(op, w64, d, mem), &want);
                     let want = format!("{m} {}{}, {}", ptr(s), mem_text(mem), name(Gpr::Rsi, s));
                     check(|a| a.alu_mr(op, w64, mem, Gpr::Rsi), &want);
+                    for imm in [1, -1, 127, -128, 128, i32::MIN] {
+                        let shown = if w64 {
+                            imm as i64 as u64
+                        } else {
+                            imm as u32 as u64
+                        };
+                        let want = format!("{m} {}{}, {shown:#x}", ptr(s), mem_text(mem));
+                        check(|a| a.alu_mi(op, w64, mem, imm), &want);
+                    }
                 }
             }
         }

@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
 
-use super::{PokeError, PokeInsn, PokeOutcome};
+use super::{PokeError, PokeInsn, PokeOutcome, TEXT_LOCK};
 use crate::text::{CodeArena, ImageKind, Registry, TextError, sync_all_threads};
 
 /// Offset of the patch site from a program's entry with the JIT's default options
@@ -91,8 +91,30 @@ pub fn register_program_site(start: usize, site: ProgramSite) -> Result<(), Poke
     Ok(())
 }
 
+/// Image start → whether its PLT literal last served a far call (`true`) or jump (`false`).
+static LITERAL_KIND: Mutex<BTreeMap<usize, bool>> = Mutex::new(BTreeMap::new());
+
+/// Declares that a grace period has passed since the program's site (at image `start`) last
+/// branched to its PLT, so its literal may now serve a far target of the other kind.
+///
+/// # Safety
+/// Every thread that could have executed the site's old branch to the PLT has since left the
+/// code it was running (e.g. `reclaim::synchronize` returned after the site was poked away
+/// from the PLT), so none can still load the literal.
+pub unsafe fn plt_quiesced(start: usize) {
+    let _guard = TEXT_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    LITERAL_KIND
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&start);
+}
+
 /// Forgets the layout of the image at `start` (before the image is unregistered and freed).
 pub fn unregister_program_site(start: usize) -> Option<ProgramSite> {
+    LITERAL_KIND
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&start);
     SITES
         .write()
         .unwrap_or_else(PoisonError::into_inner)
@@ -126,7 +148,10 @@ pub fn dummy_trampoline() -> Result<usize, TextError> {
                 .collect();
             let image = arena.alloc(bytes.len(), 16)?;
             let placed = arena.write(&image, 0, &bytes).and_then(|()| {
-                Registry::global().register(image.rx(), image.len(), ImageKind::Trampoline, 0)
+                // SAFETY: our own image in the global arena, never unregistered or freed.
+                unsafe {
+                    Registry::global().register(image.rx(), image.len(), ImageKind::Trampoline, 0)
+                }
             });
             if let Err(e) = placed {
                 // SAFETY: the image was never published.
@@ -216,9 +241,6 @@ fn effective(site: usize, word: u32, literal: Option<u64>, plt: Option<Plt>) -> 
     })
 }
 
-/// Serialises all pokes (the kernel's `text_mutex`).
-static TEXT_LOCK: Mutex<()> = Mutex::new(());
-
 /// An atomic view of the 4-byte word at the RW alias of `rx`.
 fn word_at(arena: &CodeArena, rx: usize) -> Result<&'static AtomicU32, PokeError> {
     match (arena.rw_alias(rx), arena.rw_alias(rx + 3)) {
@@ -241,28 +263,24 @@ fn literal_at(arena: &CodeArena, rx: usize) -> Result<&'static AtomicU64, PokeEr
 
 /// Rewrites the patch site at `ip` from `old` to `new`. See the module docs for the contract.
 ///
-/// `ip` at a program's entry means its patch site, where far targets go through the program's
+/// A program's prologue site (`ip` = entry + the layout's site offset) sends far targets through the program's
 /// PLT; any other `ip` inside registered text is poked as it is and needs near targets.
-pub fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome, PokeError> {
+pub(super) fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome, PokeError> {
     let sym = Registry::global()
         .lookup(ip)
         .ok_or(PokeError::NotText { ip })?;
     let arena = CodeArena::global()?;
-    let (site, plt) = if sym.kind == ImageKind::Program && sym.offset == 0 {
-        let layout = program_site(sym.start).ok_or_else(|| PokeError::NotASite {
-            ip,
-            bytes: word_at(arena, ip)
-                .map(|w| w.load(Ordering::Relaxed).to_le_bytes().to_vec())
-                .unwrap_or_default(),
-        })?;
-        let plt = Plt {
-            branch: sym.start + layout.plt,
-            literal: sym.start + layout.literal,
-        };
-        (sym.start + layout.site, Some(plt))
-    } else {
-        (ip, None)
-    };
+    // A program's prologue site has the program's PLT for far targets; other sites need
+    // near ones.
+    let layout = (sym.kind == ImageKind::Program)
+        .then(|| program_site(sym.start))
+        .flatten()
+        .filter(|layout| layout.site == sym.offset);
+    let site = ip;
+    let plt = layout.map(|layout| Plt {
+        branch: sym.start + layout.plt,
+        literal: sym.start + layout.literal,
+    });
     if !site.is_multiple_of(4) || site + PATCH_SITE_LEN > sym.start + sym.len {
         return Err(PokeError::NotText { ip });
     }
@@ -271,11 +289,6 @@ pub fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome,
     let (new_word, new_far) = site_word(site, new, plt)?;
     let word = word_at(arena, site)?;
     let literal = plt.map(|p| literal_at(arena, p.literal)).transpose()?;
-    // Needed (and created) before the lock: it may allocate in the arena.
-    let dummy = match plt {
-        Some(_) => Some(dummy_trampoline()? as u64),
-        None => None,
-    };
 
     let _guard = TEXT_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     // Relaxed loads: only pokers write these, and they are serialised by the lock.
@@ -299,25 +312,32 @@ pub fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome,
             },
         });
     }
-    let via_plt = matches!(
-        (decode_a64(site, current), plt),
-        (Some(PokeInsn::Call(t) | PokeInsn::Jump(t)), Some(p)) if t == p.branch
-    );
     let old_word = current;
-    let old_far = via_plt
-        .then(|| current_literal.map(|l| l as usize))
-        .flatten();
-    // The PLT literal first, with one single-copy-atomic aligned 64-bit store: to the new far
-    // target, or back to the dummy trampoline when leaving a far target. A thread that runs the
-    // old branch to the PLT meanwhile lands on the dummy (= nop) or the old target, which the
-    // caller keeps alive until a grace period has passed.
-    let new_literal = match (new_far, old_far) {
-        (Some(t), _) => Some(t as u64),
-        (None, Some(_)) => dummy,
-        (None, None) => None,
-    };
-    if let (Some(value), Some(lit)) = (new_literal, literal) {
-        lit.store(value, Ordering::Release);
+    // The literal is never reset when the site leaves a far target: a thread that executed the
+    // old `b`/`bl plt` just before may load it at any time until a grace period passes, and
+    // must then reach the old target (which the caller keeps alive for that long), not a
+    // dummy that would skip a replacement. For the same reason a literal is only reused for a
+    // target of the kind (call or jump) it last served: a stale `bl plt` entering a
+    // replacement, or a stale `b plt` entering a trampoline, would return to the wrong place.
+    // Changing the kind needs a grace period first, declared with `plt_quiesced`.
+    let new_link = matches!(new, PokeInsn::Call(_));
+    let image_start = sym.start;
+    if new_far.is_some() {
+        let mut kinds = LITERAL_KIND.lock().unwrap_or_else(PoisonError::into_inner);
+        match kinds.get(&image_start) {
+            Some(&link) if link != new_link => {
+                return Err(PokeError::PltKindChange {
+                    ip: site,
+                    was_call: link,
+                });
+            }
+            _ => {
+                kinds.insert(image_start, new_link);
+            }
+        }
+    }
+    if let (Some(value), Some(lit)) = (new_far, literal) {
+        lit.store(value as u64, Ordering::Release);
         // Every thread executes a full barrier before this returns, so any thread that later
         // fetches the new branch below also loads the new literal (stronger than Linux, which
         // relies on "a stale literal lands somewhere harmless").
@@ -326,6 +346,13 @@ pub fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome,
     if old_word == new_word {
         // Far → far: only the literal changed.
         return Ok(PokeOutcome::Applied);
+    }
+    // The new target may be code just written at a reused address that other cores fetched
+    // before (a freed image's): `sync_text` of that code invalidated their I-caches, but only
+    // a context synchronisation discards what their pipelines already hold. Make every thread
+    // context-synchronise before any can branch there.
+    if new != PokeInsn::Nop && new_far.is_none() {
+        sync_all_threads()?;
     }
     // Arm ARM (DDI 0487, B2.2.5 "Concurrent modification and execution of instructions"): when
     // both the old and new instruction are B, BL, NOP (or BRK, ISB, SVC, HVC, SMC), another PE

@@ -30,7 +30,13 @@
 //! in progress and emulates the *new* instruction (nop: skip it; call: push the return address and go
 //! to the target; jump: go to the target). A thread whose trap is handled only after the poke
 //! finished finds no `int3` under its program counter any more and re-executes the now-final
-//! instruction. Traps that are not ours go to the handler installed before, or the default action.
+//! instruction. Only an int3 (`si_code == SI_KERNEL`) at the site of a poke is ours; every other
+//! SIGTRAP goes to the disposition livebpf's handler replaced, with that disposition's semantics
+//! (a handler with its `sa_mask`, `SIG_IGN`, `SIG_DFL`). Before writing anything `text_poke` checks
+//! that SIGTRAP still reaches livebpf's handler (`PokeError::TrapHandlerReplaced`,
+//! `reinstall_trap_handler`) and that no thread that has run JIT code blocks it
+//! (`PokeError::SigtrapBlocked`). What an embedding application and a debugger must do is in
+//! docs/ARCHITECTURE.md, "Signals: what an embedding application and a debugger must do".
 //! After step 3's sync no thread can still hold the old bytes or the `int3` in its pipeline, so
 //! every thread runs the new instruction once `text_poke` returns.
 //!
@@ -54,20 +60,104 @@ use super::TextError;
 #[cfg(target_arch = "aarch64")]
 mod arm64;
 #[cfg(target_arch = "aarch64")]
+use arm64::text_poke as arch_text_poke;
+#[cfg(target_arch = "aarch64")]
 pub use arm64::{
     A64_NOP, DUMMY_TRAMPOLINE, PATCH_SITE_LEN, PATCH_SITE_OFFSET, ProgramSite, decode_a64,
-    dummy_trampoline, encode_a64, register_program_site, text_poke, unregister_program_site,
+    dummy_trampoline, encode_a64, plt_quiesced, register_program_site, unregister_program_site,
 };
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
+use x86_64::text_poke as arch_text_poke;
+#[cfg(target_arch = "x86_64")]
 pub use x86_64::{
-    PATCH_SITE_LEN, PATCH_SITE_OFFSET, X86_NOP5, decode_x86, encode_x86, text_poke, traps_handled,
+    PATCH_SITE_LEN, PATCH_SITE_OFFSET, X86_NOP5, declare_chaining_trap_handler, decode_x86,
+    encode_x86, reinstall_trap_handler, traps_handled,
 };
+
+/// Serialises all pokes (the kernel's `text_mutex`); `fork` holds it across the fork.
+pub(crate) static TEXT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A patch site: the address of an instruction its owner made to be rewritten while threads run
+/// it (a program's prologue site, a trampoline's `ip_after_call`). Obtained from the owner —
+/// [`crate::jit::JitProgram::patch_site`] — or checked against the registry's record of sites
+/// with [`PatchSite::at`]; never assumed from an offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PatchSite {
+    ip: usize,
+}
+
+impl PatchSite {
+    /// The site at `ip`, if `ip` is a recorded patch site ([`crate::text::Registry::add_site`]).
+    pub fn at(ip: usize) -> Result<PatchSite, PokeError> {
+        check_site(ip)?;
+        Ok(PatchSite { ip })
+    }
+
+    /// A site its owner recorded.
+    pub(crate) fn recorded(ip: usize) -> PatchSite {
+        PatchSite { ip }
+    }
+
+    /// The site's address.
+    pub fn ip(&self) -> usize {
+        self.ip
+    }
+}
+
+/// `ip` must be a recorded site: not in JIT text → `NotText`; in text but not a site →
+/// `NotASite`, with the bytes found there.
+fn check_site(ip: usize) -> Result<(), PokeError> {
+    let registry = crate::text::Registry::global();
+    if registry.is_site(ip) {
+        return Ok(());
+    }
+    let sym = registry.lookup(ip).ok_or(PokeError::NotText { ip })?;
+    let len = PATCH_SITE_LEN.min(sym.start + sym.len - ip);
+    let bytes = crate::text::CodeArena::global()
+        .ok()
+        .filter(|a| a.contains(ip + len - 1))
+        .and_then(|a| a.rw_alias(ip))
+        // SAFETY: `ip .. ip + len` is inside a registered image of the arena (checked above),
+        // whose RW view is mapped; reading it races only with pokers' single-byte/word stores.
+        .map(|rw| unsafe { std::slice::from_raw_parts(rw, len) }.to_vec())
+        .unwrap_or_default();
+    Err(PokeError::NotASite { ip, bytes })
+}
+
+/// Rewrites the patch site at `ip` from `old` to `new` (see the module docs for the contract).
+/// `ip` must be a recorded patch site ([`PatchSite`]); no offset is re-interpreted.
+///
+/// # Safety
+/// `new` must be valid for every thread that executes the site from now on: a `Call`/`Jump`
+/// target is complete code that stays mapped while the site can branch there, and behaves as
+/// the site's owner expects (for a program's site: a trampoline image or a program with the
+/// program ABI). The safe way to change a program's site is [`crate::trampoline::attach`].
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub unsafe fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeOutcome, PokeError> {
+    check_site(ip)?;
+    arch_text_poke(ip, old, new)
+}
+
+/// [`text_poke`] on a typed site.
+///
+/// # Safety
+/// As for [`text_poke`].
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub unsafe fn poke_site(
+    site: PatchSite,
+    old: PokeInsn,
+    new: PokeInsn,
+) -> Result<PokeOutcome, PokeError> {
+    // SAFETY: forwarded.
+    unsafe { text_poke(site.ip, old, new) }
+}
 
 /// What a patch site holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PokeInsn {
+    /// The site's nop: execution goes on after it.
     Nop,
     /// A call to an absolute address.
     Call(usize),
@@ -84,30 +174,91 @@ pub enum PokeOutcome {
     AlreadyApplied,
 }
 
+/// Names a SIGTRAP disposition for [`PokeError::TrapHandlerReplaced`].
+fn describe_disposition(action: usize) -> String {
+    match action {
+        libc::SIG_DFL => "SIG_DFL (the default action)".to_string(),
+        libc::SIG_IGN => "SIG_IGN".to_string(),
+        handler => format!("the handler at {handler:#x}"),
+    }
+}
+
+/// Why a poke did not happen. In every case nothing was written.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum PokeError {
     #[error(
         "{ip:#x} is not inside livebpf JIT text; only program and trampoline images registered in the text registry can be poked"
     )]
-    NotText { ip: usize },
+    /// The address is in no registered JIT image.
+    NotText {
+        /// The address given.
+        ip: usize,
+    },
     #[error(
         "target {target:#x} is out of range of the instruction at {ip:#x}; allocate the target from the same code arena"
     )]
-    OutOfRange { ip: usize, target: usize },
+    /// The target is beyond the site's reach.
+    OutOfRange {
+        /// The site.
+        ip: usize,
+        /// The target that does not fit.
+        target: usize,
+    },
     #[error(
         "the patch site at {ip:#x} holds {found:?}, not the expected {expected:?}; nothing was written (did another attach change it?)"
     )]
+    /// The site does not hold `old`.
     Mismatch {
+        /// The site.
         ip: usize,
+        /// The `old` instruction the caller expected.
         expected: PokeInsn,
+        /// What the site holds.
         found: PokeInsn,
     },
     #[error(
         "the bytes at {ip:#x} ({bytes:02x?}) are not a patch site (nop, call or jump); pass a program entry or a trampoline site"
     )]
-    NotASite { ip: usize, bytes: Vec<u8> },
+    /// The address is in JIT text but is not a recorded patch site.
+    NotASite {
+        /// The address given.
+        ip: usize,
+        /// The bytes found there (empty when they could not be read).
+        bytes: Vec<u8>,
+    },
+    #[error(
+        "the PLT of the site at {ip:#x} last served a far {} and a thread may still load its literal; wait for a grace period (reclaim::synchronize), declare it with plt_quiesced, and retry",
+        if *was_call { "call" } else { "jump" }
+    )]
+    /// arm64: the PLT literal must change between a far call and a far jump.
+    PltKindChange {
+        /// The site.
+        ip: usize,
+        /// Whether the literal last served a call (else a jump).
+        was_call: bool,
+    },
     #[error("installing the SIGTRAP handler text_poke needs failed: {0}")]
+    /// `sigaction(2)` failed; the message says how.
     Signal(String),
+    /// x86-64: SIGTRAP no longer reaches livebpf's handler (`installed` is the `sa_sigaction`
+    /// now installed: `SIG_DFL` = 0, `SIG_IGN` = 1, or a handler's address).
+    #[error(
+        "livebpf's SIGTRAP handler was replaced: SIGTRAP is now handled by {}; nothing was written. A thread reaching the patch site during the poke would die or resume inside the instruction being rewritten. If you installed a SIGTRAP handler, call livebpf::text::poke::reinstall_trap_handler() (livebpf then passes the SIGTRAPs that are not its own to yours), or, if your handler passes them to livebpf's, declare it with declare_chaining_trap_handler(); never reset SIGTRAP to SIG_DFL or SIG_IGN while livebpf is used",
+        describe_disposition(*installed)
+    )]
+    TrapHandlerReplaced {
+        /// The disposition found instead (`SIG_DFL`, `SIG_IGN` or a handler's address).
+        installed: usize,
+    },
+    /// x86-64: a thread that may execute JIT text blocks SIGTRAP (kernel thread id `tid`).
+    #[error(
+        "thread {tid} has run livebpf JIT code and blocks SIGTRAP; nothing was written: if it reached the patch site during the poke, the kernel would kill the process. Keep SIGTRAP unblocked (pthread_sigmask) in every thread that runs livebpf programs, or poke after that thread has exited"
+    )]
+    SigtrapBlocked {
+        /// The kernel id of the thread.
+        tid: i32,
+    },
     #[error(transparent)]
+    /// The code arena failed.
     Text(#[from] TextError),
 }
