@@ -18,6 +18,10 @@
  *     writer's membarrier), *then* reads which image to enter (5, then 6), takes the
  *     reference, may go quiescent while the original runs, drops the reference, runs the
  *     epilogue, and goes offline in the stub's own code. Images retire as traced ones do.
+ *     The stub's image is data, and its load may be satisfied early, before the thread goes
+ *     online (arm64 reorders loads; only compiler fences separate them): the early value stands
+ *     unless a membarrier falls in between (it clears `early`), whose barrier makes the thread
+ *     load it again. The retirer ends each unlink with a membarrier, as a poke does.
  *
  * A grace period reads the thread list (under its lock) after advancing the epoch and waits only
  * for the threads it found: threads register and exit at any point of a retirement.
@@ -35,6 +39,8 @@
  *                       (before the unlink) instead of reading the list after advancing the epoch
  *   -DFREPLACE_NO_GP    (with FREPLACE) free the replacement right after the site moves on
  *   -DNATIVE_READ_EARLY (with NATIVE) the stub reads the image before it goes online
+ *   -DNO_UNLINK_MB      (with NATIVE) the unlink is a plain store, not followed by a membarrier:
+ *                       grace period 1's first membarrier comes only after the epoch advanced
  * and one that must not: -DFREPLACE_ONE_GP (with FREPLACE) frees each replacement after a single
  * grace period, which suffices since nothing quiesces inside a replacement.
  */
@@ -45,6 +51,14 @@
 
 byte site;                        /* the image (or replacement) the site leads to; 0 = none */
 byte global_epoch = 1;
+bool early[THREADS];              /* NATIVE: the stub's image load was satisfied early */
+
+/* A membarrier: every thread executes a full barrier, which also ends early-satisfied loads. */
+#ifdef NATIVE
+#define MEMBARRIER atomic { early[0] = false; early[1] = false }
+#else
+#define MEMBARRIER skip
+#endif
 bool registered[THREADS];
 byte rec_epoch[THREADS];          /* 0 = quiescent */
 byte inside[THREADS];             /* image whose reference the thread holds; 0 = none */
@@ -61,7 +75,7 @@ inline read_list() {
 
 inline grace_period() {
     atomic { global_epoch++; target = global_epoch }
-    /* membarrier M1, then the list */
+    MEMBARRIER;                       /* M1, then the list */
 #ifndef STALE_LIST
     read_list();
 #endif
@@ -71,8 +85,8 @@ inline grace_period() {
         (!listed[j] || rec_epoch[j] == 0 || rec_epoch[j] >= target);
         j++
     :: else -> break
-    od
-    /* membarrier M2 */
+    od;
+    MEMBARRIER                        /* M2 */
 }
 
 inline retire(img) {
@@ -149,9 +163,18 @@ proctype runner(byte me; bool native) {
             e = global_epoch;
             rec_epoch[me] = e;
 #else
-            e = global_epoch;
-            rec_epoch[me] = e;        /* the stub goes online ... */
-            img = site;               /* ... then reads which image to enter */
+            if
+            :: e = global_epoch;
+               rec_epoch[me] = e;     /* the stub goes online ... */
+               img = site             /* ... then reads which image to enter */
+            :: atomic { img = site; early[me] = true };  /* ... or that load is satisfied early */
+               e = global_epoch;
+               rec_epoch[me] = e;
+               if
+               :: !early[me] -> img = site     /* a membarrier in between orders it */
+               :: else -> early[me] = false
+               fi
+            fi;
 #endif
             if
             :: img != NONE -> run_image(me, img)
@@ -181,9 +204,15 @@ proctype retirer() {
 #elif defined(NATIVE)
     /* attach another program: the stub enters image 6, image 5 retires */
     site = 6;
+#ifndef NO_UNLINK_MB
+    MEMBARRIER;                       /* the poke's closing membarrier */
+#endif
     retire(5);
     /* detach: the stub calls the original directly, image 6 retires */
     site = NONE;
+#ifndef NO_UNLINK_MB
+    MEMBARRIER;                       /* the poke's closing membarrier */
+#endif
     retire(6)
 #else
     /* attach another program: the site moves to image 2, image 1 retires */
