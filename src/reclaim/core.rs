@@ -96,9 +96,14 @@ impl Domain {
 
     /// A grace period: returns once every thread that was online when it began has been
     /// quiescent at least once. `barrier` must make every thread execute a full memory barrier
-    /// (membarrier); it runs after the epoch advances and again at the end. `wait` is called
+    /// (membarrier); it runs before and after the epoch advances and again at the end. `wait` is called
     /// while a thread is still online (back off, or yield in the model).
     pub fn synchronize(&self, barrier: &mut dyn FnMut(), wait: &mut dyn FnMut(u32)) {
+        // A barrier first, as userspace RCU's memb flavour does: without it a reader could load
+        // the new epoch and still the old pointer of an unlink made by a plain store (loom found
+        // this: `synchronize_after_a_plain_store_is_a_grace_period`). Pokes end with a
+        // membarrier anyway; map deletes do not.
+        barrier();
         let target = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         barrier();
         let threads = lock(&self.threads).clone();
