@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use livebpf::isa::{Program, RawInsn};
 use livebpf::loader::{
     BPF_F_RDONLY_PROG, BPF_PSEUDO_FUNC, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE, DataSymbol,
-    FuncRef, LoadError, MapKind, MapOrigin, MapRef, MapRefKind, Object, ProgType, ProgramSpec,
+    FuncRef, LoadError, MapOrigin, MapRef, MapRefKind, MapType, Object, ProgType, ProgramSpec,
 };
 use proptest::prelude::*;
 
@@ -153,8 +153,8 @@ fn xdp_counter_has_one_program_a_hash_map_and_two_map_references() {
     assert_eq!(obj.maps.len(), 1, "{:#?}", obj.maps);
     let m = &obj.maps[0];
     assert_eq!(m.name, "counts");
-    assert_eq!(m.kind, MapKind::Hash);
-    assert_eq!(m.kind.type_number(), 1);
+    assert_eq!(m.kind, MapType::Hash);
+    assert_eq!(m.kind.kernel_id(), 1);
     assert_eq!((m.key_size, m.value_size, m.max_entries), (4, 8, 256));
     assert_eq!((m.flags, m.pinning), (0, 0));
     assert_eq!(m.origin, MapOrigin::BtfMaps);
@@ -195,7 +195,7 @@ fn globals_become_single_entry_arrays_holding_the_section_bytes() {
     let map_names: Vec<&str> = obj.maps.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(map_names, [".rodata", ".data", ".bss", ".rodata.str1.1"]);
     for m in &obj.maps {
-        assert_eq!(m.kind, MapKind::Array, "{}", m.name);
+        assert_eq!(m.kind, MapType::Array, "{}", m.name);
         assert_eq!((m.key_size, m.max_entries), (4, 1), "{}", m.name);
         assert_eq!(m.origin, MapOrigin::GlobalData);
         let value = m.initial_value.as_ref().unwrap();
@@ -334,7 +334,7 @@ fn prog_array_values_initialise_slots_by_program_name() {
     assert_eq!(obj.maps.len(), 1);
     let m = &obj.maps[0];
     assert_eq!(m.name, "jump_table");
-    assert_eq!((m.kind, m.kind.type_number()), (MapKind::ProgArray, 3));
+    assert_eq!((m.kind, m.kind.kernel_id()), (MapType::ProgArray, 3));
     assert_eq!((m.key_size, m.value_size, m.max_entries), (4, 4, 4));
     assert_eq!(
         m.prog_slots,
@@ -439,7 +439,7 @@ fn legacy_section_names_and_a_legacy_maps_section() {
     );
     let m = obj.map("port_map").unwrap();
     assert_eq!(m.origin, MapOrigin::LegacyMaps);
-    assert_eq!(m.kind, MapKind::Array);
+    assert_eq!(m.kind, MapType::Array);
     assert_eq!(
         (m.key_size, m.value_size, m.max_entries, m.flags),
         (4, 2, 16, 0)
@@ -459,7 +459,7 @@ fn every_supported_map_kind_with_pinning_and_flags() {
     let Some(obj) = load("map_kinds") else {
         return;
     };
-    let maps: Vec<(&str, MapKind, u32, u32, u32, u32, u32)> = obj
+    let maps: Vec<(&str, MapType, u32, u32, u32, u32, u32)> = obj
         .maps
         .iter()
         .map(|m| {
@@ -470,16 +470,16 @@ fn every_supported_map_kind_with_pinning_and_flags() {
     assert_eq!(
         maps,
         [
-            ("pinned_array", MapKind::Array, 4, 8, 8, 0, 1),
-            ("cpu_array", MapKind::PercpuArray, 4, 4, 1, 0, 0),
-            ("cpu_hash", MapKind::PercpuHash, 16, 2, 64, 1, 0),
-            ("lru", MapKind::LruHash, 8, 16, 1024, 0, 0),
-            ("events", MapKind::RingBuf, 0, 0, 4096, 0, 0),
+            ("pinned_array", MapType::Array, 4, 8, 8, 0, 1),
+            ("cpu_array", MapType::PercpuArray, 4, 4, 1, 0, 0),
+            ("cpu_hash", MapType::PercpuHash, 16, 2, 64, 1, 0),
+            ("lru", MapType::LruHash, 8, 16, 1024, 0, 0),
+            ("events", MapType::Ringbuf, 0, 0, 4096, 0, 0),
             // clang's merged 16-byte constant (the initialiser of `p`, folded into the code and so
             // not referenced): global data as well.
             (
                 ".rodata.cst16",
-                MapKind::Array,
+                MapType::Array,
                 4,
                 16,
                 1,
@@ -488,7 +488,7 @@ fn every_supported_map_kind_with_pinning_and_flags() {
             ),
         ]
     );
-    let numbers: Vec<u32> = obj.maps.iter().map(|m| m.kind.type_number()).collect();
+    let numbers: Vec<u32> = obj.maps.iter().map(|m| m.kind.kernel_id()).collect();
     assert_eq!(numbers, [2, 6, 5, 9, 27, 2]);
     assert_eq!(obj.notes.len(), 1, "{:?}", obj.notes);
     assert!(obj.notes[0].contains("pinned_array") && obj.notes[0].contains("pinning = 1"));

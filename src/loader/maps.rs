@@ -9,7 +9,7 @@ use super::btf::{self, Btf};
 use super::elf::{Elf, Section, SymPlace};
 use super::link::Functions;
 use super::{
-    BPF_F_RDONLY_PROG, DataSymbol, LoadError, MAX_GLOBAL_DATA, MapKind, MapOrigin, MapSpec,
+    BPF_F_RDONLY_PROG, DataSymbol, LoadError, MAX_GLOBAL_DATA, MapOrigin, MapSpec, MapType,
 };
 
 /// `R_BPF_64_ABS64`, the relocation of a 64-bit address in data (not in `object`'s list).
@@ -62,8 +62,8 @@ fn bad_map(map: &str, reason: impl Into<String>) -> LoadError {
     }
 }
 
-fn kind_of(map: &str, map_type: u32) -> Result<MapKind, LoadError> {
-    MapKind::from_type(map_type).ok_or_else(|| LoadError::UnknownMapType {
+fn kind_of(map: &str, map_type: u32) -> Result<MapType, LoadError> {
+    MapType::from_kernel(map_type).ok_or_else(|| LoadError::UnknownMapType {
         map: map.to_string(),
         map_type,
     })
@@ -131,7 +131,7 @@ pub(super) fn collect(
         table.data.insert(index, table.specs.len());
         table.specs.push(MapSpec {
             name: sec.name.clone(),
-            kind: MapKind::Array,
+            kind: MapType::Array,
             key_size: 4,
             value_size: sec.size as u32,
             max_entries: 1,
@@ -389,7 +389,7 @@ fn btf_map(btf: &Btf<'_>, name: &str, ty: u32) -> Result<(MapSpec, Option<u64>),
         }
     }
     let kind = kind_of(name, map_type)?;
-    if values_offset.is_some() && kind != MapKind::ProgArray {
+    if values_offset.is_some() && kind != MapType::ProgArray {
         return Err(bad_map(
             name,
             format!("`values` initialises prog_array maps only, and this is a {kind}"),

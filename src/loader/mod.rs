@@ -33,7 +33,7 @@
 //!
 //! With a [`LoadError`] that names the section, the function and the instruction (its slot
 //! number within the section, as `llvm-objdump -d` numbers it): CO-RE relocations (other than
-//! local type ids), kfunc calls, extern symbols, map types outside [`MapKind`], and relocations
+//! local type ids), kfunc calls, extern symbols, map types outside [`MapType`], and relocations
 //! against sections that are neither code, maps nor global data. A malformed object is an
 //! error, never a panic.
 
@@ -74,70 +74,8 @@ pub struct Object {
     pub notes: Vec<String>,
 }
 
-/// The map types livebpf describes; the discriminant is the type's number in `linux/bpf.h`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum MapKind {
-    /// `BPF_MAP_TYPE_HASH`.
-    Hash = 1,
-    /// `BPF_MAP_TYPE_ARRAY` (global data maps too).
-    Array = 2,
-    /// `BPF_MAP_TYPE_PROG_ARRAY`, for `bpf_tail_call`.
-    ProgArray = 3,
-    /// `BPF_MAP_TYPE_PERCPU_HASH`.
-    PercpuHash = 5,
-    /// `BPF_MAP_TYPE_PERCPU_ARRAY`.
-    PercpuArray = 6,
-    /// `BPF_MAP_TYPE_LRU_HASH`.
-    LruHash = 9,
-    /// `BPF_MAP_TYPE_RINGBUF`.
-    RingBuf = 27,
-}
-
-impl MapKind {
-    /// Every kind, in type-number order.
-    pub const ALL: [MapKind; 7] = [
-        MapKind::Hash,
-        MapKind::Array,
-        MapKind::ProgArray,
-        MapKind::PercpuHash,
-        MapKind::PercpuArray,
-        MapKind::LruHash,
-        MapKind::RingBuf,
-    ];
-
-    /// The kind with this `linux/bpf.h` type number, if livebpf describes it.
-    pub fn from_type(map_type: u32) -> Option<MapKind> {
-        MapKind::ALL
-            .into_iter()
-            .find(|k| k.type_number() == map_type)
-    }
-
-    /// The type number in `linux/bpf.h` (`BPF_MAP_TYPE_*`).
-    pub const fn type_number(self) -> u32 {
-        self as u32
-    }
-
-    /// The name libbpf and bpftool print: `hash`, `array`, `prog_array`, `percpu_hash`,
-    /// `percpu_array`, `lru_hash`, `ringbuf`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            MapKind::Hash => "hash",
-            MapKind::Array => "array",
-            MapKind::ProgArray => "prog_array",
-            MapKind::PercpuHash => "percpu_hash",
-            MapKind::PercpuArray => "percpu_array",
-            MapKind::LruHash => "lru_hash",
-            MapKind::RingBuf => "ringbuf",
-        }
-    }
-}
-
-impl std::fmt::Display for MapKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// A map's type: the runtime's own (numbered as in `linux/bpf.h`), re-exported for loader users.
+pub use crate::maps::MapType;
 
 /// Where a map's definition came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,7 +105,7 @@ pub struct MapSpec {
     /// The map's name: the variable's for `.maps` and `maps`, the section's for global data.
     pub name: String,
     /// Its type.
-    pub kind: MapKind,
+    pub kind: MapType,
     /// Key size in bytes.
     pub key_size: u32,
     /// Value size in bytes.
@@ -423,7 +361,7 @@ pub enum LoadError {
         /// The extern's name.
         name: String,
     },
-    /// A map type outside [`MapKind`].
+    /// A map type outside [`MapType`].
     #[error(
         "map `{map}` has type {map_type} ({}), which livebpf does not support; supported: hash, array, prog_array, percpu_hash, percpu_array, lru_hash, ringbuf",
         map_type_name(*.map_type)

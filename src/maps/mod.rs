@@ -164,6 +164,12 @@ pub enum MapType {
     Ringbuf = 27,
 }
 
+impl std::fmt::Display for MapType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl MapType {
     /// The type for a kernel `bpf_map_type` number (from an ELF object's map definition).
     pub fn from_kernel(id: u32) -> Option<MapType> {
@@ -183,6 +189,21 @@ impl MapType {
     /// The kernel's `bpf_map_type` number.
     pub fn kernel_id(self) -> u32 {
         self as u32
+    }
+
+    /// The name libbpf and bpftool print: `hash`, `array`, `prog_array`, `percpu_hash`,
+    /// `percpu_array`, `lru_hash`, `lru_percpu_hash`, `ringbuf`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            MapType::Hash => "hash",
+            MapType::Array => "array",
+            MapType::ProgArray => "prog_array",
+            MapType::PercpuHash => "percpu_hash",
+            MapType::PercpuArray => "percpu_array",
+            MapType::LruHash => "lru_hash",
+            MapType::LruPercpuHash => "lru_percpu_hash",
+            MapType::Ringbuf => "ringbuf",
+        }
     }
 
     /// Whether values are per CPU (host buffers then hold [`possible_cpus`] values).
