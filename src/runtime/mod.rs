@@ -141,6 +141,9 @@ pub struct LoadOptions {
     /// Gives every program this type instead of the one its section names (the CLI's
     /// `--type`).
     pub prog_type: Option<ProgType>,
+    /// The helpers every program may call, instead of the kernel's for its type (e.g. the
+    /// conformance suite's, where id 5 is an identity function).
+    pub helpers: Option<Helpers>,
 }
 
 /// An engine to run a program on.
@@ -422,7 +425,10 @@ fn prepare(
     }
     let err = |i: usize, reason: String| at_slot(program.slot_of(i), reason);
     let rewritten = rewrite::rewrite(program.clone(), &prog_type, &funcs, &err)?;
-    let helpers = helpers::for_type(&prog_type);
+    let helpers = opts
+        .helpers
+        .clone()
+        .unwrap_or_else(|| helpers::for_type(&prog_type));
     for (i, insn) in rewritten.program.insns().iter().enumerate() {
         if let crate::isa::Insn::Call { id } = *insn
             && helpers.get(id as u64).is_none()
@@ -564,6 +570,39 @@ impl LoadedProgram {
         let prog = unsafe { self.jit_trusted()? };
         // SAFETY: as in `run_frame`; the program's own accesses are the caller's promise.
         unsafe { self.run_on_frame(Some(&prog), frame) }
+    }
+
+    /// Runs a raw program (r1 = the address of `mem`, or 0 when it is empty, r2 = its
+    /// length), as `livebpf run` runs bytecode; returns r0.
+    pub fn run_raw(&self, engine: Engine, mem: &mut [u8]) -> Result<u64, RuntimeError> {
+        if self.inner.prog_type != ProgType::Raw {
+            return Err(RuntimeError::WrongType {
+                program: self.inner.name.clone(),
+                prog_type: self.inner.prog_type.name(),
+                reason: "only raw programs run on plain memory".into(),
+            });
+        }
+        let regions = &self.inner.global_regions;
+        let _state = CurrentRun::enter(std::ptr::null_mut(), regions);
+        let _run = ReadGuard::new();
+        let result = match engine {
+            // SAFETY: global data values live as long as the maps, which `self` holds, and no
+            // Rust reference covers them.
+            Engine::Jit => unsafe { self.jit()?.jit().run_with_regions(mem, regions) },
+            Engine::Interpreter => {
+                let mut interp = crate::interp::Interpreter::new(&self.inner.program)
+                    .with_helpers(self.inner.helpers.clone());
+                for r in regions {
+                    // SAFETY: as above.
+                    interp = unsafe { interp.with_region(*r) };
+                }
+                interp.run(mem)
+            }
+        };
+        result.map_err(|source| RuntimeError::Exec {
+            program: self.inner.name.clone(),
+            source,
+        })
     }
 
     fn expect_xdp(&self) -> Result<(), RuntimeError> {
