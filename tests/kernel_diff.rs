@@ -96,14 +96,35 @@ fn livebpf_run(obj: &Path, prog: &str, engine: &str, packets: &[Vec<u8>]) -> Val
     serde_json::from_str(line).unwrap_or_else(|e| panic!("livebpf run --json: {e}: {line}"))
 }
 
-/// The object's per-CPU maps: name and each CPU's slot size (the value padded to 8 bytes).
-fn per_cpu_maps(obj: &Path) -> BTreeMap<String, usize> {
+/// What the expectations need to know of an object's maps, from livebpf's loader.
+#[derive(Clone, Default)]
+struct Layout {
+    /// Per-CPU maps: each CPU's slot size (the value padded to 8 bytes).
+    per_cpu: BTreeMap<String, usize>,
+    /// Global variables: (map, offset, size).
+    globals: BTreeMap<String, (String, usize, usize)>,
+}
+
+fn layout(obj: &Path) -> Layout {
     let o = Object::from_file(obj).unwrap_or_else(|e| panic!("{}: {e}", obj.display()));
-    o.maps
-        .iter()
-        .filter(|m| m.kind.is_percpu())
-        .map(|m| (m.name.clone(), (m.value_size as usize).div_ceil(8) * 8))
-        .collect()
+    Layout {
+        per_cpu: o
+            .maps
+            .iter()
+            .filter(|m| m.kind.is_percpu())
+            .map(|m| (m.name.clone(), (m.value_size as usize).div_ceil(8) * 8))
+            .collect(),
+        globals: o
+            .maps
+            .iter()
+            .flat_map(|m| {
+                m.symbols.iter().map(|s| {
+                    let at = (m.name.clone(), s.offset as usize, s.size as usize);
+                    (s.name.clone(), at)
+                })
+            })
+            .collect(),
+    }
 }
 
 /// Replaces each per-CPU value by the sorted list of its non-zero slots, so that results from
@@ -162,18 +183,19 @@ struct Case {
     src: &'static str,
     prog: &'static str,
     packets: Vec<Vec<u8>>,
-    expect: fn(&Result_),
+    expect: Box<dyn Fn(&Result_)>,
 }
 
 fn diff(case: Case) {
     let Some(obj) = compile(case.src) else {
         return;
     };
-    let per_cpu = per_cpu_maps(&obj);
+    let layout = layout(&obj);
+    let per_cpu = &layout.per_cpu;
     let kernel = match kernel::run(&obj, case.prog, &case.packets) {
         Ok(json) => {
             eprintln!("kernel {}: {json}", case.src);
-            (case.expect)(&Result_::new(&json, &per_cpu, "kernel"));
+            (case.expect)(&Result_::new(&json, &layout, "kernel"));
             Some(json)
         }
         Err(KernelError::Unavailable(reason)) => {
@@ -185,11 +207,11 @@ fn diff(case: Case) {
     let mut reference = kernel.map(|k| ("kernel", k));
     for engine in ["interp", "jit"] {
         let ours = livebpf_run(&obj, case.prog, engine, &case.packets);
-        (case.expect)(&Result_::new(&ours, &per_cpu, engine));
+        (case.expect)(&Result_::new(&ours, &layout, engine));
         match &reference {
             None => reference = Some((engine, ours)),
             Some((who, theirs)) => {
-                let (a, b) = (normalise(theirs, &per_cpu), normalise(&ours, &per_cpu));
+                let (a, b) = (normalise(theirs, per_cpu), normalise(&ours, per_cpu));
                 if let Some(d) = first_difference("", &a, &b) {
                     panic!(
                         "{}: livebpf --engine {engine} differs from {who}\n  first difference: {d}\n  {who}: {theirs}\n  {engine}: {ours}",
@@ -215,11 +237,11 @@ struct Result_ {
     retvals: Vec<u64>,
     packets: Vec<Vec<u8>>,
     maps: BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>,
-    per_cpu: BTreeMap<String, usize>,
+    layout: Layout,
 }
 
 impl Result_ {
-    fn new(json: &Value, per_cpu: &BTreeMap<String, usize>, who: &'static str) -> Result_ {
+    fn new(json: &Value, layout: &Layout, who: &'static str) -> Result_ {
         let bad = &format!("{who}: not the `livebpf run --json` shape: {json}");
         let runs = json["runs"].as_array().expect(bad);
         let maps = json["maps"].as_object().expect(bad);
@@ -244,7 +266,7 @@ impl Result_ {
                     (name.clone(), entries)
                 })
                 .collect(),
-            per_cpu: per_cpu.clone(),
+            layout: layout.clone(),
         }
     }
 
@@ -260,12 +282,12 @@ impl Result_ {
             .map(map)
             .get(key)
             .unwrap_or_else(|| panic!("{}: map {map} has no key {}", self.who, hex(key)));
-        v.chunks(8).map(|c| le(c)).collect()
+        v.chunks(8).map(le).collect()
     }
 
     /// A per-CPU value's slots summed as u64 words (slot `i` of every CPU added up).
     fn per_cpu_sum(&self, map: &str, key: &[u8]) -> Vec<u64> {
-        let slot = self.per_cpu[map];
+        let slot = self.layout.per_cpu[map];
         let v = &self.map(map)[key];
         let mut sum = vec![0u64; slot / 8];
         for cpu in v.chunks(slot) {
@@ -276,9 +298,21 @@ impl Result_ {
         sum
     }
 
+    /// A global variable (at most 8 bytes), little-endian.
+    fn global(&self, var: &str) -> u64 {
+        let (map, at, size) = &self.layout.globals[var];
+        le(&self.map(map)[&[0u8; 4][..]][*at..at + size])
+    }
+
+    /// A global variable's bytes.
+    fn global_bytes(&self, var: &str) -> &[u8] {
+        let (map, at, size) = &self.layout.globals[var];
+        &self.map(map)[&[0u8; 4][..]][*at..at + size]
+    }
+
     /// How many CPUs' slots of a per-CPU value are non-zero (one: every run was on one CPU).
     fn cpus_used(&self, map: &str, key: &[u8]) -> usize {
-        let slot = self.per_cpu[map];
+        let slot = self.layout.per_cpu[map];
         self.map(map)[key]
             .chunks(slot)
             .filter(|c| c.iter().any(|&b| b != 0))
@@ -452,7 +486,7 @@ fn parse() {
         src: "parse",
         prog: "parse",
         packets,
-        expect: |r| {
+        expect: Box::new(move |r: &Result_| {
             assert_eq!(
                 r.retvals,
                 [
@@ -462,6 +496,502 @@ fn parse() {
                 r.who
             );
             assert!(r.maps.is_empty(), "{}: {:?}", r.who, r.maps);
-        },
+        }),
+    });
+}
+
+#[test]
+fn rewrite() {
+    let echo = udp4(IP_A, IP_B, 1000, 7, b"ping");
+    let mut no_csum = echo.clone();
+    no_csum[40..42].copy_from_slice(&[0, 0]);
+    // A payload word chosen so that the rewritten datagram's checksum computes to zero, which
+    // UDP sends as 0xffff: the word that brings the sum over the rewritten datagram to 0xffff.
+    let rewritten = udp4(IP_A, IP_B, 1000, 7007, &[0, 0]);
+    let zero_csum = udp4(IP_A, IP_B, 1000, 7, &rewritten[40..42]);
+    let packets = vec![
+        echo.clone(),
+        no_csum,
+        zero_csum,
+        tcp4(IP_A, IP_B, 5000, 7, ACK, b"ping"),
+        tcp4(IP_A, IP_B, 5000, 80, ACK, b"GET /"),
+        udp4(IP_A, IP_B, 1000, 2000, b"other port"),
+        with(&echo, 22, 1),       // TTL 1: dropped
+        ether(ETH_ARP, &[0; 28]), // not IP
+        echo[..30].to_vec(),      // truncated IP header
+        echo[..38].to_vec(),      // truncated UDP header, after the IP rewrite
+        ether(ETH_IP, &ipv4(IP_A, IP_B, UDP, &[1, 1, 1, 0], &echo[34..])), // IHL 6
+    ];
+    diff(Case {
+        src: "rewrite",
+        prog: "rewrite",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            assert_eq!(r.retvals, [3, 3, 3, 3, 3, 3, 1, 2, 0, 0, 2], "{}", r.who);
+            for (i, out) in r.packets.iter().enumerate().take(6) {
+                assert_eq!(
+                    (&out[..6], &out[6..12]),
+                    (&MAC_A[..], &MAC_B[..]),
+                    "{} {i}",
+                    r.who
+                );
+                assert_eq!(out[22], 63, "{}: packet {i} TTL", r.who);
+                assert!(
+                    checksums_ok(out),
+                    "{}: packet {i} checksums: {}",
+                    r.who,
+                    hex(out)
+                );
+            }
+            let dport = |i: usize| u16::from_be_bytes([r.packets[i][36], r.packets[i][37]]);
+            assert_eq!(
+                [dport(0), dport(1), dport(2), dport(3), dport(4)],
+                [7007, 7007, 7007, 7007, 80]
+            );
+            assert_eq!(
+                r.packets[1][40..42],
+                [0, 0],
+                "{}: no UDP checksum stays none",
+                r.who
+            );
+            assert_eq!(
+                r.packets[2][40..42],
+                [0xff, 0xff],
+                "{}: zero sent as 0xffff",
+                r.who
+            );
+            // The truncated UDP header: MACs and TTL already rewritten.
+            assert_eq!(
+                (&r.packets[9][..6], r.packets[9][22]),
+                (&MAC_A[..], 63),
+                "{}",
+                r.who
+            );
+            assert!(r.maps.is_empty(), "{}", r.who);
+        }),
+    });
+}
+
+#[test]
+fn hash_count() {
+    let src = |n: u8| udp4([192, 168, 0, n], IP_B, 1000, 2000, &vec![n; usize::from(n)]);
+    let delete = |n: u8| with(&src(n), 15, 0xff);
+    let packets = vec![
+        src(1),                   // new: 3
+        src(1),                   // hit: 2
+        src(2),                   // 3
+        src(3),                   // 3
+        src(4),                   // 3: the map is full
+        src(5),                   // -E2BIG: 107
+        delete(2),                // deleted: 1
+        src(5),                   // fits now: 3
+        delete(2),                // -ENOENT: 102
+        src(1),                   // 2
+        ether(ETH_ARP, &[0; 28]), // 2
+    ];
+    diff(Case {
+        src: "hash_count",
+        prog: "hash_count",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            assert_eq!(
+                r.retvals,
+                [3, 2, 3, 3, 3, 107, 1, 3, 102, 2, 2],
+                "{}",
+                r.who
+            );
+            let m = r.map("by_src");
+            let keys: Vec<u8> = m.keys().map(|k| k[3]).collect();
+            assert_eq!(keys, [1, 3, 4, 5], "{}", r.who);
+            let len = |n: u64| 42 + n;
+            assert_eq!(
+                r.words("by_src", &[192, 168, 0, 1]),
+                [3, 3 * len(1)],
+                "{}",
+                r.who
+            );
+            assert_eq!(
+                r.words("by_src", &[192, 168, 0, 5]),
+                [1, len(5)],
+                "{}",
+                r.who
+            );
+        }),
+    });
+}
+
+#[test]
+fn array_stats() {
+    let icmp = ether(ETH_IP, &ipv4(IP_A, IP_B, 1, &[], &[8, 0, 0, 0, 0, 0, 0, 0]));
+    let gre = ether(ETH_IP, &ipv4(IP_A, IP_B, 47, &[], &[0; 4]));
+    let p200 = ether(ETH_IP, &ipv4(IP_A, IP_B, 200, &[], &[0; 30]));
+    let packets = vec![
+        udp4(IP_A, IP_B, 1, 2, b"a"),                    // 43 bytes
+        udp4(IP_A, IP_B, 1, 2, b"abcdefgh"),             // 50
+        tcp4(IP_A, IP_B, 1, 2, ACK, b""),                // 54
+        icmp,                                            // 42
+        gre,                                             // 38
+        p200,                                            // 64
+        with(&udp4(IP_A, IP_B, 1, 2, b""), 15, 1),       // 42: NOEXIST refused: -EEXIST
+        with(&tcp4(IP_A, IP_B, 1, 2, ACK, b"x"), 15, 2), // 55: delete refused: -EINVAL
+        ether(ETH_ARP, &[0; 28]),                        // not counted
+    ];
+    diff(Case {
+        src: "array_stats",
+        prog: "array_stats",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            assert_eq!(r.retvals, [2, 2, 2, 2, 2, 2, 117, 122, 2], "{}", r.who);
+            assert_eq!(r.map("stats").len(), 32, "{}", r.who);
+            let stat = |k: u32| {
+                let w = r.words("stats", &k.to_le_bytes());
+                [w[0], w[1], w[2] & 0xffff_ffff, w[2] >> 32]
+            };
+            assert_eq!(stat(17), [3, 43 + 50 + 42, 42, 50], "{}", r.who);
+            assert_eq!(stat(6), [2, 54 + 55, 54, 55], "{}", r.who);
+            assert_eq!(stat(1), [1, 42, 42, 42], "{}", r.who);
+            assert_eq!(stat(0), [2, 38 + 64, 38, 64], "{}", r.who);
+            assert_eq!(stat(2), [0; 4], "{}", r.who);
+        }),
+    });
+}
+
+#[test]
+fn percpu() {
+    let port = |p: u16| udp4(IP_A, IP_B, 1, p, b"xyz");
+    let mut packets = vec![
+        port(53),                          // new: 100
+        port(53),                          // hit: 3
+        port(80),                          // 100
+        tcp4(IP_A, IP_B, 1, 53, ACK, b""), // 2
+        ether(ETH_ARP, &[0; 28]),          // 2
+    ];
+    packets.extend((1001..=1006).map(port)); // 100 each: 8 entries
+    packets.push(port(1007)); // -E2BIG: 107
+    packets.push(port(80)); // 3
+    diff(Case {
+        src: "percpu",
+        prog: "percpu",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            let mut want = vec![100, 3, 100, 2, 2];
+            want.extend([100; 6]);
+            want.extend([107, 3]);
+            assert_eq!(r.retvals, want, "{}", r.who);
+            let len = 45;
+            assert_eq!(
+                r.per_cpu_sum("totals", &[0; 4]),
+                [11, 11 * len],
+                "{}",
+                r.who
+            );
+            assert_eq!(
+                r.per_cpu_sum("totals", &1u32.to_le_bytes()),
+                [2, 54 + 42],
+                "{}",
+                r.who
+            );
+            assert_eq!(
+                r.cpus_used("totals", &[0; 4]),
+                1,
+                "{}: one CPU ran everything",
+                r.who
+            );
+            assert_eq!(r.map("by_port").len(), 8, "{}", r.who);
+            let stat = |p: u16| {
+                let w = r.per_cpu_sum("by_port", &p.to_le_bytes());
+                [w[0] & 0xffff_ffff, w[0] >> 32, w[1]]
+            };
+            assert_eq!(stat(53), [2, 2 * len, len], "{}", r.who);
+            assert_eq!(stat(80), [2, 2 * len, len], "{}", r.who);
+            assert_eq!(stat(1006), [1, len, len], "{}", r.who);
+            assert_eq!(r.cpus_used("by_port", &53u16.to_le_bytes()), 1, "{}", r.who);
+        }),
+    });
+}
+
+fn lru_port(p: u16) -> Vec<u8> {
+    udp4(IP_A, IP_B, p, 9, b"")
+}
+
+#[test]
+fn lru() {
+    // Four distinct keys in a four-entry map: nothing is evicted, so the result does not depend
+    // on the eviction policy.
+    let seq = [1, 2, 1, 3, 1, 4, 2, 4, 4];
+    diff(Case {
+        src: "lru",
+        prog: "lru",
+        packets: seq.iter().map(|&p| lru_port(p)).collect(),
+        expect: Box::new(move |r: &Result_| {
+            assert_eq!(r.retvals, [100, 100, 3, 100, 3, 100, 3, 3, 3], "{}", r.who);
+            let counts: Vec<(u8, u64)> =
+                r.map("recent").iter().map(|(k, v)| (k[0], le(v))).collect();
+            assert_eq!(counts, [(1, 3), (2, 2), (3, 1), (4, 3)], "{}", r.who);
+        }),
+    });
+}
+
+#[test]
+fn lru_evict() {
+    // Seven distinct keys through a four-entry map. The kernel's LRU is an approximation
+    // (second-chance active and inactive lists, with free nodes moved to per-CPU lists in
+    // batches sized by the CPU count), deterministic for one kernel on one CPU: livebpf must
+    // evict the same entries.
+    let seq = [
+        5, 2, 4, 6, 1, 1, 2, 5, 4, 2, 3, 3, 7, 5, 5, 2, 1, 4, 2, 3, 3, 6, 1, 6, 2, 1,
+    ];
+    diff(Case {
+        src: "lru",
+        prog: "lru",
+        packets: seq.iter().map(|&p| lru_port(p)).collect(),
+        expect: Box::new(move |r: &Result_| {
+            // Whatever was evicted: each packet either hit (3) or inserted (100), the map is
+            // full, the last key is present, and each present key counts its packets since the
+            // miss that last inserted it.
+            assert!(
+                r.retvals.iter().all(|&v| v == 3 || v == 100),
+                "{}: {:?}",
+                r.who,
+                r.retvals
+            );
+            let m = r.map("recent");
+            assert_eq!(m.len(), 4, "{}", r.who);
+            assert!(m.contains_key(&1u16.to_le_bytes()[..]), "{}", r.who);
+            for (k, v) in m {
+                let p = u16::from_le_bytes([k[0], k[1]]);
+                let inserted = (0..seq.len())
+                    .rfind(|&i| seq[i] == p && r.retvals[i] == 100)
+                    .unwrap_or_else(|| panic!("{}: key {p} never inserted", r.who));
+                let since = seq[inserted..].iter().filter(|&&q| q == p).count() as u64;
+                assert_eq!(le(v), since, "{}: key {p}", r.who);
+            }
+        }),
+    });
+}
+
+#[test]
+fn globals() {
+    let marked = ether(0x88b5, &[7; 30]);
+    let packets = vec![
+        udp4(IP_A, IP_B, 1, 2, b"abc"), // 45 bytes: ipv4
+        ether(ETH_ARP, &[0; 28]),       // 42: other
+        marked,                         // 44: marked
+        ether(ETH_ARP, &[0; 2]),        // 16: short
+        udp4(IP_A, IP_B, 1, 2, b""),    // 42: ipv4
+    ];
+    diff(Case {
+        src: "globals",
+        prog: "globals",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            assert_eq!(r.retvals, [1, 2, 3, 0, 1], "{}", r.who);
+            let names: Vec<&[u8]> = r.packets.iter().map(|p| &p[6..14]).collect();
+            assert_eq!(
+                names,
+                [
+                    &b"ipv4\0\0\0\0"[..],
+                    b"other\0\0\0",
+                    b"marked\0\0",
+                    b"short\0\0\0",
+                    b"ipv4\0\0\0\0"
+                ],
+                "{}",
+                r.who
+            );
+            let lens = [45u64, 42, 44, 16, 42];
+            assert_eq!(r.global("packets"), 5, "{}", r.who);
+            assert_eq!(r.global("bytes"), lens.iter().sum::<u64>(), "{}", r.who);
+            assert_eq!(r.global("short_packets"), 1, "{}", r.who);
+            assert_eq!(r.global("last_proto"), 0x0800, "{}", r.who);
+            let (mut magic, mut step, mut tag) = (0x1122334455667788u64, 3u64, *b"livebpf\0");
+            for (i, len) in lens.iter().enumerate() {
+                magic = magic.rotate_left(7).wrapping_add(step);
+                step += 2;
+                tag[(i + 1) & 7] = b'A' + (len & 15) as u8;
+            }
+            assert_eq!(r.global("magic"), magic, "{}", r.who);
+            assert_eq!(r.global("step"), step, "{}", r.who);
+            assert_eq!(r.global_bytes("tag"), tag, "{}", r.who);
+            assert_eq!(r.global("min_len"), 20, "{}", r.who);
+            assert_eq!(r.global("mark_proto"), 0x88b5, "{}", r.who);
+            assert_eq!(&r.global_bytes("names")[24..30], b"marked", "{}", r.who);
+        }),
+    });
+}
+
+/// subprog.c's hash of a flow, computed here.
+fn flow_hash(frame: &[u8]) -> u32 {
+    let w = |at: usize| u32::from_le_bytes(frame[at..at + 4].try_into().unwrap());
+    let port = |at: usize| u32::from(u16::from_be_bytes([frame[at], frame[at + 1]]));
+    let args = [
+        w(26),
+        w(30),
+        port(34) << 16 | port(36),
+        u32::from(frame[23]),
+        42,
+    ];
+    args.iter()
+        .fold(0x9e37_79b9u32, |h, &a| (h ^ a).wrapping_mul(0x0100_0193))
+}
+
+#[test]
+fn subprog() {
+    let packets = vec![
+        udp4(IP_A, IP_B, 1000, 2000, b"flow"),
+        udp4([172, 16, 5, 9], IP_B, 53, 9999, b""),
+        tcp4(IP_A, IP_B, 40000, 443, ACK, b""),
+        ether(ETH_ARP, &[0; 28]),                             // not IP: 2
+        udp4(IP_A, IP_B, 1000, 2000, b"flow")[..40].to_vec(), // truncated: 2
+        ether(ETH_IP, &ipv4(IP_A, IP_B, UDP, &[1, 1, 1, 0], &[0; 8])), // IHL 6: 2
+    ];
+    diff(Case {
+        src: "subprog",
+        prog: "subprog",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            for i in 0..3 {
+                let h = flow_hash(&r.packets[i][..]);
+                // The hash overwrote bytes 2..6, which it does not read.
+                assert_eq!(r.packets[i][2..6], h.to_be_bytes(), "{}: packet {i}", r.who);
+                assert_eq!(r.retvals[i], u64::from(h & 0xff), "{}: packet {i}", r.who);
+            }
+            assert_eq!(r.retvals[3..], [2, 2, 2], "{}", r.who);
+        }),
+    });
+}
+
+#[test]
+fn bpf_loop() {
+    let mut long = vec![1u8; 300];
+    long[299] = 0xff;
+    let mut wrong_len = udp4(IP_A, IP_B, 1, 2, &[9, 9]);
+    wrong_len[38..40].copy_from_slice(&20u16.to_be_bytes()); // says 12 payload bytes, has 2
+    let mut tiny_len = udp4(IP_A, IP_B, 1, 2, &[9, 9]);
+    tiny_len[38..40].copy_from_slice(&4u16.to_be_bytes()); // below the header: a huge count
+    let packets = vec![
+        udp4(IP_A, IP_B, 1, 2, &[1, 2, 3]),    // 3 iterations, sum 14
+        udp4(IP_A, IP_B, 1, 2, &[5, 0xff, 7]), // stops at 1: returns 2, sum 5
+        udp4(IP_A, IP_B, 1, 2, &[]),           // no iterations: 0
+        udp4(IP_A, IP_B, 1, 2, &[0xee, 1]),    // flags refused: -EINVAL, 122
+        udp4(IP_A, IP_B, 1, 2, &long),         // stops at 256: returns 257
+        wrong_len,                             // stops past the packet at 2: returns 3
+        tiny_len,                              // -E2BIG, 107
+        ether(ETH_ARP, &[0; 28]),              // 2
+    ];
+    diff(Case {
+        src: "loop",
+        prog: "loop",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            assert_eq!(r.retvals, [3, 2, 0, 122, 257, 3, 107, 2], "{}", r.who);
+            let out = |i: usize| {
+                let p = &r.packets[i];
+                (
+                    u16::from_be_bytes([p[38], p[39]]),
+                    u16::from_be_bytes([p[40], p[41]]),
+                )
+            };
+            assert_eq!(out(0), (3, 14), "{}", r.who);
+            assert_eq!(out(1), (1, 5), "{}", r.who);
+            assert_eq!(out(2), (0, 0), "{}", r.who);
+            assert_eq!(out(4), (256, (1..=256).sum::<u16>()), "{}", r.who);
+            assert_eq!(out(5), (2, 9 + 18), "{}", r.who);
+            assert_eq!(r.global("last_ret"), (-7i64) as u64, "{}", r.who);
+        }),
+    });
+}
+
+#[test]
+fn tail_calls() {
+    let slot = |s: u8| with(&udp4(IP_A, IP_B, 1, 2, b"xx"), 14, s);
+    let packets = vec![
+        slot(0),   // prog_a: 3, byte 14 becomes 0xaa
+        slot(1),   // prog_b: 1
+        slot(2),   // chain: 33 tail calls, 1033
+        slot(3),   // empty slot: 903
+        slot(4),   // out of range: 904
+        slot(255), // 1155
+        slot(2),   // 1033
+        slot(0),   // 3
+    ];
+    diff(Case {
+        src: "tailcall",
+        prog: "entry",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            assert_eq!(
+                r.retvals,
+                [3, 1, 1033, 903, 904, 1155, 1033, 3],
+                "{}",
+                r.who
+            );
+            assert_eq!(
+                (r.packets[0][14], r.packets[7][14]),
+                (0xaa, 0xaa),
+                "{}",
+                r.who
+            );
+            assert_eq!(r.packets[1][14], 1, "{}", r.who);
+            assert_eq!(r.global("runs_a"), 2, "{}", r.who);
+            assert_eq!(r.global("runs_b"), 1, "{}", r.who);
+            assert_eq!(r.global("runs_chain"), 66, "{}", r.who);
+            assert_eq!(r.global("chain_depth"), 0, "{}", r.who);
+        }),
+    });
+}
+
+#[test]
+fn adjust() {
+    let small = udp4(IP_A, IP_B, 1, 2, b"hello"); // 47 bytes
+    let big = udp4(IP_A, IP_B, 1, 2, &[3; 60]); // 102 bytes
+    let packets = vec![
+        small.clone(),                  // push: 51 bytes, 3
+        big.clone(),                    // push and trim to 60, 3
+        vlan(9, &small),                // pop: 47 bytes, 3
+        vlan(9, &big),                  // pop and trim, 3
+        vlan(9, &small)[..16].to_vec(), // pop refused: -EINVAL, 0
+        ether(0x88b5, &[1; 10]),        // trim refused: -EINVAL, 1
+        ether(ETH_ARP, &[0; 28]),       // unchanged, 3
+        ether(ETH_ARP, &[0; 80]),       // trimmed to 60, 3
+    ];
+    diff(Case {
+        src: "adjust",
+        prog: "adjust",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            assert_eq!(r.retvals, [3, 3, 3, 3, 0, 1, 3, 3], "{}", r.who);
+            let lens: Vec<usize> = r.packets.iter().map(Vec::len).collect();
+            assert_eq!(lens, [51, 60, 47, 60, 16, 24, 42, 60], "{}", r.who);
+            assert_eq!(r.packets[0], vlan(100, &small), "{}", r.who);
+            assert_eq!(r.packets[1], vlan(100, &big)[..60], "{}", r.who);
+            assert_eq!(r.packets[2], small, "{}", r.who);
+            assert_eq!(r.packets[3], big[..60], "{}", r.who);
+            assert_eq!(r.global("pushed"), 2, "{}", r.who);
+            assert_eq!(r.global("popped"), 2, "{}", r.who);
+            assert_eq!(r.global("trimmed"), 3, "{}", r.who);
+            assert_eq!(r.global("head_ret"), (-22i64) as u64, "{}", r.who);
+            assert_eq!(r.global("tail_ret"), 0, "{}", r.who);
+        }),
+    });
+}
+
+#[test]
+fn helpers() {
+    let packets: Vec<Vec<u8>> = (0..6)
+        .map(|n| udp4(IP_A, IP_B, 1, 2, &vec![0; n]))
+        .collect();
+    diff(Case {
+        src: "helpers",
+        prog: "helpers",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            assert_eq!(r.retvals, [2; 6], "{}", r.who);
+            for var in ["outputs_ok", "reserved", "scratch_ok", "clock_ok", "cpu_ok"] {
+                assert_eq!(r.global(var), 6, "{}: {var}", r.who);
+            }
+            assert_eq!(r.global("ring_size"), 4096, "{}", r.who);
+            assert!(r.map("scratch").is_empty(), "{}", r.who);
+        }),
     });
 }

@@ -165,10 +165,12 @@ mod imp {
                 .find(|p| p.name() == prog)
                 .ok_or_else(|| KernelError::Failed(format!("no program {prog}")))?;
             let mut out = vec![0u8; packet.len() + OUT_SLACK];
-            let mut input = libbpf_rs::ProgramInput::default();
-            input.data_in = Some(packet);
-            input.data_out = Some(&mut out);
-            input.repeat = repeat;
+            let input = libbpf_rs::ProgramInput {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            };
             let o = p.test_run(input).map_err(|e| {
                 KernelError::Failed(format!("BPF_PROG_TEST_RUN {prog} on {}: {e}", hex(packet)))
             })?;
