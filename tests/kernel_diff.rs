@@ -71,9 +71,24 @@ fn compile(name: &str) -> Option<PathBuf> {
     Some(out)
 }
 
+/// The binary, started through `LIVEBPF_TEST_RUNNER` when set (qemu-user for the arm64 cross
+/// run, as in tests/cli.rs).
+fn command() -> Command {
+    let exe = env!("CARGO_BIN_EXE_livebpf");
+    match std::env::var("LIVEBPF_TEST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut words = runner.split_whitespace();
+            let mut cmd = Command::new(words.next().unwrap());
+            cmd.args(words).arg(exe);
+            cmd
+        }
+        _ => Command::new(exe),
+    }
+}
+
 /// `livebpf run OBJ --prog PROG --engine ENGINE --packet HEX... --json`, parsed.
 fn livebpf_run(obj: &Path, prog: &str, engine: &str, packets: &[Vec<u8>]) -> Value {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_livebpf"));
+    let mut cmd = command();
     cmd.arg("run")
         .arg(obj)
         .args(["--prog", prog, "--engine", engine, "--json"]);
