@@ -3,6 +3,7 @@
 //! `dump` lives in `cli/dump.rs`, `show` in `cli/show.rs`, `trace` in `cli/trace.rs`; everything else is here.
 
 mod dump;
+mod object;
 mod show;
 mod trace;
 
@@ -98,6 +99,18 @@ pub enum Command {
         /// interpreter, after this many back edges and BPF-to-BPF calls under the JIT.
         #[arg(long, value_name = "N")]
         budget: Option<u64>,
+        #[command(flatten)]
+        object: ObjectArgs,
+        /// ELF objects: an XDP packet as hex bytes; the program runs on each, in order, with
+        /// the object's maps kept across runs.
+        #[arg(long = "packet", value_name = "HEX")]
+        packets: Vec<String>,
+        /// ELF objects: then time this many runs of the last packet and report ns per run.
+        #[arg(long, value_name = "N")]
+        repeat: Option<u64>,
+        /// ELF objects: print one JSON line with each run's verdict and packet, and the maps.
+        #[arg(long)]
+        json: bool,
     },
     /// Speak the conformance suite's plugin protocol: program as hex on stdin, memory as hex in the
     /// first argument, r0 printed in hex.
@@ -118,6 +131,8 @@ pub enum Command {
         /// Architecture of the machine code (default: this host's).
         #[arg(long, value_enum, requires = "jited")]
         arch: Option<Arch>,
+        #[command(flatten)]
+        object: ObjectArgs,
     },
     /// Run TARGET in several threads while attaching and detaching tracing programs to it over
     /// and over; check every result against the interpreter and that no trampoline image leaks.
@@ -150,6 +165,24 @@ pub enum Command {
         /// The object file (`.o`).
         object: PathBuf,
     },
+}
+
+/// Which program of an ELF object, and as what.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ObjectArgs {
+    /// ELF objects: the program to use (needed when the object has several).
+    #[arg(long, value_name = "NAME")]
+    pub prog: Option<String>,
+    /// ELF objects: the program type, as a libbpf section name (`xdp`, `socket`, `tc`,
+    /// `fentry/NAME`, …), instead of the one the program's section gives.
+    #[arg(long = "type", value_name = "SECTION")]
+    pub prog_type: Option<String>,
+}
+
+impl ObjectArgs {
+    fn is_empty(&self) -> bool {
+        self.prog.is_none() && self.prog_type.is_none()
+    }
 }
 
 /// The input memory of `run` and `trace`.
@@ -213,9 +246,20 @@ pub enum CliError {
     )]
     StdinTooLarge { limit: u64 },
     #[error(
-        "{what} is an ELF object file, and ELF objects are not loaded yet (an ELF loader is planned); extract the program's section with `llvm-objcopy -O binary --only-section=SECTION {what} out.bin` and pass out.bin"
+        "{what} is an ELF object file; this command takes assembly or bytecode. `livebpf run`, `dump` and `show` load objects (pick a program with --prog NAME)"
     )]
     Elf { what: String },
+    /// Options that do not fit together or are missing.
+    #[error("{0}")]
+    Usage(String),
+    /// The runtime refused the object or a run failed.
+    #[error("{}: {source}", path.display())]
+    Runtime {
+        /// The object file.
+        path: PathBuf,
+        /// Why.
+        source: Box<crate::runtime::RuntimeError>,
+    },
     #[error("{path}: line {line}, column {column}: {}; assembly must be UTF-8 text, and the file is not valid bytecode either", not_text(*.byte))]
     NotText {
         path: PathBuf,
@@ -358,6 +402,31 @@ fn read(path: &Path) -> Result<Vec<u8>, CliError> {
     read_at_most(file, MAX_PROGRAM_FILE)
         .map_err(io)?
         .ok_or_else(too_large)
+}
+
+/// Whether the file at `path` starts like an ELF file (unreadable files are left to the
+/// reader, which reports them).
+fn is_elf(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| magic == ELF_MAGIC)
+}
+
+/// Reads an ELF object, with the limit of a program file.
+fn read_object(path: &Path) -> Result<Vec<u8>, CliError> {
+    read(path)
+}
+
+/// Refuses ELF-only options for a program that is not an ELF object.
+fn no_object_options(what: &Path, used: bool) -> Result<(), CliError> {
+    if used {
+        return Err(CliError::Usage(format!(
+            "{} is not an ELF object: --prog, --type, --packet, --repeat and --json are for objects",
+            what.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Decodes bytecode; an ELF object gets its own message.
@@ -546,7 +615,35 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             mem,
             engine,
             budget,
+            object,
+            packets,
+            repeat,
+            json,
         } => {
+            if is_elf(&program) {
+                if mem.mem.is_some() || mem.zeroed_mem.is_some() || budget.is_some() {
+                    return Err(CliError::Usage(
+                        "--mem, --zeroed-mem and --budget are for bytecode; an XDP object runs on --packet HEX".into(),
+                    ));
+                }
+                object::run(
+                    &object::RunObject {
+                        path: &program,
+                        prog: object.prog.as_deref(),
+                        prog_type: object.prog_type.as_deref(),
+                        engine,
+                        packets: &packets,
+                        repeat,
+                        json,
+                    },
+                    out,
+                )?;
+                return out.flush().map_err(stdout_err);
+            }
+            no_object_options(
+                &program,
+                !object.is_empty() || !packets.is_empty() || repeat.is_some() || json,
+            )?;
             let (prog, file_mem) = load_program(&program)?;
             let mut mem = mem.resolve(file_mem)?;
             let r0 = run_engine(engine, &prog, &mut mem, budget, &program)?;
@@ -581,14 +678,29 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             program,
             jited,
             arch,
+            object,
         } => {
+            let arch = match (jited, arch) {
+                (false, _) => None,
+                (true, Some(arch)) => Some(arch),
+                (true, None) => {
+                    Some(Arch::host().ok_or(CliError::NoHostArch(std::env::consts::ARCH))?)
+                }
+            };
+            if is_elf(&program) {
+                object::dump(
+                    &program,
+                    object.prog.as_deref(),
+                    object.prog_type.as_deref(),
+                    arch,
+                    out,
+                )?;
+                return out.flush().map_err(stdout_err);
+            }
+            no_object_options(&program, !object.is_empty())?;
             let (prog, _) = load_program(&program)?;
-            if jited {
-                let arch = match arch {
-                    Some(arch) => arch,
-                    None => Arch::host().ok_or(CliError::NoHostArch(std::env::consts::ARCH))?,
-                };
-                dump::jited(&prog, arch, &program, out)?;
+            if let Some(arch) = arch {
+                dump::jited(&prog, &Helpers::conformance(), arch, &program, out)?;
             } else {
                 dump::ebpf(&prog, out)?;
             }

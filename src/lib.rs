@@ -18,6 +18,7 @@ pub mod jit;
 pub mod loader;
 pub mod maps;
 pub mod reclaim;
+pub mod runtime;
 pub mod text;
 pub mod trampoline;
 

@@ -835,20 +835,17 @@ fn elf_header() -> Vec<u8> {
 fn elf_objects_are_named_with_the_way_out() {
     let elf = temp("prog.o", &elf_header());
     let path = elf.to_str().unwrap();
-    let commands: [&[&str]; 4] = [
-        &["run", path],
-        &["disasm", path],
-        &["dump", path],
-        &["asm", path, "-o", "/dev/null"],
-    ];
+    // Commands that take bytecode name the ones that take objects.
+    let commands: [&[&str]; 2] = [&["disasm", path], &["asm", path, "-o", "/dev/null"]];
     for cmd in commands {
         let o = livebpf(cmd, None);
         assert_one_line_error(&o, &format!("{path} is an ELF object file"));
-        assert_one_line_error(&o, "ELF objects are not loaded yet");
-        assert_one_line_error(
-            &o,
-            &format!("llvm-objcopy -O binary --only-section=SECTION {path} out.bin"),
-        );
+        assert_one_line_error(&o, "`livebpf run`, `dump` and `show` load objects");
+    }
+    // `run` and `dump` load objects: a header alone is refused by the loader, in one line.
+    for cmd in [&["run", path][..], &["dump", path]] {
+        let o = livebpf(cmd, None);
+        assert_one_line_error(&o, path);
     }
     let hex: String = elf_header().iter().map(|b| format!("{b:02x} ")).collect();
     let o = livebpf(&["conformance-plugin"], Some(&hex));
@@ -1082,4 +1079,118 @@ fn show_of_what_is_not_an_ebpf_object_is_a_one_line_error() {
     let o = livebpf(&["show", "/nonexistent/prog.o"], None);
     assert_one_line_error(&o, "cannot read /nonexistent/prog.o");
     assert!(stdout(&o).is_empty());
+}
+
+#[path = "common/clang.rs"]
+mod clang;
+
+/// `tests/bpf/xdp_counter.c` compiled, or `None` without clang.
+fn counter_object() -> Option<String> {
+    clang::object("xdp_counter").map(|p| p.to_str().unwrap().to_string())
+}
+
+const TCP_PACKET: &str =
+    "ffffffffffff ffffffffffff 0800 4500001400000000 4006 0000 0a000001 0a000002";
+const UDP_PACKET: &str =
+    "ffffffffffff ffffffffffff 0800 4500001400000000 4011 0000 0a000001 0a000002";
+
+#[test]
+fn run_of_an_object_prints_the_json_contract() {
+    let Some(obj) = counter_object() else {
+        return;
+    };
+    for engine in ["interp", "jit"] {
+        let o = livebpf(
+            &[
+                "run", &obj, "--engine", engine, "--packet", TCP_PACKET, "--packet", UDP_PACKET,
+                "--packet", TCP_PACKET, "--json",
+            ],
+            None,
+        );
+        assert!(o.status.success(), "{engine}: {}", stderr(&o));
+        let tcp: String = TCP_PACKET.split_whitespace().collect();
+        let udp: String = UDP_PACKET.split_whitespace().collect();
+        // Exactly one line, runs first, then maps; keys in ascending hex order.
+        assert_eq!(
+            stdout(&o),
+            format!(
+                "{{\"runs\":[{{\"retval\":2,\"packet\":\"{tcp}\"}},{{\"retval\":2,\"packet\":\"{udp}\"}},{{\"retval\":2,\"packet\":\"{tcp}\"}}],\"maps\":{{\"counts\":{{\"06000000\":\"0200000000000000\",\"11000000\":\"0100000000000000\"}}}}}}\n"
+            ),
+            "{engine}"
+        );
+    }
+    let o = livebpf(
+        &[
+            "run", &obj, "--packet", TCP_PACKET, "--repeat", "1000", "--json",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let ns = v["ns_per_run"].as_f64().unwrap();
+    assert!(ns > 0.0, "{v}");
+    // The timing runs do not change the maps printed: one run counted.
+    assert_eq!(v["maps"]["counts"]["06000000"], "0100000000000000");
+}
+
+#[test]
+fn run_of_an_object_explains_what_is_missing() {
+    let Some(obj) = counter_object() else {
+        return;
+    };
+    let o = livebpf(&["run", &obj], None);
+    assert_one_line_error(&o, "pass at least one --packet HEX");
+    let o = livebpf(&["run", &obj, "--packet", "00"], None);
+    assert_one_line_error(&o, "a packet of 1 bytes");
+    let o = livebpf(&["run", &obj, "--packet", "zz"], None);
+    assert_one_line_error(&o, "--packet");
+    let o = livebpf(
+        &["run", &obj, "--prog", "nope", "--packet", TCP_PACKET],
+        None,
+    );
+    assert_one_line_error(&o, "no program `nope` in the object; it has: xdp_count");
+    let o = livebpf(&["run", &obj, "--zeroed-mem", "4"], None);
+    assert_one_line_error(&o, "--packet HEX");
+    let o = livebpf(&["run", &example(), "--packet", TCP_PACKET], None);
+    assert_one_line_error(&o, "is not an ELF object");
+    // Several programs: --prog is needed.
+    let Some(several) = clang::object("subprog_loop") else {
+        return;
+    };
+    let o = livebpf(
+        &["run", several.to_str().unwrap(), "--packet", TCP_PACKET],
+        None,
+    );
+    assert_one_line_error(&o, "pick one with --prog NAME");
+    let o = livebpf(
+        &[
+            "run",
+            several.to_str().unwrap(),
+            "--prog",
+            "tc_square",
+            "--packet",
+            TCP_PACKET,
+        ],
+        None,
+    );
+    assert_one_line_error(&o, "__sk_buff");
+}
+
+#[test]
+fn dump_of_an_object_shows_the_program_as_it_runs() {
+    let Some(obj) = counter_object() else {
+        return;
+    };
+    let o = livebpf(&["dump", &obj, "--prog", "xdp_count"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    // xdp_md.data / data_end (4-byte fields) became 8-byte loads of livebpf's context.
+    assert!(
+        text.contains("ldxdw %r2, [%r1+8]") || text.contains("ldxdw"),
+        "{text}"
+    );
+    assert!(!text.contains("ldxw %r2, [%r1+4]"), "{text}");
+    let o = livebpf(&["dump", &obj, "--jited"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("patch site"));
 }

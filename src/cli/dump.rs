@@ -73,6 +73,7 @@ struct Image {
 /// `JitProgram::compile` would on that architecture) and disassemble it.
 pub fn jited(
     program: &Program,
+    helpers: &Helpers,
     arch: Arch,
     what: &Path,
     out: &mut dyn Write,
@@ -81,13 +82,8 @@ pub fn jited(
         Arch::X86_64 => jit::Arch::X86_64,
         Arch::Arm64 => jit::Arch::Arm64,
     };
-    let code = jit::generate(
-        program,
-        &Helpers::conformance(),
-        target,
-        JitOptions::checked(),
-    )
-    .map_err(|e| jit_error(what, e))?;
+    let code = jit::generate(program, helpers, target, JitOptions::checked())
+        .map_err(|e| jit_error(what, e))?;
     let mut marks = vec![(
         code.patch_site,
         match arch {

@@ -1,0 +1,676 @@
+//! The runtime layer: turns a parsed object ([`crate::loader::Object`]) into programs that run,
+//! with their maps, helpers and contexts, as `libbpf` plus the kernel would.
+//!
+//! Loading an object ([`Loaded::load`]):
+//! 1. creates every map ([`crate::maps::Map`]); global data maps (`.data`, `.rodata`, `.bss`,
+//!    …) get their initial value;
+//! 2. for each program, rewrites each pseudo `lddw` into a plain one: a map's address
+//!    ([`Map::as_raw`]) or the address of a global variable inside its map's value;
+//! 3. runs what the kernel's verifier would do to it ([`rewrite`]): the context conversion
+//!    (`struct xdp_md` loads become loads of [`xdp::XdpContext`]) and the inlining of
+//!    `bpf_loop` into a loop over its callback;
+//! 4. refuses a call of a helper livebpf does not have for the program's type, naming it.
+//!
+//! A [`LoadedProgram`] then runs on any engine ([`Engine`]): the interpreter or the checked JIT
+//! (safe), or the trusted JIT ([`LoadedProgram::jit_trusted`], `unsafe`: livebpf has no
+//! verifier, so only a program the kernel's verifier would accept may run unchecked).
+//!
+//! # What a program may touch
+//! In checked mode (the interpreter, the checked JIT): its stack, its context (read-only), the
+//! packet's frame (XDP), the values of its global data maps (`.rodata*` read-only), and every
+//! value a map helper returned during the run. Anything else ends the run with
+//! [`ExecError::OutOfBounds`] naming the instruction and the address.
+
+pub mod helpers;
+pub mod printk;
+mod rewrite;
+pub mod xdp;
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use crate::exec::{ExecError, MemRegion};
+use crate::helpers::Helpers;
+use crate::isa::Program;
+use crate::jit::{JitError, JitOptions};
+use crate::loader::{
+    BPF_PSEUDO_FUNC, LoadError, MapOrigin, MapRefKind, Object, ProgType, ProgramSpec,
+};
+use crate::maps::{BPF_ANY, Map, MapError, MapSpec, MapType};
+use crate::reclaim::ReadGuard;
+use crate::trampoline::Prog;
+
+pub use xdp::{XdpContext, XdpFrame};
+
+/// Why an object, a program or a run failed.
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    /// The object could not be parsed or linked.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A map could not be created or initialised.
+    #[error("map `{map}`: {source}")]
+    Map {
+        /// The map's name in the object.
+        map: String,
+        /// Why.
+        source: MapError,
+    },
+    /// An instruction livebpf cannot run as the kernel would.
+    #[error("program `{program}`, function `{function}`, instruction {insn}: {reason}")]
+    Program {
+        /// The program.
+        program: String,
+        /// The function the instruction is in (the program or one of its subprograms).
+        function: String,
+        /// The instruction's slot in the linked program (as `livebpf dump` numbers it).
+        insn: usize,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
+    /// A helper call livebpf cannot serve.
+    #[error(
+        "program `{program}`, function `{function}`, instruction {insn}: call of helper {helper}, which livebpf does not provide for {prog_type} programs"
+    )]
+    UnknownHelper {
+        /// The program.
+        program: String,
+        /// The function the call is in.
+        function: String,
+        /// The call's slot in the linked program.
+        insn: usize,
+        /// The helper: its kernel name and id, or just the id.
+        helper: String,
+        /// The program's type.
+        prog_type: &'static str,
+    },
+    /// The program was refused when the object was loaded.
+    #[error("{reason}")]
+    Refused {
+        /// The program.
+        program: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// No program of that name.
+    #[error("no program `{name}` in the object; it has: {available}")]
+    NoSuchProgram {
+        /// The name asked for.
+        name: String,
+        /// The programs there are.
+        available: String,
+    },
+    /// The program's type cannot run this way.
+    #[error("program `{program}` is a {prog_type} program: {reason}")]
+    WrongType {
+        /// The program.
+        program: String,
+        /// Its type.
+        prog_type: &'static str,
+        /// What to do instead.
+        reason: String,
+    },
+    /// The packet cannot be given to an XDP program.
+    #[error(transparent)]
+    Packet(#[from] xdp::PacketSizeError),
+    /// JIT compilation failed.
+    #[error("program `{program}`: {source}")]
+    Jit {
+        /// The program.
+        program: String,
+        /// Why.
+        source: JitError,
+    },
+    /// The run itself failed.
+    #[error("program `{program}`: {source}")]
+    Exec {
+        /// The program.
+        program: String,
+        /// Why.
+        source: ExecError,
+    },
+}
+
+/// How an object is loaded.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Gives every program this type instead of the one its section names (the CLI's
+    /// `--type`).
+    pub prog_type: Option<ProgType>,
+}
+
+/// An engine to run a program on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The reference interpreter (always checked).
+    Interpreter,
+    /// The JIT, with every memory access checked.
+    Jit,
+}
+
+/// A map of a loaded object.
+#[derive(Clone, Debug)]
+pub struct LoadedMap {
+    /// Its name in the object (`.bss`, `.rodata`, … for global data).
+    pub name: String,
+    /// The map.
+    pub map: Map,
+    /// Where it was defined.
+    pub origin: MapOrigin,
+}
+
+/// A loaded object: its maps and programs.
+///
+/// A program that cannot be prepared (a context livebpf does not provide, a helper it does
+/// not have, …) does not stop the others from loading, as a libbpf user would disable its
+/// autoload: it is listed in [`Loaded::refused`] and picking it by name reports why.
+pub struct Loaded {
+    maps: Vec<LoadedMap>,
+    programs: Vec<LoadedProgram>,
+    refused: Vec<(String, RuntimeError)>,
+    notes: Vec<String>,
+}
+
+/// A program ready to run.
+pub struct LoadedProgram {
+    inner: Arc<ProgramInner>,
+}
+
+struct ProgramInner {
+    name: String,
+    section: String,
+    prog_type: ProgType,
+    program: Program,
+    helpers: Helpers,
+    /// Global data values: accessible in checked mode.
+    global_regions: Vec<MemRegion>,
+    /// The object's maps, kept alive while code embeds their addresses.
+    _maps: Vec<Map>,
+    /// Compiled on first use; a failure is not cached (it is reported to each caller).
+    jit: Mutex<Option<Prog>>,
+    jit_trusted: Mutex<Option<Prog>>,
+}
+
+/// What an XDP run gives back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpOutcome {
+    /// The verdict (`XDP_PASS` = 2, …): the low 32 bits of r0, as the kernel's test run reports.
+    pub retval: u32,
+    /// The packet after the run.
+    pub packet: Vec<u8>,
+}
+
+impl Loaded {
+    /// Loads a parsed object: creates its maps and prepares every program (module docs).
+    pub fn load(object: &Object, opts: &LoadOptions) -> Result<Loaded, RuntimeError> {
+        let maps = create_maps(object)?;
+        let handles: Vec<Map> = maps.iter().map(|m| m.map.clone()).collect();
+        let mut programs = Vec::with_capacity(object.programs.len());
+        let mut refused = Vec::new();
+        for spec in &object.programs {
+            match prepare(spec, object, &maps, &handles, opts) {
+                Ok(p) => programs.push(p),
+                Err(e) => refused.push((spec.name.clone(), e)),
+            }
+        }
+        Ok(Loaded {
+            maps,
+            programs,
+            refused,
+            notes: object.notes.clone(),
+        })
+    }
+
+    /// Parses, links and loads an object file.
+    pub fn from_file(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Loaded, RuntimeError> {
+        let object = Object::from_file(path)?;
+        Loaded::load(&object, opts)
+    }
+
+    /// The maps, in the object's order.
+    pub fn maps(&self) -> &[LoadedMap] {
+        &self.maps
+    }
+
+    /// The map called `name`.
+    pub fn map(&self, name: &str) -> Option<&Map> {
+        self.maps.iter().find(|m| m.name == name).map(|m| &m.map)
+    }
+
+    /// The programs, in the object's order.
+    pub fn programs(&self) -> &[LoadedProgram] {
+        &self.programs
+    }
+
+    /// The program called `name`; if there is none, or it was refused, an error saying so.
+    pub fn program(&self, name: &str) -> Result<&LoadedProgram, RuntimeError> {
+        if let Some(p) = self.programs.iter().find(|p| p.name() == name) {
+            return Ok(p);
+        }
+        if let Some((_, e)) = self.refused.iter().find(|(n, _)| n == name) {
+            return Err(RuntimeError::Refused {
+                program: name.to_string(),
+                reason: e.to_string(),
+            });
+        }
+        Err(RuntimeError::NoSuchProgram {
+            name: name.to_string(),
+            available: self.program_names(),
+        })
+    }
+
+    /// The programs that could not be prepared, with why.
+    pub fn refused(&self) -> &[(String, RuntimeError)] {
+        &self.refused
+    }
+
+    /// The programs' names, comma-separated (for messages).
+    pub fn program_names(&self) -> String {
+        let names: Vec<&str> = self
+            .programs
+            .iter()
+            .map(|p| p.name())
+            .chain(self.refused.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        if names.is_empty() {
+            "no programs".to_string()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    /// What the loader accepted without acting on it (pinning, …).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+}
+
+/// The kernel's map name for a map of the object: at most 15 bytes of `[A-Za-z0-9_.]`, as
+/// libbpf truncates them.
+fn kernel_map_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(15)
+        .collect()
+}
+
+fn create_maps(object: &Object) -> Result<Vec<LoadedMap>, RuntimeError> {
+    let mut out = Vec::with_capacity(object.maps.len());
+    for spec in &object.maps {
+        let fail = |source| RuntimeError::Map {
+            map: spec.name.clone(),
+            source,
+        };
+        let map = Map::create(
+            &MapSpec::new(
+                &kernel_map_name(&spec.name),
+                spec.kind,
+                spec.key_size,
+                spec.value_size,
+                spec.max_entries,
+            )
+            .with_flags(spec.flags),
+        )
+        .map_err(fail)?;
+        if let Some(init) = &spec.initial_value {
+            map.update(&0u32.to_le_bytes(), init, BPF_ANY)
+                .map_err(fail)?;
+        }
+        out.push(LoadedMap {
+            name: spec.name.clone(),
+            map,
+            origin: spec.origin,
+        });
+    }
+    Ok(out)
+}
+
+/// The address of the single value of a global data map.
+fn global_value_addr(map: &Map) -> u64 {
+    let _run = ReadGuard::new();
+    // SAFETY: the key is 4 readable bytes; array values never move while the map lives, and
+    // the program that embeds this address keeps the map alive.
+    unsafe { map.lookup_ptr(0u32.to_le_bytes().as_ptr()) as u64 }
+}
+
+fn prepare(
+    spec: &ProgramSpec,
+    object: &Object,
+    maps: &[LoadedMap],
+    handles: &[Map],
+    opts: &LoadOptions,
+) -> Result<LoadedProgram, RuntimeError> {
+    let prog_type = opts.prog_type.clone().unwrap_or(spec.prog_type.clone());
+    let function_of = |slot: usize| {
+        spec.functions
+            .iter()
+            .find(|f| (f.start..f.start + f.len).contains(&slot))
+            .map_or_else(|| spec.name.clone(), |f| f.name.clone())
+    };
+    let at_slot = |slot: usize, reason: String| RuntimeError::Program {
+        program: spec.name.clone(),
+        function: function_of(slot),
+        insn: slot,
+        reason,
+    };
+    let mut raw = spec.insns.clone();
+    let mut global_regions = Vec::new();
+    for r in &spec.map_refs {
+        let (Some(m), Some(spec_map)) = (maps.get(r.map), object.maps.get(r.map)) else {
+            return Err(at_slot(r.insn, format!("map index {} out of range", r.map)));
+        };
+        let addr = match r.kind {
+            MapRefKind::Fd => m.map.as_raw() as u64,
+            MapRefKind::Value { offset } => {
+                if m.map.map_type() != MapType::Array || offset >= spec_map.value_size {
+                    return Err(at_slot(
+                        r.insn,
+                        format!(
+                            "a value reference at offset {offset} into map `{}`, which is not a single-value array of more than {offset} bytes",
+                            m.name
+                        ),
+                    ));
+                }
+                global_value_addr(&m.map) + offset as u64
+            }
+        };
+        set_lddw(&mut raw, r.insn, addr).map_err(|m| at_slot(r.insn, m))?;
+    }
+    for m in maps.iter().filter(|m| m.origin == MapOrigin::GlobalData) {
+        let writable = m.map.spec().flags & crate::maps::BPF_F_RDONLY_PROG == 0;
+        global_regions.push(MemRegion::new(
+            global_value_addr(&m.map),
+            m.map.spec().value_size as u64,
+            writable,
+        ));
+    }
+    // Function addresses: a plain lddw of the target's slot (never dereferenced: the rewrite
+    // refuses any use but bpf_loop's callback, which it inlines).
+    let mut func_slots = BTreeMap::new();
+    for f in &spec.func_refs {
+        if raw.get(f.insn).map(|i| i.src) != Some(BPF_PSEUDO_FUNC) {
+            return Err(at_slot(
+                f.insn,
+                "function reference is not a pseudo lddw".into(),
+            ));
+        }
+        set_lddw(&mut raw, f.insn, f.target_insn as u64).map_err(|m| at_slot(f.insn, m))?;
+        func_slots.insert(f.insn, f.target_insn);
+    }
+    let bytes: Vec<u8> = raw.iter().flat_map(|i| i.to_bytes()).collect();
+    let program = Program::decode(&bytes)
+        .map_err(|e| at_slot(e.index, format!("invalid instruction: {e}")))?;
+    let mut funcs = BTreeMap::new();
+    for (&insn_slot, &target_slot) in &func_slots {
+        let (Some(i), Some(t)) = (program.insn_at(insn_slot), program.insn_at(target_slot)) else {
+            return Err(at_slot(
+                insn_slot,
+                "function reference to no instruction".into(),
+            ));
+        };
+        funcs.insert(i, t);
+    }
+    let err = |i: usize, reason: String| at_slot(program.slot_of(i), reason);
+    let rewritten = rewrite::rewrite(program.clone(), &prog_type, &funcs, &err)?;
+    let helpers = helpers::for_type(&prog_type);
+    for (i, insn) in rewritten.program.insns().iter().enumerate() {
+        if let crate::isa::Insn::Call { id } = *insn
+            && helpers.get(id as u64).is_none()
+            && id != helpers::TAIL_CALL
+        {
+            let slot = rewritten.program.slot_of(i);
+            return Err(RuntimeError::UnknownHelper {
+                program: spec.name.clone(),
+                function: function_of(slot),
+                insn: slot,
+                helper: helpers::name(id)
+                    .map(|n| format!("bpf_{n} ({id})"))
+                    .unwrap_or_else(|| id.to_string()),
+                prog_type: prog_type.name(),
+            });
+        }
+    }
+    Ok(LoadedProgram {
+        inner: Arc::new(ProgramInner {
+            name: spec.name.clone(),
+            section: spec.section.clone(),
+            prog_type,
+            program: rewritten.program,
+            helpers,
+            global_regions,
+            _maps: handles.to_vec(),
+            jit: Mutex::new(None),
+            jit_trusted: Mutex::new(None),
+        }),
+    })
+}
+
+/// Turns the pseudo `lddw` at `slot` into a plain load of `value`.
+fn set_lddw(raw: &mut [crate::isa::RawInsn], slot: usize, value: u64) -> Result<(), String> {
+    if slot + 1 >= raw.len() || raw[slot].opcode != 0x18 {
+        return Err("a map or function reference that is not an lddw".into());
+    }
+    raw[slot].src = 0;
+    raw[slot].imm = value as u32 as i32;
+    raw[slot + 1].imm = (value >> 32) as u32 as i32;
+    Ok(())
+}
+
+impl LoadedProgram {
+    /// The program's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Its section.
+    pub fn section(&self) -> &str {
+        &self.inner.section
+    }
+
+    /// Its type.
+    pub fn prog_type(&self) -> &ProgType {
+        &self.inner.prog_type
+    }
+
+    /// The instructions as they run: map addresses in place, context loads converted, loops
+    /// inlined.
+    pub fn program(&self) -> &Program {
+        &self.inner.program
+    }
+
+    /// The helpers it may call.
+    pub fn helpers(&self) -> &Helpers {
+        &self.inner.helpers
+    }
+
+    /// The checked JIT's code for the program, compiled on first use (and shared: attach
+    /// tracers to it with [`crate::attach`]).
+    pub fn jit(&self) -> Result<Prog, RuntimeError> {
+        self.compiled(&self.inner.jit, JitOptions::checked())
+    }
+
+    /// The trusted JIT's code for the program: no memory access is checked.
+    ///
+    /// # Safety
+    /// As for [`JitOptions::trusted`]: every run may only touch memory valid for it — what the
+    /// kernel's verifier proves of a program it accepts. livebpf has no verifier: only use this
+    /// for programs the kernel accepts (or that are otherwise known to be safe).
+    pub unsafe fn jit_trusted(&self) -> Result<Prog, RuntimeError> {
+        // SAFETY: forwarded to the caller.
+        let opts = unsafe { JitOptions::trusted() };
+        self.compiled(&self.inner.jit_trusted, opts)
+    }
+
+    fn compiled(
+        &self,
+        cache: &Mutex<Option<Prog>>,
+        opts: JitOptions,
+    ) -> Result<Prog, RuntimeError> {
+        let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = &*cached {
+            return Ok(p.clone());
+        }
+        let prog =
+            Prog::load(&self.inner.program, &self.inner.helpers, opts).map_err(|source| {
+                RuntimeError::Jit {
+                    program: self.inner.name.clone(),
+                    source,
+                }
+            })?;
+        *cached = Some(prog.clone());
+        Ok(prog)
+    }
+
+    /// Runs an XDP program on `packet` in a fresh frame, as `BPF_PROG_TEST_RUN` does.
+    pub fn run_xdp(&self, engine: Engine, packet: &[u8]) -> Result<XdpOutcome, RuntimeError> {
+        let frame = XdpFrame::new(packet)?;
+        let retval = self.run_frame(engine, &frame)?;
+        Ok(XdpOutcome {
+            retval,
+            packet: frame.packet(),
+        })
+    }
+
+    /// Runs an XDP program on `frame` (its packet may be changed), returning the verdict.
+    pub fn run_frame(&self, engine: Engine, frame: &XdpFrame) -> Result<u32, RuntimeError> {
+        self.expect_xdp()?;
+        let prog = match engine {
+            Engine::Jit => Some(self.jit()?),
+            Engine::Interpreter => None,
+        };
+        // SAFETY: the frame's regions are its own allocations, valid for the run and not
+        // referenced by Rust code while it runs; global data values live as long as the maps,
+        // which `self` holds.
+        unsafe { self.run_on_frame(prog.as_ref(), frame) }
+    }
+
+    /// As [`LoadedProgram::run_frame`] on the trusted JIT.
+    ///
+    /// # Safety
+    /// As for [`LoadedProgram::jit_trusted`].
+    pub unsafe fn run_frame_trusted(&self, frame: &XdpFrame) -> Result<u32, RuntimeError> {
+        self.expect_xdp()?;
+        // SAFETY: forwarded to the caller.
+        let prog = unsafe { self.jit_trusted()? };
+        // SAFETY: as in `run_frame`; the program's own accesses are the caller's promise.
+        unsafe { self.run_on_frame(Some(&prog), frame) }
+    }
+
+    fn expect_xdp(&self) -> Result<(), RuntimeError> {
+        if self.inner.prog_type != ProgType::Xdp {
+            return Err(RuntimeError::WrongType {
+                program: self.inner.name.clone(),
+                prog_type: self.inner.prog_type.name(),
+                reason: "only XDP programs run on packets; give it `--type xdp` to run it as one"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// `frame` is not accessed by Rust code during the run.
+    unsafe fn run_on_frame(
+        &self,
+        prog: Option<&Prog>,
+        frame: &XdpFrame,
+    ) -> Result<u32, RuntimeError> {
+        let mut regions = Vec::with_capacity(2 + self.inner.global_regions.len());
+        regions.extend(frame.regions());
+        regions.extend_from_slice(&self.inner.global_regions);
+        let _state = CurrentRun::enter(frame.ctx_addr() as *mut XdpContext, &regions);
+        let _run = ReadGuard::new();
+        // Interim until the engines take a run environment: r1 = the context, given as the
+        // input memory.
+        // SAFETY: the context is a live XdpContext that nothing else references during the run.
+        let ctx = unsafe {
+            std::slice::from_raw_parts_mut(
+                frame.ctx_addr() as *mut u8,
+                std::mem::size_of::<XdpContext>(),
+            )
+        };
+        let extra = &regions[1..];
+        let result = match prog {
+            // SAFETY: forwarded from the caller.
+            Some(p) => unsafe { p.jit().run_with_regions(ctx, extra) },
+            None => {
+                let mut interp = crate::interp::Interpreter::new(&self.inner.program)
+                    .with_helpers(self.inner.helpers.clone());
+                for r in extra {
+                    // SAFETY: forwarded from the caller.
+                    interp = unsafe { interp.with_region(*r) };
+                }
+                interp.run(ctx)
+            }
+        };
+        result
+            .map(|r0| r0 as u32)
+            .map_err(|source| RuntimeError::Exec {
+                program: self.inner.name.clone(),
+                source,
+            })
+    }
+}
+
+/// The run the runtime started on this thread: what the XDP and printk helpers consult.
+#[derive(Clone, Copy)]
+struct RunState {
+    xdp: *mut XdpContext,
+    regions: *const [MemRegion],
+}
+
+thread_local! {
+    static CURRENT: Cell<Option<RunState>> = const { Cell::new(None) };
+}
+
+/// Restores the previous run state when a run ends (runs nest: a tracer inside a program).
+struct CurrentRun {
+    previous: Option<RunState>,
+}
+
+impl CurrentRun {
+    fn enter(xdp: *mut XdpContext, regions: &[MemRegion]) -> CurrentRun {
+        let previous = CURRENT.with(|c| {
+            c.replace(Some(RunState {
+                xdp,
+                regions: regions as *const [MemRegion],
+            }))
+        });
+        CurrentRun { previous }
+    }
+}
+
+impl Drop for CurrentRun {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.previous));
+    }
+}
+
+/// The XDP context of the run in progress on this thread, if any.
+fn current_xdp() -> Option<*mut XdpContext> {
+    CURRENT
+        .with(|c| c.get())
+        .map(|s| s.xdp)
+        .filter(|p| !p.is_null())
+}
+
+/// Whether the run in progress on this thread may read `[addr, addr + len)`.
+fn run_may_read(addr: u64, len: u64) -> bool {
+    let Some(state) = CURRENT.with(|c| c.get()) else {
+        return false;
+    };
+    // SAFETY: the regions slice outlives the run, which is in progress (the state is reset
+    // when it ends).
+    let regions = unsafe { &*state.regions };
+    regions.iter().any(|r| r.contains(addr, len))
+}
