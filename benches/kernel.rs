@@ -1,15 +1,17 @@
 //! The kernel next to livebpf, in one run: ns per run of the same clang-compiled object on the
-//! same packet under the kernel's `BPF_PROG_TEST_RUN`, and hash map lookup and update per op
-//! inside the kernel next to livebpf's (measured as `benches/maps.rs` does). A table of ratios
-//! follows criterion's output.
+//! same packet under the kernel's `BPF_PROG_TEST_RUN` and under livebpf's interpreter, checked
+//! JIT and trusted JIT (`livebpf::runtime`, one frame reused as the kernel reuses its buffer),
+//! and hash map lookup and update per op inside the kernel next to livebpf's (measured as
+//! `benches/maps.rs` does). A table of ratios follows criterion's output.
 //!
 //! Criterion cannot time the kernel's loop, so the kernel benches use `iter_custom` with the
 //! kernel's own reported mean duration per repetition (whole nanoseconds) × iterations. The
 //! kernel's map cost per op is (a program doing `LOOPS` lookups in a `bpf_loop` − the same loop
 //! without the lookup) / `LOOPS`, so the loop and the program run are not counted.
 //!
-//! Needs root, clang-19 (or clang) and libbpf's headers; without them it says so and measures
-//! what it can. `cargo bench --bench kernel`.
+//! The trusted JIT runs only objects the kernel's verifier accepted (loaded here first). Needs
+//! root, clang-19 (or clang) and libbpf's headers; without them it says so and measures what it
+//! can. `cargo bench --bench kernel`.
 
 #[allow(dead_code)]
 #[path = "../tests/common/kernel.rs"]
@@ -24,6 +26,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use kernel::{KernelError, Loaded};
 use livebpf::maps::{BPF_ANY, BPF_EXIST, Map, MapSpec, MapType};
 use livebpf::reclaim::ReadGuard;
+use livebpf::runtime::{self, LoadOptions, LoadedProgram, RuntimeError, XdpFrame};
 
 /// A 47-byte UDP datagram from 10.0.0.1:1000 to 10.0.0.2:2000 (tests/kernel_diff.rs builds it).
 const UDP_PACKET: &str = "02000000000b02000000000a08004500002112344000401114960a0000010a000002\
@@ -83,6 +86,111 @@ struct Kernel {
     parse: Loaded,
     count: Loaded,
     maps: Loaded,
+}
+
+/// The programs benchmarked on both sides: (label, object source, program).
+const PROGRAMS: [(&str, &str, &str); 2] = [
+    ("parse", "tests/bpf/diff/parse.c", "parse"),
+    ("hash_count", "tests/bpf/diff/hash_count.c", "hash_count"),
+];
+
+/// A livebpf engine.
+#[derive(Clone, Copy, PartialEq)]
+enum Engine {
+    Interp,
+    Jit,
+    /// Only for objects the kernel's verifier accepted.
+    Trusted,
+}
+
+impl Engine {
+    const ALL: [Engine; 3] = [Engine::Interp, Engine::Jit, Engine::Trusted];
+
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Interp => "interp",
+            Engine::Jit => "jit",
+            Engine::Trusted => "jit-trusted",
+        }
+    }
+}
+
+/// An object loaded into livebpf, and whether the kernel verified it (which the trusted JIT
+/// needs).
+struct Ours {
+    loaded: runtime::Loaded,
+    prog: &'static str,
+    verified: bool,
+}
+
+impl Ours {
+    fn load(src: &str, prog: &'static str, verified: bool) -> Option<Ours> {
+        let obj = compile(src)?;
+        let loaded = runtime::Loaded::from_file(&obj, &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{src}: {e}"));
+        Some(Ours {
+            loaded,
+            prog,
+            verified,
+        })
+    }
+
+    fn program(&self) -> &LoadedProgram {
+        self.loaded.program(self.prog).unwrap()
+    }
+
+    /// One run on `frame`; `None` for the trusted JIT on an object the kernel did not verify.
+    fn run(&self, engine: Engine, frame: &XdpFrame) -> Option<Result<u32, RuntimeError>> {
+        let p = self.program();
+        Some(match engine {
+            Engine::Interp => p.run_frame(runtime::Engine::Interpreter, frame),
+            Engine::Jit => p.run_frame(runtime::Engine::Jit, frame),
+            Engine::Trusted if self.verified => {
+                // SAFETY: the kernel's verifier accepted this object (`verified`).
+                unsafe { p.run_frame_trusted(frame) }
+            }
+            Engine::Trusted => return None,
+        })
+    }
+
+    /// Whether `engine` runs the program on `packet`, twice (a second run may take another
+    /// path: hash_count's first run inserts, later ones update in place); if not, says why.
+    fn works(&self, engine: Engine, packet: &[u8]) -> bool {
+        let frame = XdpFrame::new(packet).unwrap();
+        for _ in 0..2 {
+            match self.run(engine, &frame) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    eprintln!("!! livebpf {} cannot run {}: {e}", engine.name(), self.prog);
+                    return false;
+                }
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// One run that `works` showed succeeds.
+    fn run_ok(&self, engine: Engine, frame: &XdpFrame) -> u32 {
+        match self.run(engine, frame) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => panic!("livebpf {} on {}: {e}", engine.name(), self.prog),
+            None => panic!("{} is not verified", self.prog),
+        }
+    }
+
+    /// Wall-clock ns per run over `n` runs on one frame (as the kernel reuses its buffer).
+    fn ns(&self, engine: Engine, packet: &[u8], n: u64) -> Option<f64> {
+        if !self.works(engine, packet) {
+            return None;
+        }
+        let frame = XdpFrame::new(packet).unwrap();
+        let t = Instant::now();
+        for _ in 0..n {
+            black_box(self.run_ok(engine, &frame));
+        }
+        Some(t.elapsed().as_nanos() as f64 / n as f64)
+    }
 }
 
 fn load_kernel() -> Option<Kernel> {
@@ -207,7 +315,22 @@ fn bench(c: &mut Criterion) {
     });
     livebpf::maps::flush_retired();
 
-    let Some(k) = load_kernel() else {
+    let k = load_kernel();
+    for (label, src, prog) in PROGRAMS {
+        let Some(ours) = Ours::load(src, prog, k.is_some()) else {
+            break;
+        };
+        for engine in Engine::ALL {
+            if !ours.works(engine, &packet) {
+                continue;
+            }
+            let frame = XdpFrame::new(&packet).unwrap();
+            c.bench_function(&format!("livebpf_{}/{label}_udp", engine.name()), |b| {
+                b.iter(|| black_box(ours.run_ok(engine, &frame)))
+            });
+        }
+    }
+    let Some(k) = k else {
         return;
     };
     c.bench_function("kernel/parse_udp", |b| {
@@ -238,38 +361,52 @@ fn summary(_: &mut Criterion) {
         livebpf_update_ns(&hash, 4_000_000),
     );
     println!("\nkernel vs livebpf, ns (kernel: BPF_PROG_TEST_RUN's reported duration)");
-    let Some(k) = load_kernel() else {
-        println!("  livebpf hash lookup {lookup:.1} ns/op, update {update:.1} ns/op; no kernel");
-        return;
-    };
-    let row = |what: &str, kernel: f64, ours: Option<f64>| match ours {
-        Some(ours) => println!(
-            "  {what:<34} kernel {kernel:>8.1}   livebpf {ours:>8.1}   livebpf/kernel {:>5.2}",
+    let k = load_kernel();
+    const RUNS: u64 = 1_000_000;
+    for (label, src, prog) in PROGRAMS {
+        let Some(ours) = Ours::load(src, prog, k.is_some()) else {
+            break;
+        };
+        let kernel = k.as_ref().map(|k| {
+            let l = if label == "parse" { &k.parse } else { &k.count };
+            kernel_ns(l, prog, &packet, RUNS as u32)
+        });
+        let mut line = format!("  {:<30}", format!("{label}.o, UDP packet, per run"));
+        match kernel {
+            Some(ns) => line += &format!(" kernel {ns:>6.1}"),
+            None => line += " kernel      -",
+        }
+        for engine in Engine::ALL {
+            match ours.ns(engine, &packet, RUNS) {
+                Some(ns) => {
+                    line += &format!("   {} {ns:>6.1}", engine.name());
+                    if let Some(kn) = kernel {
+                        line += &format!(" ({:.2}x)", ns / kn);
+                    }
+                }
+                None => line += &format!("   {} -", engine.name()),
+            }
+        }
+        println!("{line}");
+    }
+    let row = |what: &str, kernel: Option<f64>, ours: f64| match kernel {
+        Some(kernel) => println!(
+            "  {what:<34} kernel {kernel:>6.1}   livebpf {ours:>6.1}   livebpf/kernel {:.2}",
             ours / kernel
         ),
-        None => println!("  {what:<34} kernel {kernel:>8.1}"),
+        None => println!("  {what:<34} kernel      -   livebpf {ours:>6.1}"),
     };
-    const REPEAT: u32 = 1_000_000;
-    row(
-        "parse.o, UDP packet, per run",
-        kernel_ns(&k.parse, "parse", &packet, REPEAT),
-        None,
-    );
-    row(
-        "hash_count.o, UDP packet, per run",
-        kernel_ns(&k.count, "hash_count", &packet, REPEAT),
-        None,
-    );
     row(
         "hash lookup (1024 entries), per op",
-        kernel_map_op_ns(&k, "lookups", 4000),
-        Some(lookup),
+        k.as_ref().map(|k| kernel_map_op_ns(k, "lookups", 4000)),
+        lookup,
     );
     row(
         "hash update existing, per op",
-        kernel_map_op_ns(&k, "updates", 4000),
-        Some(update),
+        k.as_ref().map(|k| kernel_map_op_ns(k, "updates", 4000)),
+        update,
     );
+    println!("  (x: livebpf / kernel; -: not measured, see the messages above)");
 }
 
 criterion_group! {
