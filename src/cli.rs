@@ -141,7 +141,9 @@ pub enum Command {
     /// Run TARGET in several threads while attaching and detaching tracing programs to it over
     /// and over; check every result against the interpreter and that no trampoline image leaks.
     Trace {
-        /// The traced program (assembly, bytecode or a conformance `.data` file).
+        /// The traced program (assembly, bytecode or a conformance `.data` file), or
+        /// `OBJ.o:PROG`, a program of an ELF object; tracers are then `OBJ.o:PROG` too, and
+        /// their sections must name the target (`SEC("fentry/PROG")`).
         target: PathBuf,
         /// Tracing program run on entry: r1 points at six u64s, the target's r1..r5 and then 0.
         #[arg(long, value_name = "PROG")]
@@ -161,6 +163,9 @@ pub enum Command {
         /// (counted in errors), so a tracer that loops forever cannot hang the trace.
         #[arg(long, value_name = "N", default_value_t = trace::TRACER_BUDGET)]
         budget: u64,
+        /// ELF targets of type XDP: the packet each run gets (hex).
+        #[arg(long, value_name = "HEX")]
+        packet: Option<String>,
     },
     /// Describe an ELF object compiled with `clang -O2 -g -target bpf` (libbpf conventions), one
     /// line per item: `program NAME section=S type=T [target=F] insns=N maps=M helpers=IDS`,
@@ -721,7 +726,28 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             threads,
             cycles,
             budget,
+            packet,
         } => {
+            if let Some((object, prog)) = trace::object_program(&target) {
+                return trace::trace_object(
+                    &trace::ObjectTraceArgs {
+                        target: (object, prog),
+                        fentry: &fentry,
+                        fexit: fexit.as_deref(),
+                        packet: packet.as_deref(),
+                        mem,
+                        threads: threads as usize,
+                        cycles,
+                        tracer_budget: budget,
+                    },
+                    out,
+                );
+            }
+            if packet.is_some() {
+                return Err(CliError::Usage(
+                    "--packet is for ELF targets (OBJ.o:PROG)".into(),
+                ));
+            }
             trace::trace(
                 &trace::TraceArgs {
                     target,

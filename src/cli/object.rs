@@ -102,12 +102,12 @@ pub fn pick<'l>(
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A map's contents for the JSON output, or `None` for maps that are not printed.
-fn map_contents(map: &Map) -> Option<JsonMap<String, Value>> {
+pub(super) fn map_contents(map: &Map) -> Option<JsonMap<String, Value>> {
     if matches!(map.map_type(), MapType::Ringbuf | MapType::ProgArray) {
         return None;
     }

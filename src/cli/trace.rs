@@ -432,3 +432,341 @@ fn wait_for_runs(counters: &[Counter]) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// `OBJ.o:PROG` split, when the part before the last `:` is an ELF file.
+pub fn object_program(spec: &Path) -> Option<(PathBuf, String)> {
+    let text = spec.to_str()?;
+    let (path, prog) = text.rsplit_once(':')?;
+    let path = PathBuf::from(path);
+    (!prog.is_empty() && super::is_elf(&path)).then(|| (path, prog.to_string()))
+}
+
+/// What `trace OBJ.o:PROG` was asked.
+pub struct ObjectTraceArgs<'a> {
+    /// The target's object and program.
+    pub target: (PathBuf, String),
+    /// `--fentry OBJ.o:PROG`.
+    pub fentry: &'a Path,
+    /// `--fexit OBJ.o:PROG`.
+    pub fexit: Option<&'a Path>,
+    /// `--packet`, for XDP targets.
+    pub packet: Option<&'a str>,
+    /// `--mem`, for raw targets.
+    pub mem: MemArgs,
+    /// Runner threads.
+    pub threads: usize,
+    /// Attach/detach cycles.
+    pub cycles: u64,
+    /// The tracers' budget of back edges and calls per run.
+    pub tracer_budget: u64,
+}
+
+/// `trace OBJ.o:PROG --fentry OBJ.o:PROG [--fexit OBJ.o:PROG]`: as [`trace`], for programs of ELF
+/// objects. Targets keep their maps, so their results may change from run to run: a run only
+/// has to succeed. At the end the tracers' objects' maps are printed (one `map NAME: N entries`
+/// line, then `  KEYHEX = VALUEHEX` lines).
+pub fn trace_object(args: &ObjectTraceArgs<'_>, out: &mut dyn Write) -> Result<(), CliError> {
+    use crate::loader::ProgType;
+    use crate::runtime::{Engine, LoadOptions, Loaded, XdpFrame};
+    use std::collections::BTreeMap;
+
+    let (target_path, target_name) = &args.target;
+    let runtime_error = |path: &Path, source| CliError::Runtime {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    };
+    let target_object =
+        crate::loader::Object::parse(&super::read_object(target_path)?).map_err(|source| {
+            CliError::Load {
+                path: target_path.clone(),
+                source: Box::new(source),
+            }
+        })?;
+    let params: BTreeMap<String, u32> = target_object
+        .programs
+        .iter()
+        .filter_map(|p| p.params.map(|n| (p.name.clone(), n)))
+        .collect();
+    // Each object once: tracers of one object share its maps (and the target's, if the same).
+    let mut objects: Vec<(PathBuf, Loaded)> = Vec::new();
+    let mut load = |path: &Path| -> Result<usize, CliError> {
+        if let Some(i) = objects.iter().position(|(p, _)| super::same_file(p, path)) {
+            return Ok(i);
+        }
+        let object =
+            crate::loader::Object::parse(&super::read_object(path)?).map_err(|source| {
+                CliError::Load {
+                    path: path.to_path_buf(),
+                    source: Box::new(source),
+                }
+            })?;
+        let opts = LoadOptions {
+            target_params: params.clone(),
+            ..LoadOptions::default()
+        };
+        let loaded = Loaded::load(&object, &opts).map_err(|e| runtime_error(path, e))?;
+        objects.push((path.to_path_buf(), loaded));
+        Ok(objects.len() - 1)
+    };
+    let target_index = load(target_path)?;
+    let spec = |p: &Path, flag: &str| {
+        object_program(p).ok_or_else(|| {
+            CliError::Usage(format!(
+                "{flag} {}: with an ELF target, tracers are OBJ.o:PROG too",
+                p.display()
+            ))
+        })
+    };
+    let fentry_spec = spec(args.fentry, "--fentry")?;
+    let fexit_spec = args.fexit.map(|p| spec(p, "--fexit")).transpose()?;
+    let fentry_index = load(&fentry_spec.0)?;
+    let fexit_index = match &fexit_spec {
+        Some((path, _)) => Some(load(path)?),
+        None => None,
+    };
+    let target_loaded = &objects[target_index].1;
+    let target = target_loaded
+        .program(target_name)
+        .map_err(|e| runtime_error(target_path, e))?;
+    let tracer = |index: usize, (path, name): &(PathBuf, String), want: AttachKind| {
+        let p = objects[index]
+            .1
+            .program(name)
+            .map_err(|e| runtime_error(path, e))?;
+        let (kind, section_target) = match p.prog_type() {
+            ProgType::Fentry { target } => (AttachKind::Fentry, target),
+            ProgType::Fexit { target } => (AttachKind::Fexit, target),
+            other => {
+                return Err(CliError::Usage(format!(
+                    "{}:{name} is a {} program, not a tracer (SEC(\"fentry/NAME\") or SEC(\"fexit/NAME\"))",
+                    path.display(),
+                    other.name()
+                )));
+            }
+        };
+        if kind != want {
+            return Err(CliError::Usage(format!(
+                "{}:{name} is a {kind:?} program; give it with --{}",
+                path.display(),
+                format!("{kind:?}").to_lowercase()
+            )));
+        }
+        if section_target != target_name {
+            return Err(CliError::Usage(format!(
+                "{}:{name} traces `{section_target}` (its section), not the target `{target_name}`",
+                path.display()
+            )));
+        }
+        let prog = p
+            .jit_with_budget(Some(args.tracer_budget))
+            .map_err(|e| runtime_error(path, e))?;
+        Ok(prog)
+    };
+    let fentry_prog = tracer(fentry_index, &fentry_spec, AttachKind::Fentry)?;
+    let fexit_prog = match (&fexit_spec, fexit_index) {
+        (Some(spec), Some(i)) => Some(tracer(i, spec, AttachKind::Fexit)?),
+        _ => None,
+    };
+    let fentry = Tracer {
+        prog: fentry_prog,
+        path: args.fentry,
+    };
+    let fexit = match (fexit_prog, args.fexit) {
+        (Some(prog), Some(path)) => Some(Tracer { prog, path }),
+        _ => None,
+    };
+
+    // How one run of the target goes.
+    let packet = match args.packet {
+        Some(hex) => {
+            Some(
+                crate::conformance::parse_hex_bytes(hex).map_err(|source| CliError::Hex {
+                    what: "--packet",
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
+    let mem = args.mem.resolve(None)?;
+    let is_xdp = *target.prog_type() == ProgType::Xdp;
+    match (is_xdp, &packet) {
+        (true, None) => {
+            return Err(CliError::Usage(
+                "the target is an XDP program: pass --packet HEX".into(),
+            ));
+        }
+        (true, Some(p)) => {
+            XdpFrame::new(p).map_err(|e| runtime_error(target_path, e.into()))?;
+        }
+        (false, Some(_)) => {
+            return Err(CliError::Usage(
+                "--packet is for XDP targets; give a raw target --mem".into(),
+            ));
+        }
+        (false, None) => {}
+    }
+    let target_prog = target.jit().map_err(|e| runtime_error(target_path, e))?;
+    let run_once = |mem_copy: &mut Vec<u8>| -> Result<(), String> {
+        if let Some(p) = &packet {
+            let frame = XdpFrame::new(p).map_err(|e| e.to_string())?;
+            target
+                .run_frame(Engine::Jit, &frame)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        } else {
+            mem_copy.copy_from_slice(&mem);
+            target
+                .run_raw(Engine::Jit, mem_copy)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+
+    set_stats_enabled(true);
+    let started = Instant::now();
+    let counters: Vec<Counter> = (0..args.threads).map(|_| Counter::default()).collect();
+    let stop = AtomicBool::new(false);
+    let main = std::thread::current();
+    let trace_args = TraceArgs {
+        target: target_path.clone(),
+        fentry: args.fentry.to_path_buf(),
+        fexit: args.fexit.map(Path::to_path_buf),
+        mem: args.mem.clone(),
+        threads: args.threads,
+        cycles: args.cycles,
+        tracer_budget: args.tracer_budget,
+    };
+    let (cycled, reports) = std::thread::scope(|s| {
+        let mut handles = Vec::with_capacity(args.threads);
+        for (i, counter) in counters.iter().enumerate() {
+            let (stop, main, run_once, mem) = (&stop, &main, &run_once, &mem);
+            let spawned = std::thread::Builder::new()
+                .name(format!("runner-{i}"))
+                .spawn_scoped(s, move || {
+                    let mut report = Report::default();
+                    let mut copy = mem.clone();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Err(e) = run_once(&mut copy) {
+                            report.errors += 1;
+                            report
+                                .first
+                                .get_or_insert_with(|| format!("thread {i}, run {n}: {e}"));
+                        }
+                        n += 1;
+                        counter.runs.store(n, Ordering::SeqCst);
+                        let goal = counter.goal.load(Ordering::SeqCst);
+                        if n >= goal {
+                            if n == goal {
+                                main.unpark();
+                            }
+                            std::thread::yield_now();
+                        }
+                    }
+                    report
+                });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return (Err(CliError::Spawn(e)), Vec::new());
+                }
+            }
+        }
+        let cycled = cycle(
+            &trace_args,
+            &target_prog,
+            &fentry,
+            fexit.as_ref(),
+            &counters,
+        );
+        stop.store(true, Ordering::Relaxed);
+        let reports: Vec<Report> = handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| Report {
+                    errors: 1,
+                    first: Some("a runner thread panicked".to_string()),
+                })
+            })
+            .collect();
+        (cycled, reports)
+    });
+    cycled?;
+    let elapsed = started.elapsed();
+    drop(target_prog);
+    reclaim::flush().expect("flush outside a run");
+    let live_images = trampoline::live_images();
+    let runs: u64 = counters
+        .iter()
+        .map(|c| c.runs.load(Ordering::Acquire))
+        .sum();
+    let entry_stats = fentry.prog.stats();
+    let exit_stats = fexit.as_ref().map(|t| t.prog.stats()).unwrap_or_default();
+    let run_errors: u64 = reports.iter().map(|r| r.errors).sum();
+    let errors = run_errors + entry_stats.errors + exit_stats.errors;
+    writeln!(
+        out,
+        "trace: cycles={} threads={} runs={runs} fentry={} fexit={} errors={errors} live_images={live_images} time={:.2}s",
+        args.cycles,
+        args.threads,
+        entry_stats.run_cnt,
+        exit_stats.run_cnt,
+        elapsed.as_secs_f64()
+    )
+    .map_err(stdout_err)?;
+    let mut printed = Vec::new();
+    for index in std::iter::once(fentry_index).chain(fexit_index) {
+        if printed.contains(&index) {
+            continue;
+        }
+        printed.push(index);
+        for m in objects[index].1.maps() {
+            let Some(contents) = super::object::map_contents(&m.map) else {
+                continue;
+            };
+            writeln!(out, "map {}: {} entries", m.name, contents.len()).map_err(stdout_err)?;
+            for (k, v) in contents {
+                writeln!(out, "  {k} = {}", v.as_str().unwrap_or_default()).map_err(stdout_err)?;
+            }
+        }
+    }
+    out.flush().map_err(stdout_err)?;
+    let mut problems = Vec::new();
+    if run_errors > 0 {
+        let first = reports
+            .iter()
+            .find_map(|r| r.first.as_deref())
+            .unwrap_or("");
+        problems.push(format!("{run_errors} target runs failed (first: {first})"));
+    }
+    for (name, tracer, stats) in [("fentry", Some(&fentry), entry_stats)]
+        .into_iter()
+        .chain([("fexit", fexit.as_ref(), exit_stats)])
+    {
+        if let Some(tracer) = tracer
+            && stats.errors > 0
+        {
+            let why = tracer
+                .prog
+                .last_error()
+                .map_or_else(String::new, |e| format!(", the last with: {e}"));
+            problems.push(format!(
+                "{name} tracer {} failed in {} runs{why}",
+                tracer.path.display(),
+                stats.errors
+            ));
+        }
+    }
+    if live_images != 0 {
+        problems.push(format!(
+            "{live_images} trampoline images still alive after every link was dropped"
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::TraceFailed(problems.join("; ")))
+    }
+}

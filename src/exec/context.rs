@@ -698,4 +698,23 @@ impl RunContext<'static> {
         // SAFETY: per the contract.
         unsafe { (*ctx).state.set_checked(checked) };
     }
+
+    /// Gives a context made by [`RunContext::init_raw`] more regions besides its input, and the
+    /// maps its helpers accept (a tracer's global data and maps).
+    ///
+    /// # Safety
+    /// As for `init_raw`, and `extra` and `maps` outlive the run (until `take_raw`): the
+    /// regions valid as marked, the maps alive.
+    pub(crate) unsafe fn set_tracer_env_raw(
+        ctx: *mut RunContext<'static>,
+        extra: &[MemRegion],
+        maps: &[*const crate::maps::RawMap],
+    ) {
+        // SAFETY: per the contract `ctx` is initialised and unaliased.
+        let state = unsafe { &mut (*ctx).state };
+        state.extra = extra.as_ptr();
+        state.extra_len = extra.len();
+        state.maps = maps.as_ptr();
+        state.maps_len = maps.len();
+    }
 }

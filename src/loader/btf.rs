@@ -87,6 +87,8 @@ pub(super) struct Type {
     pub array: Option<(u32, u32)>,
     pub members: Vec<Member>,
     pub secinfo: Vec<VarSecinfo>,
+    /// The entry count (`vlen`): parameters of a function prototype, members, variables.
+    pub vlen: u32,
 }
 
 /// Parsed `.BTF`: types by id (id 0 is `void`) and the string section.
@@ -195,6 +197,17 @@ impl<'a> Btf<'a> {
         Ok(None)
     }
 
+    /// The parameter count of the function called `name`, if BTF describes it.
+    pub fn func_params(&self, name: &str) -> Option<u32> {
+        self.types.iter().find_map(|t| {
+            if t.kind != KIND_FUNC || self.string(t.name).ok()? != name {
+                return None;
+            }
+            let proto = self.get(t.size_or_type).ok()?;
+            (proto.kind == KIND_FUNC_PROTO).then_some(proto.vlen)
+        })
+    }
+
     pub fn is_kind(&self, id: u32, kind: u32) -> Result<bool, LoadError> {
         Ok(self.get(id)?.kind == kind)
     }
@@ -216,6 +229,7 @@ fn parse_types(data: &[u8]) -> Result<Vec<Type>, LoadError> {
         array: None,
         members: Vec::new(),
         secinfo: Vec::new(),
+        vlen: 0,
     }];
     let mut off = 0usize;
     while off < data.len() {
@@ -234,6 +248,7 @@ fn parse_types(data: &[u8]) -> Result<Vec<Type>, LoadError> {
             array: None,
             members: Vec::new(),
             secinfo: Vec::new(),
+            vlen: vlen as u32,
         };
         // Bytes of kind-specific data after the common part; the entries are read below.
         let extra = match kind {

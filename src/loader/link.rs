@@ -191,6 +191,7 @@ pub(super) fn link_all(
                 })
                 .collect(),
             insns: linker.insns,
+            params: None,
             map_refs: linker.map_refs,
             func_refs: linker.func_refs,
             helpers_used: linker.helpers.into_iter().collect(),

@@ -291,6 +291,9 @@ pub struct ProgramSpec {
     pub helpers_used: Vec<u32>,
     /// The functions in `insns`: the program first at slot 0, then each subprogram.
     pub functions: Vec<FunctionSpan>,
+    /// How many parameters the program's function has, from BTF (`None` without BTF): what
+    /// a fexit tracer of it counts before the return value.
+    pub params: Option<u32>,
 }
 
 impl ProgramSpec {
@@ -506,7 +509,12 @@ impl Object {
             let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
             String::from_utf8_lossy(&data[..end]).into_owned()
         });
-        let programs = link::link_all(&elf, &funcs, &table, &license)?;
+        let mut programs = link::link_all(&elf, &funcs, &table, &license)?;
+        if let Some(btf) = &btf {
+            for p in &mut programs {
+                p.params = btf.func_params(&p.name);
+            }
+        }
         Ok(Object {
             license,
             maps: table.specs,

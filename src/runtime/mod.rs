@@ -41,7 +41,7 @@ use crate::loader::{
 };
 use crate::maps::{BPF_ANY, Map, MapError, MapSpec, MapType};
 use crate::reclaim::ReadGuard;
-use crate::trampoline::Prog;
+use crate::trampoline::{Prog, ProgEnv};
 
 pub use xdp::{XdpContext, XdpFrame};
 
@@ -147,6 +147,10 @@ pub struct LoadOptions {
     /// JIT callers; interpreted callers run any slot. A JIT caller of the other mode falls
     /// through a slot, as `bpf_tail_call` does for a target it cannot run.
     pub tail_call_jit: TailCallJit,
+    /// Parameter counts of tracing targets that are not in this object, by name (a fexit
+    /// program finds its target's return value after that many arguments, as in Linux). A
+    /// target in the object is looked up in its BTF.
+    pub target_params: BTreeMap<String, u32>,
 }
 
 /// Which JIT code program array slots get at load time (see [`LoadOptions::tail_call_jit`]).
@@ -210,6 +214,8 @@ struct ProgramInner {
     global_regions: Vec<MemRegion>,
     /// The object's maps, kept alive while code embeds their addresses.
     _maps: Vec<Map>,
+    /// The global data maps (their values are `global_regions`).
+    global_maps: Vec<Map>,
     /// Their addresses: the maps helpers accept.
     map_addrs: Vec<*const crate::maps::RawMap>,
     /// Compiled on first use; a failure is not cached (it is reported to each caller).
@@ -468,11 +474,25 @@ fn prepare(
         funcs.insert(i, t);
     }
     let err = |i: usize, reason: String| at_slot(program.slot_of(i), reason);
-    let rewritten = rewrite::rewrite(program.clone(), &prog_type, &funcs, &err)?;
+    // Where a fexit/fmod_ret program reads the return value: after the target's arguments.
+    let ret_index = prog_type.target().and_then(|t| {
+        object
+            .program(t)
+            .and_then(|p| p.params)
+            .or_else(|| opts.target_params.get(t).copied())
+    });
+    // A replacement sees its target's context (and, here, has its target's helpers).
+    let ctx_type = match &prog_type {
+        ProgType::Freplace { target } => object
+            .program(target)
+            .map_or(ProgType::Raw, |t| t.prog_type.clone()),
+        t => t.clone(),
+    };
+    let rewritten = rewrite::rewrite(program.clone(), &ctx_type, ret_index, &funcs, &err)?;
     let helpers = opts
         .helpers
         .clone()
-        .unwrap_or_else(|| helpers::for_type(&prog_type));
+        .unwrap_or_else(|| helpers::for_type(&ctx_type));
     for (i, insn) in rewritten.program.insns().iter().enumerate() {
         if let crate::isa::Insn::Call { id } = *insn
             && !helpers.contains(id as u64)
@@ -499,6 +519,11 @@ fn prepare(
             global_regions,
             _maps: handles.to_vec(),
             map_addrs: handles.iter().map(Map::as_raw).collect(),
+            global_maps: maps
+                .iter()
+                .filter(|m| m.origin == MapOrigin::GlobalData)
+                .map(|m| m.map.clone())
+                .collect(),
             jit: Mutex::new(None),
             jit_trusted: Mutex::new(None),
         }),
@@ -559,6 +584,30 @@ impl LoadedProgram {
         // SAFETY: forwarded to the caller.
         let opts = unsafe { JitOptions::trusted() };
         self.compiled(&self.inner.jit_trusted, opts)
+    }
+
+    /// Checked JIT code for the program that ends a run with [`ExecError::BudgetExhausted`]
+    /// after `budget` back edges and calls (a tracer that must not hang its target); compiled
+    /// anew on each call.
+    pub fn jit_with_budget(&self, budget: Option<u64>) -> Result<Prog, RuntimeError> {
+        Prog::load_with_env(
+            &self.inner.program,
+            &self.inner.helpers,
+            JitOptions::checked().with_budget(budget),
+            self.env(),
+        )
+        .map_err(|source| RuntimeError::Jit {
+            program: self.inner.name.clone(),
+            source,
+        })
+    }
+
+    /// What the program uses when it runs as a tracer: the object's maps and global data.
+    fn env(&self) -> ProgEnv {
+        ProgEnv {
+            maps: self.inner._maps.clone(),
+            global_data: self.inner.global_maps.clone(),
+        }
     }
 
     /// The program as a program array slot's target: its JIT code of `jit`'s mode (where this

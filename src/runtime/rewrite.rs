@@ -352,6 +352,7 @@ pub(crate) struct Rewritten {
 pub(crate) fn rewrite(
     program: Program,
     prog_type: &ProgType,
+    ret_index: Option<u32>,
     funcs: &BTreeMap<usize, usize>,
     err: &dyn Fn(usize, String) -> RuntimeError,
 ) -> Result<Rewritten, RuntimeError> {
@@ -361,7 +362,7 @@ pub(crate) fn rewrite(
     // Accesses reached on several paths are recorded once per visit: dedupe.
     let accesses: BTreeSet<usize> = facts.ctx_accesses.iter().map(|a| a.insn).collect();
     for &i in &accesses {
-        insns[i] = convert_ctx_access(insns[i], prog_type).map_err(|m| err(i, m))?;
+        insns[i] = convert_ctx_access(insns[i], prog_type, ret_index).map_err(|m| err(i, m))?;
     }
     // The loop stubs go after the last instruction; a call is one slot, like the helper call.
     let mut stub_slots: BTreeMap<usize, usize> = BTreeMap::new(); // callback insn → stub slot
@@ -471,15 +472,49 @@ fn loop_stub(callback_rel: i64) -> Vec<Insn> {
     ]
 }
 
+/// Word of the trampoline's saved block that holds the return value (after r1..r5).
+const TRACE_RET_WORD: i16 = 5;
+
 /// The converted form of one context access, or why it is refused.
-fn convert_ctx_access(insn: Insn, prog_type: &ProgType) -> Result<Insn, String> {
+fn convert_ctx_access(
+    insn: Insn,
+    prog_type: &ProgType,
+    ret_index: Option<u32>,
+) -> Result<Insn, String> {
     match prog_type {
         ProgType::Xdp => xdp::convert_access(insn),
-        // A tracing program's context is the array of saved arguments: plain loads.
-        ProgType::Fentry { .. }
-        | ProgType::Fexit { .. }
-        | ProgType::FmodRet { .. }
-        | ProgType::Freplace { .. } => match insn {
+        // A tracing program's context is the trampoline's saved words: r1..r5, then the return
+        // value. Linux puts the return value right after the target's arguments, so a fexit
+        // (or fmod_ret) program's load of word `nargs` reads word 5 here.
+        ProgType::Fexit { .. } | ProgType::FmodRet { .. } => match (insn, ret_index) {
+            (
+                Insn::Load {
+                    size,
+                    signed,
+                    dst,
+                    base,
+                    off,
+                },
+                Some(n),
+            ) if n < TRACE_RET_WORD as u32 && off == 8 * n as i16 => Ok(Insn::Load {
+                size,
+                signed,
+                dst,
+                base,
+                off: 8 * TRACE_RET_WORD,
+            }),
+            (Insn::Load { off, .. }, Some(n))
+                if off >= 8 * n as i16 && n < TRACE_RET_WORD as u32 =>
+            {
+                Err(format!(
+                    "a load of context word {} of a tracer whose target takes {n} arguments: words 0..{n} are the arguments, word {n} the return value",
+                    off / 8
+                ))
+            }
+            (Insn::Load { .. }, _) => Ok(insn),
+            _ => Err("a tracing program's context is read-only".into()),
+        },
+        ProgType::Fentry { .. } | ProgType::Freplace { .. } => match insn {
             Insn::Load { .. } => Ok(insn),
             _ => Err("a tracing program's context is read-only".into()),
         },

@@ -169,6 +169,12 @@ fn alloc_slot() -> usize {
 struct ProgInner {
     jit: JitProgram,
     helpers: Helpers,
+    /// What the program may use besides its input when it runs as a tracer (kept alive for
+    /// `env_regions` and `env_maps`).
+    _env: ProgEnv,
+    /// `env`'s global data regions and map addresses, as runs take them.
+    env_regions: Vec<MemRegion>,
+    env_maps: Vec<*const crate::maps::RawMap>,
     slot: usize,
     run_cnt: AtomicU64,
     run_time_ns: AtomicU64,
@@ -180,6 +186,41 @@ struct ProgInner {
     attach: Mutex<AttachState>,
     /// How many targets this program replaces through freplace (changed under `ATTACH_LOCK`).
     replaces: AtomicUsize,
+}
+
+// SAFETY: the map addresses point at maps `env` keeps alive, and are only read.
+unsafe impl Send for ProgInner {}
+// SAFETY: as above.
+unsafe impl Sync for ProgInner {}
+
+/// What a program may use besides its context when it runs as a tracer: the maps its helpers
+/// accept, and global data maps (`.bss`, `.data`, `.rodata`, …) whose single value it may
+/// access (read-only when the map has `BPF_F_RDONLY_PROG`). The loader of an object gives its
+/// programs their object's maps.
+#[derive(Clone, Debug, Default)]
+pub struct ProgEnv {
+    /// Maps the program's helpers accept (and keeps alive).
+    pub maps: Vec<crate::maps::Map>,
+    /// Single-value array maps whose value the program may access directly.
+    pub global_data: Vec<crate::maps::Map>,
+}
+
+impl ProgEnv {
+    fn regions(&self) -> Vec<MemRegion> {
+        let _run = crate::reclaim::ReadGuard::new();
+        self.global_data
+            .iter()
+            .filter(|m| m.map_type() == crate::maps::MapType::Array)
+            .filter_map(|m| {
+                // SAFETY: the key is 4 readable bytes; array values never move while the map
+                // lives, and `self` keeps it alive.
+                let value = unsafe { m.lookup_ptr(0u32.to_le_bytes().as_ptr()) };
+                let writable = m.spec().flags & crate::maps::BPF_F_RDONLY_PROG == 0;
+                (!value.is_null())
+                    .then(|| MemRegion::new(value as u64, m.spec().value_size as u64, writable))
+            })
+            .collect()
+    }
 }
 
 impl Drop for ProgInner {
@@ -210,10 +251,25 @@ impl std::fmt::Debug for Prog {
 impl Prog {
     /// Compiles and registers `program`.
     pub fn load(program: &Program, helpers: &Helpers, opts: JitOptions) -> Result<Prog, JitError> {
+        Prog::load_with_env(program, helpers, opts, ProgEnv::default())
+    }
+
+    /// As [`Prog::load`], with what the program may use when it runs as a tracer ([`ProgEnv`]).
+    pub fn load_with_env(
+        program: &Program,
+        helpers: &Helpers,
+        opts: JitOptions,
+        env: ProgEnv,
+    ) -> Result<Prog, JitError> {
         let jit = JitProgram::compile(program, helpers, opts)?;
+        let env_regions = env.regions();
+        let env_maps = env.maps.iter().map(crate::maps::Map::as_raw).collect();
         Ok(Prog(Arc::new(ProgInner {
             jit,
             helpers: helpers.clone(),
+            _env: env,
+            env_regions,
+            env_maps,
             slot: alloc_slot(),
             run_cnt: AtomicU64::new(0),
             run_time_ns: AtomicU64::new(0),
@@ -824,6 +880,8 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
     unsafe {
         RunContext::init_raw(ctx, region, stack, &prog.helpers, prog.jit.budget());
         RunContext::set_checked_raw(ctx, prog.jit.is_checked());
+        // The regions and maps live in the program, which the link keeps alive.
+        RunContext::set_tracer_env_raw(ctx, &prog.env_regions, &prog.env_maps);
     }
     if stats_enabled() { now_ns() + 1 } else { 1 }
 }
