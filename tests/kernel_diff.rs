@@ -194,6 +194,8 @@ fn first_difference(path: &str, a: &Value, b: &Value) -> Option<String> {
 /// One differential case: a program in `tests/bpf/diff/SRC.c`, its packets, and what its C
 /// source says the result must be.
 struct Case {
+    /// The test's name, for [`KNOWN_DISCREPANCIES`].
+    test: &'static str,
     src: &'static str,
     prog: &'static str,
     packets: Vec<Vec<u8>>,
@@ -279,12 +281,7 @@ fn diff(case: Case) {
     let Some(obj) = compile(case.src) else {
         return;
     };
-    // libtest names each test's thread after the test.
-    let test = std::thread::current()
-        .name()
-        .map_or(case.src.to_string(), |n| {
-            n.rsplit("::").next().unwrap().to_string()
-        });
+    let test = case.test;
     let layout = layout(&obj);
     let per_cpu = &layout.per_cpu;
     let kernel = match kernel::run(&obj, case.prog, &case.packets) {
@@ -637,6 +634,7 @@ fn parse() {
         ether(ETH_IP, &[0; 14])[..14].to_vec(),          // 0 Ethernet header only
     ];
     diff(Case {
+        test: "parse",
         src: "parse",
         prog: "parse",
         packets,
@@ -677,6 +675,7 @@ fn rewrite() {
         ether(ETH_IP, &ipv4(IP_A, IP_B, UDP, &[1, 1, 1, 0], &echo[34..])), // IHL 6
     ];
     diff(Case {
+        test: "rewrite",
         src: "rewrite",
         prog: "rewrite",
         packets,
@@ -744,6 +743,7 @@ fn hash_count() {
         ether(ETH_ARP, &[0; 28]), // 2
     ];
     diff(Case {
+        test: "hash_count",
         src: "hash_count",
         prog: "hash_count",
         packets,
@@ -791,6 +791,7 @@ fn array_stats() {
         ether(ETH_ARP, &[0; 28]),                        // not counted
     ];
     diff(Case {
+        test: "array_stats",
         src: "array_stats",
         prog: "array_stats",
         packets,
@@ -824,6 +825,7 @@ fn percpu() {
     packets.push(port(1007)); // -E2BIG: 107
     packets.push(port(80)); // 3
     diff(Case {
+        test: "percpu",
         src: "percpu",
         prog: "percpu",
         packets,
@@ -874,6 +876,7 @@ fn lru() {
     // on the eviction policy.
     let seq = [1, 2, 1, 3, 1, 4, 2, 4, 4];
     diff(Case {
+        test: "lru",
         src: "lru",
         prog: "lru",
         packets: seq.iter().map(|&p| lru_port(p)).collect(),
@@ -898,6 +901,7 @@ fn lru_evict() {
         5, 2, 4, 6, 1, 1, 2, 5, 4, 2, 3, 3, 7, 5, 5, 2, 1, 4, 2, 3, 3, 6, 1, 6, 2, 1, 1, 7, 3, 2,
     ];
     diff(Case {
+        test: "lru_evict",
         src: "lru",
         prog: "lru",
         packets: seq.iter().map(|&p| lru_port(p)).collect(),
@@ -937,6 +941,7 @@ fn globals() {
         udp4(IP_A, IP_B, 1, 2, b""),    // 42: ipv4
     ];
     diff(Case {
+        test: "globals",
         src: "globals",
         prog: "globals",
         packets,
@@ -1002,6 +1007,7 @@ fn subprog() {
         ether(ETH_IP, &ipv4(IP_A, IP_B, UDP, &[1, 1, 1, 0], &[0; 8])), // IHL 6: 2
     ];
     diff(Case {
+        test: "subprog",
         src: "subprog",
         prog: "subprog",
         packets,
@@ -1036,6 +1042,7 @@ fn bpf_loop() {
         ether(ETH_ARP, &[0; 28]),              // 2
     ];
     diff(Case {
+        test: "bpf_loop",
         src: "loop",
         prog: "loop",
         packets,
@@ -1072,6 +1079,7 @@ fn tail_calls() {
         slot(0),   // 3
     ];
     diff(Case {
+        test: "tail_calls",
         src: "tailcall",
         prog: "entry",
         packets,
@@ -1112,6 +1120,7 @@ fn adjust() {
         ether(ETH_ARP, &[0; 80]),       // trimmed to 60, 3
     ];
     diff(Case {
+        test: "adjust",
         src: "adjust",
         prog: "adjust",
         packets,
@@ -1138,6 +1147,7 @@ fn helpers() {
         .map(|n| udp4(IP_A, IP_B, 1, 2, &vec![0; n]))
         .collect();
     diff(Case {
+        test: "helpers",
         src: "helpers",
         prog: "helpers",
         packets,
