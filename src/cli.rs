@@ -119,6 +119,10 @@ pub enum Command {
         mem: Option<String>,
         #[arg(long, value_enum, default_value_t = Engine::default_for_host())]
         engine: Engine,
+        /// The program on stdin is the hex of an ELF object (the runner's `--elf` mode): its
+        /// function `main` in `.text`, or its only program.
+        #[arg(long)]
+        elf: bool,
     },
     /// Print a program: its eBPF instructions with slot numbers, or with --jited the machine
     /// code the JIT generates for it (checked mode), with the patch site marked.
@@ -649,7 +653,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             let r0 = run_engine(engine, &prog, &mut mem, budget, &program)?;
             writeln!(out, "{r0:#x}").map_err(stdout_err)?;
         }
-        Command::ConformancePlugin { mem, engine } => {
+        Command::ConformancePlugin { mem, engine, elf } => {
             let input = read_hex_at_most(std::io::stdin().lock(), MAX_PROGRAM_HEX)
                 .map_err(CliError::Stdin)?
                 .ok_or(CliError::StdinTooLarge {
@@ -663,7 +667,6 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 }
             })?;
             let stdin = Path::new("<stdin>");
-            let program = decode(&bytes, stdin)?;
             let mut mem = match mem {
                 Some(hex) => parse_hex_bytes(&hex).map_err(|source| CliError::Hex {
                     what: "memory",
@@ -671,7 +674,12 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 })?,
                 None => Vec::new(),
             };
-            let r0 = run_engine(engine, &program, &mut mem, None, stdin)?;
+            let r0 = if elf {
+                object::run_conformance_elf(&bytes, engine, &mut mem)?
+            } else {
+                let program = decode(&bytes, stdin)?;
+                run_engine(engine, &program, &mut mem, None, stdin)?
+            };
             writeln!(out, "{r0:x}").map_err(stdout_err)?;
         }
         Command::Dump {

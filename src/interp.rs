@@ -1,42 +1,67 @@
 //! The reference interpreter: the oracle the JITs are checked against.
 //!
 //! It follows RFC 9669 to the letter (division by zero gives 0, modulo by zero leaves `dst`, signed
-//! overflow wraps), checks every memory access against the regions of [`crate::exec`], and can stop
-//! runaway programs with an instruction budget. Pointers are real host addresses, so helpers and
-//! programs share memory as they do under the JIT.
+//! overflow wraps), checks every memory access with the run's [`HelperContext`] — the decision
+//! checked JIT code makes too — and can stop runaway programs with an instruction budget.
+//! Pointers are real host addresses, so helpers and programs share memory as they do under the
+//! JIT. Context helpers get the run's context as under the JIT, and `bpf_tail_call` follows
+//! [`crate::exec::tail`]. Every run is a read-side section of [`crate::reclaim`], as a JIT run
+//! is: map values a lookup returns and tail-call targets stay valid until it ends.
 
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
-use crate::exec::{Access, ExecError, MAX_CALL_DEPTH, MemRegion, STACK_SIZE, TOTAL_STACK};
-use crate::helpers::Helpers;
+use crate::exec::tail::{self, TailCode};
+use crate::exec::{
+    Access, ExecError, HelperContext, MAX_CALL_DEPTH, MemRegion, RunEnv, STACK_SIZE, TOTAL_STACK,
+};
+use crate::helpers::{Helper, Helpers};
 use crate::isa::{AluOp, AtomicOp, Endian, Insn, Program, Reg, Size, Source, Width};
 
+/// The code a function runs in: a program with its jump table and helpers (the entry program,
+/// or a tail call's target).
+#[derive(Clone, Copy)]
+struct Code<'c> {
+    program: &'c Program,
+    targets: &'c [usize],
+    helpers: &'c Helpers,
+}
+
 /// A saved caller frame of a BPF-to-BPF call.
-struct Frame {
+struct Frame<'c> {
+    code: Code<'c>,
     return_to: usize,
     callee_saved: [u64; 4],
     frame_pointer: u64,
+}
+
+/// For each instruction of `program`, the index its jump or call lands on (`usize::MAX` for
+/// the others).
+pub(crate) fn jump_targets(program: &Program) -> Box<[usize]> {
+    (0..program.insns().len())
+        .map(|i| program.target_of(i).unwrap_or(usize::MAX))
+        .collect()
 }
 
 /// Runs programs one instruction at a time.
 pub struct Interpreter<'p> {
     program: &'p Program,
     /// For each instruction, the instruction index its jump or call lands on.
-    targets: Vec<usize>,
+    targets: Box<[usize]>,
     helpers: Helpers,
     budget: Option<u64>,
     extra_regions: Vec<MemRegion>,
 }
 
+/// A stack for one interpreter run (u64 elements keep it 8-byte aligned, as atomics need).
+type Stack = [u64; TOTAL_STACK / 8];
+
 impl<'p> Interpreter<'p> {
     /// An interpreter for `program` with no helpers, no budget and no extra regions.
     pub fn new(program: &'p Program) -> Interpreter<'p> {
-        let targets = (0..program.insns().len())
-            .map(|i| program.target_of(i).unwrap_or(usize::MAX))
-            .collect();
         Interpreter {
             program,
-            targets,
+            targets: jump_targets(program),
             helpers: Helpers::new(),
             budget: None,
             extra_regions: Vec::new(),
@@ -55,7 +80,7 @@ impl<'p> Interpreter<'p> {
         self
     }
 
-    /// Lets the program access `region` too (e.g. a map value).
+    /// Lets the program access `region` too (e.g. a map value), in every run.
     ///
     /// # Safety
     /// The region must be valid for reads, and for writes if marked writable, during every run,
@@ -73,66 +98,110 @@ impl<'p> Interpreter<'p> {
 
     /// As [`Interpreter::run`], and also returns how many instructions were executed.
     pub fn run_counted(&self, mem: &mut [u8]) -> Result<(u64, u64), ExecError> {
-        // u64 elements keep the stack 8-byte aligned, as atomics on it need.
-        let mut stack: Box<[u64; TOTAL_STACK / 8]> = vec![0; TOTAL_STACK / 8]
-            .try_into()
-            .expect("exactly TOTAL_STACK bytes");
-        self.run_on(mem, &mut stack)
+        self.run_on(mem, &mut new_stack())
     }
 
     /// As [`Interpreter::run`], with `stack` as the run's stack (zeroed first): for callers that
     /// need to know where it lies, e.g. to recognise a result that points into it.
-    pub fn run_with_stack(
-        &self,
-        mem: &mut [u8],
-        stack: &mut [u64; TOTAL_STACK / 8],
-    ) -> Result<u64, ExecError> {
+    pub fn run_with_stack(&self, mem: &mut [u8], stack: &mut Stack) -> Result<u64, ExecError> {
         stack.fill(0);
         self.run_on(mem, stack).map(|(r0, _)| r0)
     }
 
-    /// Runs on a zeroed `stack`, counting instructions.
-    fn run_on(
+    /// Runs the program in `env` (see [`RunEnv`]), as [`crate::jit::JitProgram::run_env`] does:
+    /// r1..r5 = `env.args`, a zeroed stack, the regions of `env` (and those of
+    /// [`Interpreter::with_region`]), its user pointer and maps.
+    ///
+    /// # Safety
+    /// As for [`crate::jit::JitProgram::run_env`]: every region of `env` is valid for reads,
+    /// and for writes if marked writable, for the whole run, and not aliased by Rust references
+    /// meanwhile; every map of `env.maps` is alive for the whole run; `env.user` is valid for
+    /// whatever the registered context helpers do with it.
+    pub unsafe fn run_env(&self, env: &RunEnv<'_>) -> Result<u64, ExecError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.run_env_counted(env) }.map(|(r0, _)| r0)
+    }
+
+    /// As [`Interpreter::run_env`], and also returns how many instructions were executed.
+    ///
+    /// # Safety
+    /// As for [`Interpreter::run_env`].
+    pub unsafe fn run_env_counted(&self, env: &RunEnv<'_>) -> Result<(u64, u64), ExecError> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.run_env_on(env, &mut new_stack()) }
+    }
+
+    /// Runs on `mem` with a zeroed `stack`, counting instructions.
+    fn run_on(&self, mem: &mut [u8], stack: &mut Stack) -> Result<(u64, u64), ExecError> {
+        let (addr, len) = (mem.as_mut_ptr() as u64, mem.len() as u64);
+        let input = [MemRegion::new(addr, len, true)];
+        let regions: &[MemRegion] = if mem.is_empty() { &[] } else { &input };
+        let env = RunEnv::new(
+            [if mem.is_empty() { 0 } else { addr }, len, 0, 0, 0],
+            regions,
+        );
+        // SAFETY: the only region is `mem`, borrowed exclusively for the run; the extra regions
+        // were vouched for by `with_region`'s callers; there are no maps and no user pointer.
+        unsafe { self.run_env_on(&env, stack) }
+    }
+
+    /// Runs in `env` on a zeroed `stack`, counting instructions.
+    ///
+    /// # Safety
+    /// As for [`Interpreter::run_env`].
+    unsafe fn run_env_on(
         &self,
-        mem: &mut [u8],
-        stack: &mut [u64; TOTAL_STACK / 8],
+        env: &RunEnv<'_>,
+        stack: &mut Stack,
     ) -> Result<(u64, u64), ExecError> {
-        let mem_addr = if mem.is_empty() {
-            0
+        let first = env.regions.first().copied();
+        let rest = env.regions.get(1..).unwrap_or(&[]);
+        let joined: Vec<MemRegion>;
+        let extra: &[MemRegion] = if self.extra_regions.is_empty() {
+            rest
         } else {
-            mem.as_mut_ptr() as u64
+            joined = rest.iter().chain(&self.extra_regions).copied().collect();
+            &joined
         };
-        let mut regions = Vec::with_capacity(2 + self.extra_regions.len());
-        if !mem.is_empty() {
-            regions.push(MemRegion::of_slice(mem));
-        }
         let stack_base = stack.as_mut_ptr() as u64;
-        regions.push(MemRegion::new(stack_base, TOTAL_STACK as u64, true));
-        regions.extend_from_slice(&self.extra_regions);
         let mut m = Machine {
             regs: [0; 11],
-            regions,
+            // The context only records these addresses; `extra` and `self.helpers` outlive it.
+            ctx: HelperContext::new(
+                first.unwrap_or(MemRegion::new(0, 0, true)),
+                stack_base,
+                extra,
+                &self.helpers,
+                None,
+            ),
             executed: 0,
         };
-        m.regs[1] = mem_addr;
-        m.regs[2] = mem.len() as u64;
+        m.ctx.set_env(env);
+        m.regs[1..6].copy_from_slice(&env.args);
         m.regs[10] = stack_base + TOTAL_STACK as u64;
-        let r0 = self.execute(&mut m)?;
+        let code = Code {
+            program: self.program,
+            targets: &self.targets,
+            helpers: &self.helpers,
+        };
+        let _run = crate::reclaim::ReadGuard::new();
+        let r0 = self.execute(&mut m, code)?;
         Ok((r0, m.executed))
     }
 
-    fn execute(&self, m: &mut Machine) -> Result<u64, ExecError> {
-        let insns = self.program.insns();
-        let mut frames: Vec<Frame> = Vec::new();
+    fn execute<'c>(&self, m: &mut Machine, entry: Code<'c>) -> Result<u64, ExecError> {
+        let mut code = entry;
+        let mut frames: Vec<Frame<'c>> = Vec::new();
         let mut i = 0usize;
         let budget = self.budget.unwrap_or(u64::MAX);
         loop {
+            let insns = code.program.insns();
             if m.executed >= budget {
-                let pc = self.program.slot_of(i);
+                let pc = code.program.slot_of(i);
                 return Err(ExecError::BudgetExhausted { pc, budget });
             }
             m.executed += 1;
-            let pc = self.program.slot_of(i);
+            let pc = code.program.slot_of(i);
             let mut next = i + 1;
             match insns[i] {
                 Insn::Alu {
@@ -217,7 +286,7 @@ impl<'p> Interpreter<'p> {
                     let v = m.regs[src.index()];
                     m.store_release(pc, addr, size, v)?;
                 }
-                Insn::Ja { .. } | Insn::Ja32 { .. } => next = self.targets[i],
+                Insn::Ja { .. } | Insn::Ja32 { .. } => next = code.targets[i],
                 Insn::Jump {
                     width,
                     cond,
@@ -235,31 +304,50 @@ impl<'p> Interpreter<'p> {
                         (Width::W32, Source::Imm(v)) => cond.eval32(d as u32, v as u32),
                     };
                     if taken {
-                        next = self.targets[i];
+                        next = code.targets[i];
                     }
                 }
-                Insn::Call { id } => m.call_helper(&self.helpers, pc, id as u64)?,
+                Insn::Call { id } => match code.helpers.lookup(id as u64) {
+                    Some(Helper::TailCall) => {
+                        if let Some(target) = m.tail_call(pc)? {
+                            // SAFETY: the entry stays valid until the run ends: we are in a
+                            // read-side section and replaced entries wait a grace period.
+                            let target: &'c TailCode = unsafe { &*target.as_ptr() };
+                            code = Code {
+                                program: &target.program,
+                                targets: &target.targets,
+                                helpers: &target.helpers,
+                            };
+                            m.enter_tail_call();
+                            next = 0;
+                        }
+                    }
+                    helper => m.call_helper(helper, pc, id as u64)?,
+                },
                 Insn::CallX { reg } => {
                     let id = m.regs[reg.index()];
-                    m.call_helper(&self.helpers, pc, id)?;
+                    let helper = code.helpers.lookup(id);
+                    m.call_helper(helper, pc, id)?;
                 }
                 Insn::CallLocal { .. } => {
                     if frames.len() + 1 >= MAX_CALL_DEPTH {
                         return Err(ExecError::CallDepthExceeded { pc });
                     }
                     frames.push(Frame {
+                        code,
                         return_to: i + 1,
                         callee_saved: [m.regs[6], m.regs[7], m.regs[8], m.regs[9]],
                         frame_pointer: m.regs[10],
                     });
                     m.regs[10] -= STACK_SIZE as u64;
-                    next = self.targets[i];
+                    next = code.targets[i];
                 }
                 Insn::Exit => match frames.pop() {
                     None => return Ok(m.regs[0]),
                     Some(frame) => {
                         m.regs[6..10].copy_from_slice(&frame.callee_saved);
                         m.regs[10] = frame.frame_pointer;
+                        code = frame.code;
                         next = frame.return_to;
                     }
                 },
@@ -267,6 +355,12 @@ impl<'p> Interpreter<'p> {
             i = next;
         }
     }
+}
+
+fn new_stack() -> Box<Stack> {
+    vec![0; TOTAL_STACK / 8]
+        .try_into()
+        .expect("exactly TOTAL_STACK bytes")
 }
 
 /// Runs `program` once on `mem` with the given helpers and no budget.
@@ -278,7 +372,8 @@ pub fn run(program: &Program, mem: &mut [u8], helpers: &Helpers) -> Result<u64, 
 
 struct Machine {
     regs: [u64; 11],
-    regions: Vec<MemRegion>,
+    /// The run's context: its regions, grants, maps, user pointer and tail-call count.
+    ctx: HelperContext,
     /// Instructions executed so far.
     executed: u64,
 }
@@ -291,11 +386,7 @@ impl Machine {
     /// Checks that `[addr, addr + size)` is inside a region that allows `access`.
     fn check(&self, pc: usize, addr: u64, size: Size, access: Access) -> Result<(), ExecError> {
         let size = size.bytes() as u64;
-        let ok = self
-            .regions
-            .iter()
-            .any(|r| r.contains(addr, size) && (access == Access::Load || r.writable));
-        if ok {
+        if self.ctx.permits(addr, size, access) {
             Ok(())
         } else {
             Err(ExecError::OutOfBounds {
@@ -454,11 +545,38 @@ impl Machine {
         Ok(())
     }
 
-    fn call_helper(&mut self, helpers: &Helpers, pc: usize, id: u64) -> Result<(), ExecError> {
-        let f = helpers.get(id).ok_or(ExecError::UnknownHelper { pc, id })?;
-        let r = &self.regs;
-        self.regs[0] = f(r[1], r[2], r[3], r[4], r[5]);
+    /// Calls `helper` (what `id` is bound to) with r1–r5, and the context for a context helper;
+    /// r0 = its result. The tail call is not reachable this way (`callx`): unknown.
+    fn call_helper(&mut self, helper: Option<Helper>, pc: usize, id: u64) -> Result<(), ExecError> {
+        let r = self.regs;
+        self.regs[0] = match helper {
+            Some(Helper::Plain(f)) => f(r[1], r[2], r[3], r[4], r[5]),
+            Some(Helper::Context(f)) => {
+                self.ctx.set_call(pc, id as u32);
+                // SAFETY: the run's own context, referenced by nothing else during the call.
+                let r0 = unsafe { f(r[1], r[2], r[3], r[4], r[5], &mut self.ctx) };
+                if let Some(e) = self.ctx.take_error() {
+                    return Err(e);
+                }
+                r0
+            }
+            Some(Helper::TailCall) | None => return Err(ExecError::UnknownHelper { pc, id }),
+        };
         Ok(())
+    }
+
+    /// `bpf_tail_call(r1, r2 = map, r3 = index)`: the target, or `None` to fall through.
+    fn tail_call(&mut self, pc: usize) -> Result<Option<NonNull<TailCode>>, ExecError> {
+        let (map, index) = (self.regs[2], self.regs[3] as u32);
+        tail::lookup(&mut self.ctx, pc, map, index)
+    }
+
+    /// The registers a tail call's target starts with: r1 and r10 kept, the rest zero.
+    fn enter_tail_call(&mut self) {
+        let (r1, r10) = (self.regs[1], self.regs[10]);
+        self.regs = [0; 11];
+        self.regs[1] = r1;
+        self.regs[10] = r10;
     }
 }
 

@@ -38,3 +38,73 @@ fn interpreter_passes_every_conformance_file() {
     );
     assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
 }
+
+/// The object the bpf_conformance runner's `--elf` mode hands a plugin: the program as the
+/// global function `main` in `.text`, hex-encoded on stdin.
+fn conformance_elf(code: &[u8]) -> Vec<u8> {
+    use object::write::{Object, Symbol, SymbolSection};
+    use object::{Architecture, BinaryFormat, Endianness, SymbolFlags, SymbolKind, SymbolScope};
+    let mut obj = Object::new(BinaryFormat::Elf, Architecture::Bpf, Endianness::Little);
+    let text = obj.section_id(object::write::StandardSection::Text);
+    let offset = obj.append_section_data(text, code, 8);
+    obj.add_symbol(Symbol {
+        name: b"main".to_vec(),
+        value: offset,
+        size: code.len() as u64,
+        kind: SymbolKind::Text,
+        scope: SymbolScope::Linkage,
+        weak: false,
+        section: SymbolSection::Section(text),
+        flags: SymbolFlags::None,
+    });
+    obj.write().expect("an ELF object")
+}
+
+#[test]
+fn the_plugin_passes_every_conformance_file_in_elf_mode() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let Some(dir) = shared_dir() else {
+        eprintln!("conformance: ../shared/conformance not found; skipping the shared suite");
+        return;
+    };
+    let cases = load_dir(&dir).expect("conformance files parse");
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut failures = Vec::new();
+    for engine in ["interp", "jit"] {
+        for case in &cases {
+            let Ok(program) = case.program() else {
+                continue;
+            };
+            let elf = hex(&conformance_elf(&program.encode()));
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_livebpf"));
+            cmd.args(["conformance-plugin", "--elf", "--engine", engine]);
+            if !case.mem.is_empty() {
+                cmd.arg(hex(&case.mem));
+            }
+            let mut child = cmd
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(elf.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if got != format!("{:x}", case.result) {
+                failures.push(format!(
+                    "{engine} {}: got `{got}`, expected {:x}; {}",
+                    case.name,
+                    case.result,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
+}

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
 
+use livebpf::exec::{Access, ExecError, RunEnv};
 use livebpf::maps::{self, *};
 use livebpf::reclaim::{self, ReadGuard};
 
@@ -959,45 +960,58 @@ fn ringbuf_wait_wakes_the_consumer_and_times_out() {
 // ------------------------------------------------------------------------------ program array
 
 #[test]
-fn prog_array_stores_handles_and_targets() {
+fn prog_array_stores_targets() {
+    use livebpf::exec::{TailCaller, TailTarget};
+    use livebpf::{Helpers, JitOptions, JitProgram, assemble_program};
     let map = create(MapType::ProgArray, 4, 4, 4);
-    let handle: Arc<dyn std::any::Any + Send + Sync> = Arc::new(String::from("prog A"));
-    let weak = Arc::downgrade(&handle);
-    assert_eq!(map.prog_array_target(0), 0);
+    let program = |r0: u32| assemble_program(&format!("mov %r0, {r0}\nexit")).unwrap();
+    let interpreted = TailTarget::interpreted(&program(1), &Helpers::new());
+    let jit =
+        Arc::new(JitProgram::compile(&program(2), &Helpers::new(), JitOptions::checked()).unwrap());
+    let weak = Arc::downgrade(&jit);
+    let jitted = TailTarget::from_jit(jit);
+    assert!(map.prog_array_get(0).is_none());
     assert_eq!(err(map.prog_array_clear(0)), ENOENT);
-    let entry = |h: &Arc<dyn std::any::Any + Send + Sync>, target| ProgEntry {
-        target,
-        handle: h.clone(),
-    };
     assert_eq!(
-        err(map.prog_array_set(0, entry(&handle, 0x1000), BPF_NOEXIST)),
+        err(map.prog_array_set(0, jitted.clone(), BPF_NOEXIST)),
         EINVAL
     );
-    assert_eq!(
-        err(map.prog_array_set(4, entry(&handle, 0x1000), BPF_ANY)),
-        E2BIG
-    );
-    map.prog_array_set(1, entry(&handle, 0x1000), BPF_ANY)
-        .unwrap();
-    assert_eq!(map.prog_array_target(1), 0x1000);
-    assert_eq!(map.prog_array_target(99), 0);
+    assert_eq!(err(map.prog_array_set(4, jitted.clone(), BPF_ANY)), E2BIG);
+    map.prog_array_set(1, jitted, BPF_ANY).unwrap();
     let got = map.prog_array_get(1).unwrap();
-    assert_eq!(got.downcast_ref::<String>().unwrap(), "prog A");
+    assert!(got.has_jit());
+    assert_eq!(got.program(), &program(2));
     drop(got);
-    let (slots, n) = map.prog_array_slots().unwrap();
-    assert_eq!(n, 4);
-    // SAFETY: n slots; slot 1 is set.
-    let slot1 = unsafe { (*slots.add(1)).load(Ordering::Acquire) };
-    // SAFETY: a linked entry, with no concurrent change.
-    assert_eq!(unsafe { (*slot1).target }, 0x1000);
-    // Replacing keeps the old handle for a grace period, then drops it.
-    let other: Arc<dyn std::any::Any + Send + Sync> = Arc::new(0u32);
-    map.prog_array_set(1, entry(&other, 0x2000), BPF_ANY)
+    assert!(map.prog_array_get(99).is_none());
+    // Binding a checked JIT caller: the JIT target serves it, an interpreted one would not.
+    let checked = TailCaller::jit(true, false);
+    map.prog_array_bind(checked).unwrap();
+    let e = map
+        .prog_array_set(2, interpreted.clone(), BPF_ANY)
+        .unwrap_err();
+    assert!(matches!(e, MapError::IncompatibleProgram(_)), "{e}");
+    assert_eq!(e.errno(), EINVAL);
+    assert!(map.prog_array_get(2).is_none(), "nothing was stored");
+    // A trusted caller too: no target can serve both, and the binding is refused unchanged.
+    let e = map
+        .prog_array_bind(TailCaller::jit(false, false))
+        .unwrap_err();
+    assert!(matches!(e, MapError::IncompatibleProgram(_)), "{e}");
+    // A budgeted checked caller: the current target counts no budget.
+    assert!(map.prog_array_bind(TailCaller::jit(true, true)).is_err());
+    assert!(map.prog_array_bind(TailCaller::INTERPRETER).is_ok());
+    // Replacing keeps the old target for a grace period, then drops it.
+    let other =
+        Arc::new(JitProgram::compile(&program(3), &Helpers::new(), JitOptions::checked()).unwrap());
+    map.prog_array_set(1, TailTarget::from_jit(other), BPF_ANY)
         .unwrap();
-    drop(handle);
-    assert_eq!(map.prog_array_target(1), 0x2000);
+    assert_eq!(map.prog_array_get(1).unwrap().program(), &program(3));
     reclaim::flush().unwrap();
-    assert!(weak.upgrade().is_none(), "the replaced handle was dropped");
+    assert!(weak.upgrade().is_none(), "the replaced target was dropped");
+    // An unbound array takes any target.
+    let free = create(MapType::ProgArray, 4, 4, 1);
+    free.prog_array_set(0, interpreted, BPF_ANY).unwrap();
+    assert!(!free.prog_array_get(0).unwrap().has_jit());
     // The raw API: delete works on indices; updates need handles.
     map.delete(&k32(1)).unwrap();
     assert_eq!(err(map.delete(&k32(1))), ENOENT);
@@ -1077,71 +1091,402 @@ fn typed_handles() {
 
 // ------------------------------------------------------------------------------ helpers
 
+/// One engine's run of a program.
+type Engine = Box<dyn Fn(&RunEnv) -> Result<u64, ExecError>>;
+
+/// The engines a checked run of the map helpers is compared on: the interpreter, checked JIT
+/// code and the same through `Prog::run_env`.
+fn checked_engines(src: &str) -> Vec<(&'static str, Engine)> {
+    let program = livebpf::assemble_program(src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+    let mut helpers = livebpf::Helpers::new();
+    maps::helpers::register(&mut helpers);
+    let jit = livebpf::JitProgram::compile(&program, &helpers, livebpf::JitOptions::checked())
+        .expect("compiles");
+    let prog =
+        livebpf::Prog::load(&program, &helpers, livebpf::JitOptions::checked()).expect("loads");
+    vec![
+        (
+            "interpreter",
+            Box::new(move |env: &RunEnv| {
+                let interp = livebpf::Interpreter::new(&program).with_helpers(helpers.clone());
+                // SAFETY: the tests' environments hold live maps and buffers only.
+                unsafe { interp.run_env(env) }
+            }),
+        ),
+        (
+            "checked JIT",
+            Box::new(move |env: &RunEnv| {
+                let mut stack = livebpf::jit::JitStack::new();
+                // SAFETY: as above.
+                unsafe { jit.run_env(env, &mut stack) }
+            }),
+        ),
+        (
+            "Prog",
+            // SAFETY: as above.
+            Box::new(move |env: &RunEnv| unsafe { prog.run_env(env) }),
+        ),
+    ]
+}
+
+/// Runs `src` on every checked engine in turn with `maps` known and `args` in r1..r5.
+fn run_each(src: &str, maps: &[&Map], args: [u64; 5]) -> Vec<Result<u64, ExecError>> {
+    let known: Vec<*const RawMap> = maps.iter().map(|m| m.as_raw()).collect();
+    let env = RunEnv {
+        args,
+        maps: &known,
+        ..RunEnv::default()
+    };
+    checked_engines(src)
+        .into_iter()
+        .map(|(_, run)| run(&env))
+        .collect()
+}
+
+/// [`run_each`] where every engine must return the same result.
+fn run_checked(src: &str, maps: &[&Map], args: [u64; 5]) -> Result<u64, ExecError> {
+    let results = run_each(src, maps, args);
+    for got in &results[1..] {
+        assert_eq!(
+            got, &results[0],
+            "an engine differs from the interpreter\n{src}"
+        );
+    }
+    results[0].clone()
+}
+
 #[test]
 fn helpers_by_kernel_id() {
+    use livebpf::helpers::Helper;
     use livebpf::maps::helpers as h;
     let mut registry = livebpf::Helpers::new();
     h::register(&mut registry);
-    for (id, _) in h::ALL {
-        assert!(registry.get(id as u64).is_some(), "helper {id}");
+    for id in h::ids() {
+        assert!(registry.contains(id as u64), "helper {id}");
     }
-    let map = create(MapType::Hash, 4, 8, 2);
-    let m = map.as_raw() as u64;
-    let key = 3u32;
-    let value = 42u64;
-    let kp = &key as *const u32 as u64;
-    let vp = &value as *const u64 as u64;
-    let _run = ReadGuard::new();
-    assert_eq!(h::map_lookup_elem(m, kp, 0, 0, 0), 0);
-    assert_eq!(h::map_update_elem(m, kp, vp, BPF_ANY, 0), 0);
-    assert_eq!(
-        h::map_update_elem(m, kp, vp, BPF_NOEXIST, 0) as i64,
-        EEXIST as i64
-    );
-    let p = h::map_lookup_elem(m, kp, 0, 0, 0);
-    // SAFETY: an 8-byte value, alive in the run.
-    assert_eq!(unsafe { (p as *const u64).read() }, 42);
-    assert_eq!(h::map_delete_elem(m, kp, 0, 0, 0), 0);
-    assert_eq!(h::map_delete_elem(m, kp, 0, 0, 0) as i64, ENOENT as i64);
+    assert!(matches!(registry.lookup(12), Some(Helper::TailCall)));
+    assert!(matches!(registry.lookup(1), Some(Helper::Context(_))));
+    assert!(matches!(registry.lookup(8), Some(Helper::Plain(_))));
     assert_eq!(h::get_smp_processor_id(0, 0, 0, 0, 0), current_cpu() as u64);
-    // A map handle from its address.
-    // SAFETY: `map` is alive.
-    let again = unsafe { Map::clone_from_raw(map.as_raw()) };
-    assert_eq!(again.as_raw(), map.as_raw());
+}
 
+/// A lookup of key r1 in a hash map of u64 values (r6 = the value pointer), then `tail`.
+fn lookup_then(map: &Map, tail: &str) -> String {
+    format!(
+        "stxw [%r10-4], %r1
+         lddw %r1, {m:#x}
+         mov %r2, %r10
+         add %r2, -4
+         call 1
+         mov %r6, %r0
+         {tail}",
+        m = map.as_raw() as u64
+    )
+}
+
+#[test]
+fn checked_map_helpers_update_look_up_and_delete() {
+    let map = create(MapType::Hash, 4, 8, 4);
+    let m = map.as_raw() as u64;
+    // update(key r1, value r2), returning the errno.
+    let update = format!(
+        "stxw [%r10-4], %r1
+         stxdw [%r10-16], %r2
+         lddw %r1, {m:#x}
+         mov %r2, %r10
+         add %r2, -4
+         mov %r3, %r10
+         add %r3, -16
+         mov %r4, %r5
+         call 2
+         exit"
+    );
+    assert_eq!(run_checked(&update, &[&map], [3, 42, 0, 0, BPF_ANY]), Ok(0));
+    assert_eq!(
+        run_checked(&update, &[&map], [3, 43, 0, 0, BPF_NOEXIST]).map(|r| r as i64),
+        Ok(EEXIST as i64)
+    );
+    // The value a lookup returns is granted: load it, add one in place, load it again.
+    let bump = lookup_then(
+        &map,
+        "jeq %r6, 0, +4
+         ldxdw %r0, [%r6]
+         add %r0, 1
+         stxdw [%r6], %r0
+         ldxdw %r0, [%r6]
+         exit",
+    );
+    // Three engines in turn: 42 + 1, + 1, + 1.
+    assert_eq!(
+        run_each(&bump, &[&map], [3, 0, 0, 0, 0]),
+        [Ok(43), Ok(44), Ok(45)]
+    );
+    assert_eq!(
+        map.lookup(&k32(3)).unwrap(),
+        Some(45u64.to_ne_bytes().to_vec())
+    );
+    // Not found: null, nothing granted.
+    assert_eq!(run_checked(&bump, &[&map], [9, 0, 0, 0, 0]), Ok(0));
+    let delete = format!(
+        "stxw [%r10-4], %r1
+         lddw %r1, {m:#x}
+         mov %r2, %r10
+         add %r2, -4
+         call 3
+         exit"
+    );
+    let enoent = Ok(ENOENT as i64 as u64);
+    assert_eq!(
+        run_each(&delete, &[&map], [3, 0, 0, 0, 0]),
+        [Ok(0), enoent.clone(), enoent]
+    );
+}
+
+#[test]
+fn checked_map_helpers_refuse_what_the_verifier_would() {
+    let map = create(MapType::Array, 4, 8, 4);
+    let other = create(MapType::Array, 4, 8, 4);
+    let out = |pc, addr, size, access| {
+        Err(ExecError::OutOfBounds {
+            pc,
+            addr,
+            size,
+            access,
+        })
+    };
+    // A map the run does not know: the lookup (slot 4, after the 2-slot lddw) fails.
+    let src = lookup_then(&map, "mov %r0, 1\nexit");
+    match run_checked(&src, &[&other], [0; 5]) {
+        Err(ExecError::HelperFault {
+            pc: 5,
+            helper: 1,
+            reason,
+        }) => {
+            assert!(reason.contains("RunEnv::maps"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // No map list at all: the same.
+    assert!(matches!(
+        run_checked(&src, &[], [0; 5]),
+        Err(ExecError::HelperFault {
+            pc: 5,
+            helper: 1,
+            ..
+        })
+    ));
+    assert_eq!(run_checked(&src, &[&other, &map], [0; 5]), Ok(1));
+    // A key pointer the program may not read: the key is 4 bytes at 0x1000.
+    let bad_key = format!(
+        "lddw %r1, {m:#x}
+         mov %r2, 4096
+         call 1
+         exit",
+        m = map.as_raw() as u64
+    );
+    assert_eq!(
+        run_checked(&bad_key, &[&map], [0; 5]),
+        out(3, 4096, 4, Access::Load)
+    );
+    // One byte past the granted value (8 bytes): out of bounds at the load.
+    let past = lookup_then(&map, "ldxb %r0, [%r6+8]\nexit");
+    let value = run_checked(
+        &lookup_then(&map, "mov %r0, %r6\nexit"),
+        &[&map],
+        [1, 0, 0, 0, 0],
+    )
+    .unwrap();
+    assert_eq!(
+        run_checked(&past, &[&map], [1, 0, 0, 0, 0]),
+        out(7, value + 8, 1, Access::Load)
+    );
+    // Grants end with their run: the value's address, given as r1, is out of bounds in a run
+    // that did not look it up.
+    assert_eq!(
+        run_checked("ldxdw %r0, [%r1]\nexit", &[&map], [value, 0, 0, 0, 0]),
+        out(0, value, 8, Access::Load)
+    );
+    // A map read-only for programs: its values are granted read-only.
+    let ro = Map::create(&spec(MapType::Array, 4, 8, 1).with_flags(BPF_F_RDONLY_PROG)).unwrap();
+    let store = lookup_then(&ro, "ldxdw %r0, [%r6]\nstxdw [%r6], %r0\nexit");
+    let value = run_checked(&lookup_then(&ro, "mov %r0, %r6\nexit"), &[&ro], [0; 5]).unwrap();
+    assert_eq!(
+        run_checked(&store, &[&ro], [0; 5]),
+        out(8, value, 8, Access::Store)
+    );
+}
+
+#[test]
+fn grants_are_bounded_deduplicated_and_per_run() {
+    use livebpf::exec::MAX_GRANTS;
+    let n = MAX_GRANTS as u32 + 10;
+    let map = create(MapType::Array, 4, 8, n);
+    // Looks up keys 0, step, 2 step, ... below r1, loading each value; returns the count.
+    let lookups = format!(
+        "mov %r7, %r1
+         mov %r8, %r2
+         mov %r9, 0
+         mov %r6, 0
+         loop:
+         stxw [%r10-4], %r6
+         lddw %r1, {m:#x}
+         mov %r2, %r10
+         add %r2, -4
+         call 1
+         jeq %r0, 0, done
+         ldxdw %r1, [%r0]
+         add %r9, 1
+         add %r6, %r8
+         jlt %r6, %r7, loop
+         done:
+         mov %r0, %r9
+         exit",
+        m = map.as_raw() as u64
+    );
+    // Exactly MAX_GRANTS distinct values per run, twice (nothing is left from the first run).
+    for _ in 0..2 {
+        assert_eq!(
+            run_checked(&lookups, &[&map], [MAX_GRANTS as u64, 1, 0, 0, 0]),
+            Ok(MAX_GRANTS as u64)
+        );
+    }
+    // One more fails the run at the lookup (slot 9, after the lddw).
+    match run_checked(&lookups, &[&map], [MAX_GRANTS as u64 + 1, 1, 0, 0, 0]) {
+        Err(ExecError::HelperFault {
+            pc: 9,
+            helper: 1,
+            reason,
+        }) => {
+            assert!(reason.contains("distinct regions"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same key over and over is one grant: r1 lookups of key 0.
+    let same = format!(
+        "mov %r7, %r1
+         mov %r9, 0
+         stw [%r10-4], 0
+         loop:
+         lddw %r1, {m:#x}
+         mov %r2, %r10
+         add %r2, -4
+         call 1
+         ldxdw %r1, [%r0]
+         add %r9, 1
+         jlt %r9, %r7, loop
+         mov %r0, %r9
+         exit",
+        m = map.as_raw() as u64
+    );
+    let many = 5 * MAX_GRANTS as u64;
+    assert_eq!(run_checked(&same, &[&map], [many, 0, 0, 0, 0]), Ok(many));
+}
+
+#[test]
+fn checked_ring_buffer_records_are_granted_until_released() {
     let rb = ringbuf(page());
     let r = rb.as_raw() as u64;
     let mut c = RingBufConsumer::new(&rb).unwrap();
-    let data = *b"helper";
-    assert_eq!(h::ringbuf_output(r, data.as_ptr() as u64, 6, 0, 0), 0);
-    assert_eq!(
-        h::ringbuf_output(r, data.as_ptr() as u64, 6, 8, 0) as i64,
-        EINVAL as i64
+    // reserve 8 bytes, write r1 into them, submit (r2 = 1: submit twice).
+    let src = format!(
+        "mov %r6, %r1
+         mov %r7, %r2
+         lddw %r1, {r:#x}
+         mov %r2, 8
+         mov %r3, 0
+         call 131
+         jeq %r0, 0, none
+         mov %r8, %r0
+         stxdw [%r8], %r6
+         mov %r1, %r8
+         mov %r2, 0
+         call 132
+         jeq %r7, 0, ok
+         mov %r1, %r8
+         mov %r2, 0
+         call 132
+         ok:
+         mov %r0, 1
+         exit
+         none:
+         mov %r0, 0
+         exit"
     );
-    let rec = h::ringbuf_reserve(r, 3, 0, 0, 0);
-    assert_ne!(rec, 0);
-    // SAFETY: 3 reserved bytes.
-    unsafe { (rec as *mut u8).copy_from(b"abc".as_ptr(), 3) };
-    h::ringbuf_submit_helper(rec, 0, 0, 0, 0);
-    let rec = h::ringbuf_reserve(r, 3, 0, 0, 0);
-    h::ringbuf_discard_helper(rec, 0, 0, 0, 0);
-    assert_eq!(h::ringbuf_query(r, BPF_RB_PROD_POS, 0, 0, 0), 16 + 16 + 16);
-    assert_eq!(c.next(), Some(b"helper".to_vec()));
-    assert_eq!(c.next(), Some(b"abc".to_vec()));
-    assert_eq!(c.next(), None);
+    assert_eq!(run_checked(&src, &[&rb], [7, 0, 0, 0, 0]), Ok(1));
+    for _ in 0..3 {
+        assert_eq!(c.next(), Some(7u64.to_ne_bytes().to_vec()));
+    }
+    // A second submit of the same record: refused (slot 17), the first went through.
+    match run_checked(&src, &[&rb], [8, 1, 0, 0, 0]) {
+        Err(ExecError::HelperFault {
+            pc: 16,
+            helper: 132,
+            reason,
+        }) => {
+            assert!(reason.contains("not a ring buffer record"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    for _ in 0..3 {
+        assert_eq!(c.next(), Some(8u64.to_ne_bytes().to_vec()));
+    }
+    // Submitting a pointer that is no record (the stack).
+    let bogus = "mov %r1, %r10\nadd %r1, -8\nmov %r2, 0\ncall 133\nmov %r0, 1\nexit";
+    assert!(matches!(
+        run_checked(bogus, &[&rb], [0; 5]),
+        Err(ExecError::HelperFault {
+            pc: 3,
+            helper: 133,
+            ..
+        })
+    ));
+    // Writing past the record is out of bounds (each engine's record is another).
+    let past = src.replace("stxdw [%r8], %r6", "stxdw [%r8+8], %r6");
+    for r in run_each(&past, &[&rb], [9, 0, 0, 0, 0]) {
+        assert!(
+            matches!(
+                r,
+                Err(ExecError::OutOfBounds {
+                    pc: 9,
+                    size: 8,
+                    access: Access::Store,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+}
 
+#[test]
+fn checked_per_cpu_lookups_grant_that_cpus_value() {
     let pa = create(MapType::PercpuArray, 4, 4, 1);
-    let zero = 0u32;
-    let p = h::map_lookup_percpu_elem(pa.as_raw() as u64, &zero as *const u32 as u64, 0, 0, 0);
-    assert_ne!(p, 0);
-    let p = h::map_lookup_percpu_elem(
-        pa.as_raw() as u64,
-        &zero as *const u32 as u64,
-        possible_cpus() as u64,
-        0,
-        0,
+    // lookup_percpu(key 0, cpu r1) then load the u32.
+    let src = format!(
+        "mov %r3, %r1
+         stw [%r10-4], 0
+         lddw %r1, {m:#x}
+         mov %r2, %r10
+         add %r2, -4
+         call 195
+         jeq %r0, 0, +2
+         ldxw %r0, [%r0]
+         exit
+         mov %r0, 99
+         exit",
+        m = pa.as_raw() as u64
     );
-    assert_eq!(p, 0);
+    let n = possible_cpus() as u64;
+    let values: Vec<u32> = (0..n as u32).map(|i| 100 + i).collect();
+    PerCpuArray::<u32>::new(pa.clone())
+        .unwrap()
+        .set(0, &values, BPF_ANY)
+        .unwrap();
+    assert_eq!(
+        run_checked(&src, &[&pa], [n - 1, 0, 0, 0, 0]),
+        Ok(100 + n - 1)
+    );
+    assert_eq!(run_checked(&src, &[&pa], [n, 0, 0, 0, 0]), Ok(99));
 }
 
 /// A JIT-compiled program calling the map helpers on a map whose address it loads with `lddw`,

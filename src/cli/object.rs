@@ -64,7 +64,14 @@ pub fn load(path: &Path, prog_type: Option<&str>) -> Result<Loaded, CliError> {
         path: path.to_path_buf(),
         source: Box::new(source),
     })?;
-    Loaded::load(&object, &LoadOptions { prog_type }).map_err(|e| runtime_error(path, e))
+    Loaded::load(
+        &object,
+        &LoadOptions {
+            prog_type,
+            ..LoadOptions::default()
+        },
+    )
+    .map_err(|e| runtime_error(path, e))
 }
 
 /// The program `--prog` names, or the only one.
@@ -268,4 +275,36 @@ pub fn dump(
         Some(arch) => super::dump::jited(p.program(), p.helpers(), arch, path, out),
         None => super::dump::ebpf(p.program(), out),
     }
+}
+
+/// `conformance-plugin --elf`: the object's `main` (in `.text`, as the runner writes it) or its
+/// only program, run as a raw program with the conformance helpers.
+pub fn run_conformance_elf(bytes: &[u8], engine: Engine, mem: &mut [u8]) -> Result<u64, CliError> {
+    let path = Path::new("<stdin>");
+    let object =
+        crate::loader::Object::parse_with_text_program(bytes, "main").map_err(|source| {
+            CliError::Load {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            }
+        })?;
+    let loaded = Loaded::load(
+        &object,
+        &LoadOptions {
+            prog_type: Some(ProgType::Raw),
+            helpers: Some(crate::helpers::Helpers::conformance()),
+        },
+    )
+    .map_err(|e| runtime_error(path, e))?;
+    let prog = match loaded.program("main") {
+        Ok(p) => p,
+        Err(RuntimeError::NoSuchProgram { .. }) => pick(&loaded, None, path)?,
+        Err(e) => return Err(runtime_error(path, e)),
+    };
+    let engine = match engine {
+        Engine::Jit => runtime::Engine::Jit,
+        Engine::Interp => runtime::Engine::Interpreter,
+    };
+    prog.run_raw(engine, mem)
+        .map_err(|e| runtime_error(path, e))
 }

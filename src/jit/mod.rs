@@ -56,13 +56,20 @@
 pub mod arm64;
 pub mod x86_64;
 
-use std::marker::PhantomData;
+use std::any::Any;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
 
-use crate::exec::{Access, ExecError, MemRegion, STACK_SIZE, TOTAL_STACK};
-use crate::helpers::Helpers;
+pub(crate) use crate::exec::context::{
+    CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_MEM_START,
+    CTX_STACK_BASE, ctx_bound,
+};
+use crate::exec::tail::{JitTail, TailCode};
+use crate::exec::{Access, ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
+pub use crate::exec::{HelperContext, JitStack, RunContext};
+use crate::helpers::{Helper, Helpers};
 use crate::isa::Program;
 use crate::text::{Allocation, CodeArena, Registry, TextError};
 
@@ -203,219 +210,6 @@ impl JitOptions {
     }
 }
 
-/// A run's stack: [`TOTAL_STACK`] bytes, 16-aligned (atomics on it need natural alignment).
-#[repr(C, align(16))]
-pub struct JitStack([u64; TOTAL_STACK / 8]);
-
-impl JitStack {
-    /// A zeroed stack, as the interpreter gives every run.
-    pub const fn new() -> JitStack {
-        JitStack([0; TOTAL_STACK / 8])
-    }
-}
-
-impl JitStack {
-    /// Address of the stack's lowest byte; a run's r10 starts at `base() + TOTAL_STACK`.
-    pub fn base(&self) -> u64 {
-        self.0.as_ptr() as u64
-    }
-}
-
-impl Default for JitStack {
-    fn default() -> Self {
-        JitStack::new()
-    }
-}
-
-/// Per-run state that compiled code reads through r9 (kept in r12 while it runs).
-///
-/// `#[repr(C)]`: the code addresses the leading fields by the `CTX_*` offsets below. It lives on
-/// the caller's stack for one run, so concurrent runs of one program never share it.
-#[repr(C)]
-pub struct RunContext<'a> {
-    /// Lowest stack address; r10 starts at `stack_base + TOTAL_STACK`.
-    stack_base: u64,
-    /// Start of the input memory (0 when there is none).
-    mem_start: u64,
-    /// For access sizes 1, 2, 4, 8: `len - size + 1`, or 0 when the input is smaller, so that an
-    /// access is inside the input iff `addr - mem_start < mem_bound[log2 size]` (unsigned).
-    mem_bound: [u64; 4],
-    /// `mem_bound` for stores and atomics: all zero when the input is read-only, so that every
-    /// write to it takes the slow path, which refuses it.
-    store_bound: [u64; 4],
-    /// A BPF-to-BPF call fails when r10 ≤ this (all [`crate::exec::MAX_CALL_DEPTH`] frames used).
-    fp_limit: u64,
-    /// Back edges and calls the run may still take, decremented by code compiled with a budget.
-    budget_left: u64,
-    /// The budget the run started with, for the error.
-    budget: u64,
-    mem_len: u64,
-    mem_writable: bool,
-    extra: *const MemRegion,
-    extra_len: usize,
-    helpers: *const Helpers,
-    /// Set by the runtime functions when a run fails.
-    error: Option<ExecError>,
-    _borrows: PhantomData<(&'a mut [u8], &'a [MemRegion], &'a Helpers)>,
-}
-
-/// Offsets of [`RunContext`] fields used by generated code.
-pub(crate) const CTX_STACK_BASE: i32 = std::mem::offset_of!(RunContext<'static>, stack_base) as i32;
-pub(crate) const CTX_MEM_START: i32 = std::mem::offset_of!(RunContext<'static>, mem_start) as i32;
-pub(crate) const CTX_MEM_BOUND: i32 = std::mem::offset_of!(RunContext<'static>, mem_bound) as i32;
-pub(crate) const CTX_FP_LIMIT: i32 = std::mem::offset_of!(RunContext<'static>, fp_limit) as i32;
-pub(crate) const CTX_STORE_BOUND: i32 =
-    std::mem::offset_of!(RunContext<'static>, store_bound) as i32;
-pub(crate) const CTX_BUDGET_LEFT: i32 =
-    std::mem::offset_of!(RunContext<'static>, budget_left) as i32;
-
-/// The bound generated code compares an access of `size` bytes with (see `mem_bound`).
-pub(crate) const fn ctx_bound(size: usize, access: Access) -> i32 {
-    let base = match access {
-        Access::Load => CTX_MEM_BOUND,
-        Access::Store | Access::Atomic => CTX_STORE_BOUND,
-    };
-    base + 8 * size.trailing_zeros() as i32
-}
-
-impl<'a> RunContext<'a> {
-    /// A context for one run over `mem` (writable), with `stack` (zero it first for the
-    /// interpreter's semantics), `extra` regions, the `helpers` that `callx` may call and the
-    /// run's `budget` of back edges and calls (only code compiled with a budget counts; give it
-    /// the program's [`JitProgram::budget`]; `None` is as good as unlimited).
-    pub fn new(
-        mem: &'a mut [u8],
-        stack: &'a mut JitStack,
-        extra: &'a [MemRegion],
-        helpers: &'a Helpers,
-        budget: Option<u64>,
-    ) -> RunContext<'a> {
-        let mem_start = if mem.is_empty() {
-            0
-        } else {
-            mem.as_mut_ptr() as u64
-        };
-        let input = MemRegion::new(mem_start, mem.len() as u64, true);
-        RunContext::from_parts(input, stack, extra, helpers, budget)
-    }
-
-    fn from_parts(
-        input: MemRegion,
-        stack: *mut JitStack,
-        extra: *const [MemRegion],
-        helpers: *const Helpers,
-        budget: Option<u64>,
-    ) -> RunContext<'a> {
-        let mem_len = input.len;
-        let mem_bound = [1u64, 2, 4, 8].map(|n| mem_len.saturating_sub(n - 1));
-        let stack_base = stack as u64;
-        let budget = budget.unwrap_or(u64::MAX);
-        RunContext {
-            stack_base,
-            // An empty input has no address (r1 = 0), as in the interpreter.
-            mem_start: if mem_len == 0 { 0 } else { input.start },
-            mem_bound,
-            store_bound: if input.writable { mem_bound } else { [0; 4] },
-            fp_limit: stack_base + STACK_SIZE as u64,
-            budget_left: budget,
-            budget,
-            mem_len,
-            mem_writable: input.writable,
-            extra: extra as *const MemRegion,
-            extra_len: extra.len(),
-            helpers,
-            error: None,
-            _borrows: PhantomData,
-        }
-    }
-
-    /// r1 of the run: the input's address, or 0 when it is empty.
-    pub fn mem_addr(&self) -> u64 {
-        self.mem_start
-    }
-
-    /// r2 of the run: the input's length.
-    pub fn mem_len(&self) -> u64 {
-        self.mem_len
-    }
-
-    /// The error the run ended with, if any.
-    pub fn take_error(&mut self) -> Option<ExecError> {
-        self.error.take()
-    }
-
-    /// Whether `[addr, addr + size)` is accessible for `access`, exactly as the interpreter
-    /// decides: the input, the stack, then the extra regions (stores and atomics need a writable
-    /// one; the input is writable unless the context was made with a read-only one).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn allows(&self, addr: u64, size: u64, access: Access) -> bool {
-        // As `MemRegion::contains`, without a possible overflow panic (this runs inside JIT code).
-        let contains = |start: u64, len: u64| {
-            addr >= start
-                && addr
-                    .checked_add(size)
-                    .is_some_and(|end| end <= start.wrapping_add(len))
-        };
-        let writes = access != Access::Load;
-        if self.mem_len != 0
-            && contains(self.mem_start, self.mem_len)
-            && (!writes || self.mem_writable)
-        {
-            return true;
-        }
-        if contains(self.stack_base, TOTAL_STACK as u64) {
-            return true;
-        }
-        let extra: &[MemRegion] = if self.extra_len == 0 {
-            &[]
-        } else {
-            // SAFETY: `extra`/`extra_len` come from the `&'a [MemRegion]` given to `new`, which
-            // outlives the context.
-            unsafe { std::slice::from_raw_parts(self.extra, self.extra_len) }
-        };
-        extra
-            .iter()
-            .any(|r| contains(r.start, r.len) && (access == Access::Load || r.writable))
-    }
-}
-
-impl RunContext<'static> {
-    /// Initialises a context in place, for callers that keep it in raw memory (a trampoline's
-    /// frame): input `mem`, which checked code may write only if `mem.writable` (trusted code
-    /// is not checked at all), `stack`, no extra regions, `helpers` for `callx`, and the run's
-    /// `budget` (as for [`RunContext::new`]). Pair it with [`RunContext::take_raw`].
-    ///
-    /// # Safety
-    /// `ctx` is valid for writing a `RunContext` and aligned for it (any old contents are
-    /// overwritten, not dropped). Until `take_raw`, `mem` must be valid for reads (and writes,
-    /// if writable or run by trusted code), `stack` must point at a `JitStack` that nothing else
-    /// uses, and `helpers` must stay alive.
-    pub unsafe fn init_raw(
-        ctx: *mut RunContext<'static>,
-        mem: MemRegion,
-        stack: *mut JitStack,
-        helpers: &Helpers,
-        budget: Option<u64>,
-    ) {
-        let empty: &[MemRegion] = &[];
-        let value = RunContext::from_parts(mem, stack, empty, helpers, budget);
-        // SAFETY: the caller guarantees `ctx` is valid and aligned for this write.
-        unsafe { ctx.write(value) };
-    }
-
-    /// Drops a context made by [`RunContext::init_raw`] in place, returning the error its run
-    /// ended with, if any.
-    ///
-    /// # Safety
-    /// `ctx` was initialised by `init_raw`, no code runs with it any more, and it is not used
-    /// again (except to be initialised anew).
-    pub unsafe fn take_raw(ctx: *mut RunContext<'static>) -> Option<ExecError> {
-        // SAFETY: per the contract, `ctx` holds an initialised context; only `error` owns
-        // anything (every other field is plain data), so taking it leaves nothing to drop.
-        unsafe { (*ctx).error.take() }
-    }
-}
-
 /// Requests that generated code passes to [`runtime_call`]; `info` packs the request, the slot
 /// index of the instruction and the access.
 pub(crate) mod rt {
@@ -431,6 +225,9 @@ pub(crate) mod rt {
     pub const CALL_DEPTH: u32 = 3;
     /// Report an exhausted instruction budget. Always fails.
     pub const BUDGET: u32 = 4;
+    /// `bpf_tail_call` with the map in `arg` and the index in the context's `arg2`: returns the
+    /// target's tail entry, 1 to fall through, or fails.
+    pub const TAIL_CALL: u32 = 5;
 
     /// The highest slot index `info` can carry.
     pub const MAX_PC: usize = (1 << 24) - 1;
@@ -471,7 +268,7 @@ pub(crate) extern "C" fn runtime_call(ctx: *mut RunContext<'static>, arg: u64, i
 fn runtime_dispatch(ctx: *mut RunContext<'static>, arg: u64, info: u64) -> u64 {
     // SAFETY: generated code passes the context pointer it was entered with, which its caller
     // keeps alive and unaliased (`&mut`) for the whole run; nothing else touches it meanwhile.
-    let ctx = unsafe { &mut *ctx };
+    let ctx = unsafe { (*ctx).state() };
     let pc = (info >> 8) as usize & rt::MAX_PC;
     let size = 1u64 << (info & 3);
     let access = match (info >> 2) & 3 {
@@ -481,7 +278,8 @@ fn runtime_dispatch(ctx: *mut RunContext<'static>, arg: u64, info: u64) -> u64 {
     };
     let error = match (info >> 4) as u32 & 0xf {
         rt::BOUNDS => {
-            if ctx.allows(arg, size, access) {
+            // The real check even in a trusted run: only checked code asks.
+            if ctx.permits(arg, size, access) {
                 return 1;
             }
             ExecError::OutOfBounds {
@@ -497,20 +295,37 @@ fn runtime_dispatch(ctx: *mut RunContext<'static>, arg: u64, info: u64) -> u64 {
             size,
         },
         rt::HELPER => {
-            // SAFETY: `helpers` comes from the `&'a Helpers` given to `RunContext::new`.
-            let helpers = unsafe { &*ctx.helpers };
-            match helpers.get(arg) {
-                Some(f) => return f as usize as u64,
+            // SAFETY: the calling image stored its own helpers, which it keeps alive.
+            let helpers = unsafe { &*ctx.helpers_ptr() };
+            match helpers.lookup(arg).and_then(Helper::address) {
+                Some(f) => {
+                    // Any helper may be a context helper: it may want the call's pc and id.
+                    ctx.set_call(pc, arg as u32);
+                    return f;
+                }
                 None => ExecError::UnknownHelper { pc, id: arg },
             }
         }
         rt::BUDGET => ExecError::BudgetExhausted {
             pc,
-            budget: ctx.budget,
+            budget: ctx.budget(),
         },
+        rt::TAIL_CALL => {
+            let index = ctx.arg2() as u32;
+            match crate::exec::tail::lookup(ctx, pc, arg, index) {
+                // SAFETY: the entry stays valid until the run ends: the run is a read-side
+                // section and replaced entries wait a grace period.
+                Ok(Some(code)) => match unsafe { code.as_ref() }.jit_entry_for(ctx) {
+                    Some(entry) => return entry as u64,
+                    None => return 1,
+                },
+                Ok(None) => return 1,
+                Err(e) => e,
+            }
+        }
         _ => ExecError::CallDepthExceeded { pc },
     };
-    ctx.error = Some(error);
+    ctx.set_error(error);
     0
 }
 
@@ -595,6 +410,8 @@ pub struct GeneratedCode {
     pub patch_site_len: usize,
     /// Byte offset of the instruction after the patch site.
     pub body: usize,
+    /// Byte offset of the tail entry, where a tail call into the program continues.
+    pub tail_entry: usize,
     /// arm64: the PLT (`ldr x10, #8; br x10; .quad target`), and the offset of its literal.
     pub plt: Option<(usize, usize)>,
     /// Byte offset of each eBPF instruction's code, by instruction index, when the backend
@@ -623,14 +440,16 @@ pub fn generate(
                 } else {
                     FOREIGN_ADDRESS_PLACEHOLDER
                 },
+                helpers: helpers as *const Helpers as u64,
             };
-            let bytes = x86_64::generate(program, helpers, &cg)?;
+            let code = x86_64::generate(program, helpers, &cg)?;
             Ok(GeneratedCode {
                 arch,
-                bytes,
+                bytes: code.code,
                 patch_site: x86_64::PATCH_SITE_OFFSET,
                 patch_site_len: x86_64::PATCH_SITE_LEN,
                 body: x86_64::BODY_OFFSET,
+                tail_entry: code.tail_entry,
                 plt: None,
                 insn_offsets: None,
             })
@@ -659,6 +478,7 @@ pub fn generate(
                     lse,
                     runtime_fn,
                     plt_target,
+                    helpers: helpers as *const Helpers as u64,
                 },
             )?;
             Ok(GeneratedCode {
@@ -666,6 +486,7 @@ pub fn generate(
                 patch_site: code.patch_site,
                 patch_site_len: arm64::INSN_BYTES,
                 body: code.body,
+                tail_entry: code.tail_entry,
                 plt: Some((code.plt, code.plt_literal)),
                 insn_offsets: Some(code.insn_offsets),
                 bytes: code.code,
@@ -684,13 +505,17 @@ pub struct JitProgram {
     image: Option<Allocation>,
     entry: usize,
     code: Vec<u8>,
-    /// For `callx`; static `call`s have their helper's address compiled in.
-    helpers: Helpers,
+    /// The program compiled, for tail calls from the interpreter ([`TailTarget`]).
+    program: Arc<Program>,
+    /// For `callx`, at a stable address the code embeds; static `call`s have their helper's
+    /// address compiled in.
+    helpers: Arc<Helpers>,
     checked: bool,
     budget: Option<u64>,
     id: u64,
     patch_site: usize,
     body: usize,
+    tail_entry: usize,
 }
 
 // The image is immutable machine code and the other fields are plain data; every run gets its own
@@ -700,6 +525,15 @@ const _: () = {
     assert_send_sync::<JitProgram>();
 };
 
+/// An image placed in the arena and registered, with its offsets.
+struct Placed {
+    image: Allocation,
+    code: Vec<u8>,
+    patch_site: usize,
+    body: usize,
+    tail_entry: usize,
+}
+
 impl JitProgram {
     /// Compiles `program`; static `call`s bind to `helpers` now, `callx` looks ids up in them at
     /// run time.
@@ -708,48 +542,61 @@ impl JitProgram {
         helpers: &Helpers,
         opts: JitOptions,
     ) -> Result<JitProgram, JitError> {
-        #[cfg(target_arch = "aarch64")]
-        return Self::compile_arm64(program, helpers, opts);
-        #[cfg(not(target_arch = "aarch64"))]
-        Self::compile_x86_64(program, helpers, opts)
-    }
-
-    #[cfg(target_arch = "aarch64")]
-    fn compile_arm64(
-        program: &Program,
-        helpers: &Helpers,
-        opts: JitOptions,
-    ) -> Result<JitProgram, JitError> {
+        let helpers = Arc::new(helpers.clone());
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let placed = arm64::place(program, helpers, opts, id)?;
+        #[cfg(target_arch = "aarch64")]
+        let placed = Self::place_arm64(program, &helpers, opts, id)?;
+        #[cfg(not(target_arch = "aarch64"))]
+        let placed = Self::place_x86_64(program, &helpers, opts, id)?;
         Ok(JitProgram {
             entry: placed.image.rx(),
             image: Some(placed.image),
-            code: placed.code.code,
-            helpers: helpers.clone(),
+            code: placed.code,
+            program: Arc::new(program.clone()),
+            helpers,
             checked: opts.checked,
             budget: opts.budget,
             id,
+            patch_site: placed.patch_site,
+            body: placed.body,
+            tail_entry: placed.tail_entry,
+        })
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn place_arm64(
+        program: &Program,
+        helpers: &Arc<Helpers>,
+        opts: JitOptions,
+        id: u64,
+    ) -> Result<Placed, JitError> {
+        let placed = arm64::place(program, helpers, opts, id)?;
+        Ok(Placed {
+            image: placed.image,
             patch_site: placed.code.patch_site,
             body: placed.code.body,
+            tail_entry: placed.code.tail_entry,
+            code: placed.code.code,
         })
     }
 
     #[cfg(not(target_arch = "aarch64"))]
-    fn compile_x86_64(
+    fn place_x86_64(
         program: &Program,
-        helpers: &Helpers,
+        helpers: &Arc<Helpers>,
         opts: JitOptions,
-    ) -> Result<JitProgram, JitError> {
+        id: u64,
+    ) -> Result<Placed, JitError> {
         let cg = x86_64::CodegenOptions {
             checked: opts.checked,
             budget: opts.budget.is_some(),
             runtime_fn: runtime_fn_addr()?,
+            helpers: Arc::as_ptr(helpers) as u64,
         };
-        let code = x86_64::generate(program, helpers, &cg)?;
+        let generated = x86_64::generate(program, helpers, &cg)?;
+        let code = generated.code;
         let arena = CodeArena::global()?;
         let image = arena.alloc(code.len(), x86_64::IMAGE_ALIGN)?;
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let registry = Registry::global();
         let placed = arena.write(&image, 0, &code).and_then(|()| {
             // SAFETY: the image is this program's code in the global arena, owned by the
@@ -765,16 +612,12 @@ impl JitProgram {
             let _ = unsafe { arena.free(image) };
             return Err(e.into());
         }
-        Ok(JitProgram {
-            entry: image.rx(),
-            image: Some(image),
+        Ok(Placed {
+            image,
             code,
-            helpers: helpers.clone(),
-            checked: opts.checked,
-            budget: opts.budget,
-            id,
             patch_site: x86_64::PATCH_SITE_OFFSET,
             body: x86_64::BODY_OFFSET,
+            tail_entry: generated.tail_entry,
         })
     }
 
@@ -803,7 +646,7 @@ impl JitProgram {
     /// As [`JitProgram::run`], with `stack` as the run's stack (zeroed first): for callers that
     /// need to know where the run's stack lies (e.g. to recognise a result that points into it).
     pub fn run_with_stack(&self, mem: &mut [u8], stack: &mut JitStack) -> Result<u64, ExecError> {
-        stack.0.fill(0);
+        stack.zero();
         // SAFETY: no extra regions, so the contract of `run_on` holds trivially.
         unsafe { self.run_on(mem, stack, &[]) }
     }
@@ -823,6 +666,37 @@ impl JitProgram {
         self.execute(args, &mut ctx)
     }
 
+    /// Runs the program in `env`: r1..r5 = `env.args`, the stack `stack` (zeroed first, as
+    /// every engine starts a run), the regions, user pointer and maps of `env` (see
+    /// [`RunEnv`]).
+    ///
+    /// # Safety
+    /// Every region of `env` is valid for reads, and for writes if marked writable, for the
+    /// whole run, and not aliased by Rust references meanwhile; every map of `env.maps` is
+    /// alive for the whole run; `env.user` is valid for whatever the registered context helpers
+    /// do with it.
+    pub unsafe fn run_env(&self, env: &RunEnv<'_>, stack: &mut JitStack) -> Result<u64, ExecError> {
+        stack.zero();
+        // SAFETY: forwarded from the caller.
+        unsafe { self.run_env_on(env, stack) }
+    }
+
+    /// [`JitProgram::run_env`] on a stack the caller zeroed.
+    ///
+    /// # Safety
+    /// As for `run_env`.
+    pub(crate) unsafe fn run_env_on(
+        &self,
+        env: &RunEnv<'_>,
+        stack: &mut JitStack,
+    ) -> Result<u64, ExecError> {
+        let extra = env.regions.get(1..).unwrap_or(&[]);
+        // SAFETY: forwarded from the caller.
+        let mut ctx =
+            unsafe { RunContext::from_env(env, extra, stack, &self.helpers, self.budget) };
+        self.execute(env.args, &mut ctx)
+    }
+
     /// Runs the program with `args` in r1..r5 and no input memory (a traced function's
     /// arguments; in checked mode the program can only dereference its stack).
     pub fn call(&self, args: [u64; 5]) -> Result<u64, ExecError> {
@@ -832,10 +706,11 @@ impl JitProgram {
     }
 
     /// Calls the image with `args` and `ctx`, inside a read-side section: while a thread runs JIT
-    /// code it may fetch a patch site, and retired trampoline images wait for it
-    /// ([`crate::reclaim`]).
+    /// code it may fetch a patch site, and retired trampoline images and program array entries
+    /// wait for it ([`crate::reclaim`]).
     fn execute(&self, args: [u64; 5], ctx: &mut RunContext<'_>) -> Result<u64, ExecError> {
         let _online = crate::reclaim::ReadGuard::new();
+        ctx.state().set_checked(self.checked);
         let [r1, r2, r3, r4, r5] = args;
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         let r0 = {
@@ -843,15 +718,16 @@ impl JitProgram {
             // `JitFn` ABI, and the image stays mapped while `self` is borrowed.
             let f: JitFn = unsafe { std::mem::transmute::<usize, JitFn>(self.entry) };
             // SAFETY: the context is fully initialised for this run and outlives the call.
-            // Checked code only touches `mem`, the stack and the regions the caller vouched for;
-            // trusted code was vouched for by whoever created its `JitOptions::trusted`.
+            // Checked code only touches the regions, the stack and what helpers grant, all of
+            // which the caller vouched for; trusted code was vouched for by whoever created its
+            // `JitOptions::trusted`.
             unsafe { f(r1, r2, r3, r4, r5, ctx) }
         };
         // Unreachable in practice: `compile` fails on other hosts, so no `JitProgram` exists.
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let r0 = {
             let _ = (r1, r2, r3, r4, r5);
-            ctx.error = Some(ExecError::EngineUnavailable {
+            ctx.state().set_error(ExecError::EngineUnavailable {
                 engine: "jit",
                 reason: format!("x86-64 code cannot run on {}", std::env::consts::ARCH),
             });
@@ -868,9 +744,25 @@ impl JitProgram {
         self.entry
     }
 
+    /// Address of the tail entry, where a tail call into this program continues (its first
+    /// instruction, after the prologue; see [`crate::exec::tail`]).
+    pub fn tail_entry(&self) -> usize {
+        self.entry + self.tail_entry
+    }
+
     /// The machine code as generated (the patch site holds its original nop here).
     pub fn code(&self) -> &[u8] {
         &self.code
+    }
+
+    /// The program this was compiled from.
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// The helpers the program was compiled with.
+    pub fn helpers(&self) -> &Helpers {
+        &self.helpers
     }
 
     /// The program's prologue patch site, where trampolines and replacements are attached.
@@ -901,6 +793,36 @@ impl JitProgram {
     /// The owner id the image is registered under in [`Registry::global`].
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// What this program needs from tail-call targets ([`crate::maps::Map::prog_array_bind`]).
+    pub fn tail_caller(&self) -> TailCaller {
+        TailCaller::jit(self.checked, self.budget.is_some())
+    }
+
+    /// A program array target for this program, from its parts (see
+    /// [`TailTarget::from_jit`]); `owner` keeps the image alive.
+    pub(crate) fn tail_target(&self, owner: Arc<dyn Any + Send + Sync>) -> TailTarget {
+        TailTarget(Arc::new(TailCode {
+            targets: crate::interp::jump_targets(&self.program),
+            program: self.program.clone(),
+            helpers: self.helpers.clone(),
+            jit: Some(JitTail {
+                entry: self.tail_entry(),
+                checked: self.checked,
+                budget: self.budget.is_some(),
+                _owner: owner,
+            }),
+        }))
+    }
+}
+
+impl TailTarget {
+    /// A target for every engine: `jit`'s code for JIT callers, its program and helpers for the
+    /// interpreter.
+    pub fn from_jit(jit: Arc<JitProgram>) -> TailTarget {
+        let owner: Arc<dyn Any + Send + Sync> = jit.clone();
+        jit.tail_target(owner)
     }
 }
 

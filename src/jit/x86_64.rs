@@ -64,10 +64,11 @@ pub mod asm;
 use asm::{AluOp as X, Asm, Cond, Gpr, Label, Mem, OpSize, ShiftOp};
 
 use super::{
-    CTX_BUDGET_LEFT, CTX_FP_LIMIT, CTX_MEM_START, CTX_STACK_BASE, JitError, ctx_bound, rt,
+    CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_MEM_START,
+    CTX_STACK_BASE, JitError, ctx_bound, rt,
 };
 use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
-use crate::helpers::Helpers;
+use crate::helpers::{Helper, Helpers};
 use crate::interp::{alu32, alu64};
 use crate::isa::{AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, Width};
 
@@ -137,6 +138,17 @@ pub struct CodegenOptions {
     pub budget: bool,
     /// Address of `super::runtime_call` (a parameter so tests can generate code anywhere).
     pub runtime_fn: u64,
+    /// Address of the `Helpers` that `callx` resolves against (kept alive with the image).
+    pub helpers: u64,
+}
+
+/// Generated code and the offsets a loader needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct X86Code {
+    /// The image; the entry is offset 0.
+    pub code: Vec<u8>,
+    /// Byte offset of the tail entry, where a tail call into the program continues.
+    pub tail_entry: usize,
 }
 
 fn map(r: Reg) -> Gpr {
@@ -157,7 +169,7 @@ pub fn generate(
     program: &Program,
     helpers: &Helpers,
     opts: &CodegenOptions,
-) -> Result<Vec<u8>, JitError> {
+) -> Result<X86Code, JitError> {
     super::check_size(program)?;
     let mut a = Asm::new();
     let insn_labels = (0..program.insns().len()).map(|_| a.new_label()).collect();
@@ -170,13 +182,16 @@ pub fn generate(
         opts: *opts,
         insn_labels,
     };
-    g.prologue();
+    let tail_entry = g.prologue();
     for (i, insn) in program.insns().iter().enumerate() {
         let label = g.insn_labels[i];
         g.a.bind(label);
         g.insn(i, *insn)?;
     }
-    Ok(g.a.finish()?)
+    Ok(X86Code {
+        code: g.a.finish()?,
+        tail_entry,
+    })
 }
 
 struct Gen<'a> {
@@ -191,7 +206,8 @@ struct Gen<'a> {
 }
 
 impl Gen<'_> {
-    fn prologue(&mut self) {
+    /// Emits everything before the first instruction; returns the tail entry's offset.
+    fn prologue(&mut self) -> usize {
         let a = &mut self.a;
         let body = a.new_label();
         let epilogue = a.new_label();
@@ -241,7 +257,25 @@ impl Gen<'_> {
         }
         a.ret();
 
+        // Tail entry: a tail call jumps here with r1 = its ctx argument and the caller's frame
+        // (rsp at the current function's return address, r10, r12); the rest start at zero.
+        let tail_entry = a.len();
+        for r in [
+            Gpr::Rax,
+            Gpr::Rsi,
+            Gpr::Rdx,
+            Gpr::Rcx,
+            Gpr::R8,
+            Gpr::Rbx,
+            Gpr::R13,
+            Gpr::R14,
+            Gpr::R15,
+        ] {
+            a.alu_rr(X::Xor, false, r, r);
+        }
+
         a.bind(body);
+        tail_entry
     }
 
     /// Calls the runtime with request `info` (and the argument in r11); returns only if it
@@ -344,8 +378,16 @@ impl Gen<'_> {
                 self.count_back_edge(i, pc);
                 self.jump(width == Width::W64, cond, map(dst), src, t);
             }
-            Insn::Call { id } => match self.helpers.get(id as u64) {
-                Some(f) => self.call_helper(Some(f as usize as u64)),
+            Insn::Call { id } => match self.helpers.lookup(id as u64) {
+                Some(Helper::Plain(f)) => self.call_helper(Some(f as usize as u64), false),
+                Some(Helper::Context(f)) => {
+                    self.a
+                        .store_imm(OpSize::D, Mem::new(CTX, CTX_CALL_PC), pc as i32);
+                    self.a
+                        .store_imm(OpSize::D, Mem::new(CTX, CTX_CALL_PC + 4), id as i32);
+                    self.call_helper(Some(f as usize as u64), true);
+                }
+                Some(Helper::TailCall) => self.tail_call(pc),
                 None => {
                     // Fails at run time, as in the interpreter (the code may never get here).
                     self.a.mov_r32_imm(ADDR, id);
@@ -353,9 +395,14 @@ impl Gen<'_> {
                 }
             },
             Insn::CallX { reg } => {
+                // A tail call may have brought another program's code here: the lookup uses
+                // this image's helpers.
+                self.a.movabs(TMP, self.opts.helpers);
+                self.a.store(OpSize::Q, Mem::new(CTX, CTX_HELPERS), TMP);
                 self.a.mov_rr(true, ADDR, map(reg));
                 self.runtime(rt::info(rt::HELPER, pc, 1, Access::Load));
-                self.call_helper(None);
+                // The id is dynamic, so it may be a context helper.
+                self.call_helper(None, true);
             }
             Insn::CallLocal { .. } => {
                 let t = self.target(i)?;
@@ -718,12 +765,15 @@ impl Gen<'_> {
     }
 
     /// Calls a helper at a known address, or at the address in r10 (from a `callx` lookup).
-    /// r1–r5 are already the argument registers; the result lands in rax = r0.
-    fn call_helper(&mut self, addr: Option<u64>) {
+    /// r1–r5 are already the argument registers and the context becomes the sixth (r9, saved
+    /// with r1–r5); the result lands in rax = r0. With `may_fail`, a failure the helper recorded
+    /// in the context unwinds the run.
+    fn call_helper(&mut self, addr: Option<u64>, may_fail: bool) {
         let a = &mut self.a;
         for r in HELPER_SAVED {
             a.push(r);
         }
+        a.mov_rr(true, Gpr::R9, CTX);
         match addr {
             Some(f) => {
                 a.movabs(Gpr::Rax, f);
@@ -734,6 +784,27 @@ impl Gen<'_> {
         for r in HELPER_SAVED.iter().rev() {
             a.pop(*r);
         }
+        if may_fail {
+            a.alu_mi(X::Cmp, true, Mem::new(CTX, CTX_FAILED), 0);
+            a.jcc(Cond::Ne, self.fault);
+        }
+    }
+
+    /// `bpf_tail_call`: the runtime checks the map (r2), the index (r3) and the count and
+    /// returns the target's tail entry (or 1 to fall through, every register unchanged). At
+    /// an instruction boundary rsp is at the current function's return address, so a jump
+    /// makes the target's `exit` return to this function's caller.
+    fn tail_call(&mut self, pc: usize) {
+        let a = &mut self.a;
+        a.store(OpSize::D, Mem::new(CTX, CTX_ARG2), Gpr::Rdx);
+        a.mov_rr(true, ADDR, Gpr::Rsi);
+        self.runtime(rt::info(rt::TAIL_CALL, pc, 1, Access::Load));
+        let a = &mut self.a;
+        let fall_through = a.new_label();
+        a.alu_ri(X::Cmp, true, TMP, 1);
+        a.jcc_short(Cond::E, fall_through);
+        a.jmp_r(TMP);
+        a.bind(fall_through);
     }
 
     fn call_local(&mut self, pc: usize, target: Label) {
@@ -770,8 +841,9 @@ mod tests {
             checked,
             budget,
             runtime_fn: 0x1122_3344_5566_7788,
+            helpers: 0x99aa_bbcc_ddee_ff00,
         };
-        generate(&p, &Helpers::conformance(), &opts).unwrap()
+        generate(&p, &Helpers::conformance(), &opts).unwrap().code
     }
 
     fn listing(code: &[u8]) -> Vec<String> {

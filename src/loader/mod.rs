@@ -474,12 +474,24 @@ fn map_type_name(map_type: u32) -> &'static str {
 impl Object {
     /// Parses and links an object file's bytes.
     pub fn parse(bytes: &[u8]) -> Result<Object, LoadError> {
+        Object::parse_inner(bytes, None)
+    }
+
+    /// As [`Object::parse`], and the global function `name` in `.text` is a program too (of
+    /// type [`ProgType::Raw`]), not only a subprogram: for objects written by tools that put
+    /// a whole program in `.text`, as the bpf_conformance runner's `--elf` mode does with
+    /// `main`.
+    pub fn parse_with_text_program(bytes: &[u8], name: &str) -> Result<Object, LoadError> {
+        Object::parse_inner(bytes, Some(name))
+    }
+
+    fn parse_inner(bytes: &[u8], text_program: Option<&str>) -> Result<Object, LoadError> {
         let elf = elf::Elf::parse(bytes)?;
         let btf = match elf.section_index(".BTF") {
             Some(i) => Some(btf::Btf::parse(elf.sections[i].data)?),
             None => None,
         };
-        let funcs = link::Functions::collect(&elf)?;
+        let funcs = link::Functions::collect(&elf, text_program)?;
         if let Some(i) = elf.section_index(".BTF.ext") {
             let btf = btf
                 .as_ref()

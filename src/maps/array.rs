@@ -1,13 +1,13 @@
 //! `BPF_MAP_TYPE_ARRAY`, `PERCPU_ARRAY` (the kernel's `arraymap.c`) and `PROG_ARRAY`.
 
 use std::alloc::Layout;
-use std::any::Any;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use super::mem::{Deferred, copy_from_map, copy_to_map, round8};
 use super::{BPF_ANY, BPF_NOEXIST, MapError, MapSpec, check_update_flags, current_cpu};
+use crate::exec::tail::{TailCaller, TailCode, TailTarget};
 use crate::reclaim::{ReadGuard, retire};
 
 /// Values of an array: `max_entries` slots of `round_up(value_size, 8)` bytes, zeroed at
@@ -184,32 +184,20 @@ pub(crate) fn next_index(index: Option<u32>, max_entries: u32) -> Option<u32> {
     }
 }
 
-/// One slot of a program array: what `bpf_tail_call` jumps to, and what keeps it alive.
+/// One slot of a program array: the target of `bpf_tail_call` through it.
 ///
-/// The JIT/trampoline layer decides what `target` means (e.g. the address just past a program's
-/// prologue, for a tail call that reuses the caller's frame); the map only stores it and keeps
-/// `handle` (e.g. the `Prog`) alive for as long as a run may use `target`: until a grace period
-/// after the entry was replaced or cleared. `target` is the first field, so inlined code reads it
-/// with one load from the slot's pointer.
-#[repr(C)]
-pub struct ProgEntry {
-    /// The word tail calls use (non-zero).
-    pub target: usize,
-    /// The owner of the code at `target`.
-    pub handle: Arc<dyn Any + Send + Sync>,
-}
-
-impl std::fmt::Debug for ProgEntry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ProgEntry")
-            .field("target", &format_args!("{:#x}", self.target))
-            .finish_non_exhaustive()
-    }
+/// Boxed and linked into the slot's `AtomicPtr`; an entry taken out (replaced or cleared) is
+/// retired and dropped only after a grace period, so a run that loaded it may keep running its
+/// target until the run ends ([`crate::exec::tail`]).
+pub(crate) struct ProgEntry {
+    pub(crate) target: TailTarget,
 }
 
 /// `BPF_MAP_TYPE_PROG_ARRAY`: `max_entries` slots, each null or a boxed [`ProgEntry`].
 pub(crate) struct ProgArrayStore {
     slots: Box<[AtomicPtr<ProgEntry>]>,
+    /// What the callers bound to the array need from targets; serialises the writers.
+    owner: Mutex<TailCaller>,
 }
 
 impl ProgArrayStore {
@@ -221,14 +209,18 @@ impl ProgArrayStore {
         v.extend((0..max_entries).map(|_| AtomicPtr::new(std::ptr::null_mut())));
         Ok(ProgArrayStore {
             slots: v.into_boxed_slice(),
+            owner: Mutex::new(TailCaller::default()),
         })
     }
 
-    fn replace(&self, index: u32, new: *mut ProgEntry) -> Result<*mut ProgEntry, MapError> {
-        let slot = self.slots.get(index as usize).ok_or(MapError::TooBig(
+    fn owner(&self) -> std::sync::MutexGuard<'_, TailCaller> {
+        self.owner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn slot(&self, index: u32) -> Result<&AtomicPtr<ProgEntry>, MapError> {
+        self.slots.get(index as usize).ok_or(MapError::TooBig(
             "program array index is not below max_entries: use a smaller index",
-        ))?;
-        Ok(slot.swap(new, Ordering::AcqRel))
+        ))
     }
 
     fn retire_entry(old: *mut ProgEntry) {
@@ -238,26 +230,52 @@ impl ProgArrayStore {
         }
     }
 
-    /// `bpf_fd_array_map_update_elem`: only `BPF_ANY`.
-    pub(crate) fn set(&self, index: u32, entry: ProgEntry, flags: u64) -> Result<(), MapError> {
+    /// `bpf_fd_array_map_update_elem`: only `BPF_ANY`; a target the bound callers cannot run
+    /// is refused, as the kernel refuses an incompatible program.
+    pub(crate) fn set(&self, index: u32, target: TailTarget, flags: u64) -> Result<(), MapError> {
         if flags != BPF_ANY {
             return Err(MapError::Invalid(
                 "program array slots are only updated with BPF_ANY",
             ));
         }
-        if index as usize >= self.slots.len() {
-            return Err(MapError::TooBig(
-                "program array index is not below max_entries: use a smaller index",
-            ));
+        let slot = self.slot(index)?;
+        let owner = self.owner();
+        if !target.serves(*owner) {
+            return Err(incompatible(*owner));
         }
-        let old = self.replace(index, Box::into_raw(Box::new(entry)))?;
+        let old = slot.swap(
+            Box::into_raw(Box::new(ProgEntry { target })),
+            Ordering::AcqRel,
+        );
+        drop(owner);
         Self::retire_entry(old);
+        Ok(())
+    }
+
+    /// Adds `caller`'s needs to what every target must meet; fails, changing nothing, if a
+    /// current target does not.
+    pub(crate) fn bind(&self, caller: TailCaller) -> Result<(), MapError> {
+        let mut owner = self.owner();
+        let wanted = owner.and(caller);
+        let _run = ReadGuard::new();
+        for slot in self.slots.iter() {
+            let p = slot.load(Ordering::Acquire);
+            // SAFETY: writers are excluded by `owner`, so a linked entry stays linked (and alive)
+            // while we read it.
+            if !p.is_null() && !unsafe { &(*p).target }.serves(wanted) {
+                return Err(incompatible(wanted));
+            }
+        }
+        *owner = wanted;
         Ok(())
     }
 
     /// `fd_array_map_delete_elem`.
     pub(crate) fn clear(&self, index: u32) -> Result<(), MapError> {
-        let old = self.replace(index, std::ptr::null_mut())?;
+        let slot = self.slot(index)?;
+        let owner = self.owner();
+        let old = slot.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        drop(owner);
         if old.is_null() {
             return Err(MapError::NotFound(
                 "the program array slot is already empty",
@@ -267,33 +285,59 @@ impl ProgArrayStore {
         Ok(())
     }
 
+    pub(crate) fn max_entries(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    /// The target in slot `index` (`None` when empty or out of range). It stays valid until the
+    /// caller's run (read-side section) ends: a replaced entry is retired after a grace period.
     #[inline]
-    pub(crate) fn target(&self, index: u32) -> usize {
-        match self.slots.get(index as usize) {
-            Some(slot) => {
-                let p = slot.load(Ordering::Acquire);
-                if p.is_null() {
-                    0
-                } else {
-                    // SAFETY: a linked entry is freed only a grace period after it is unlinked;
-                    // the caller is in a run (documented on RawMap::prog_array_target).
-                    unsafe { (*p).target }
-                }
-            }
-            None => 0,
-        }
+    pub(crate) fn load(&self, index: u32) -> Option<NonNull<TailCode>> {
+        let p = self.slots.get(index as usize)?.load(Ordering::Acquire);
+        // SAFETY: a linked entry is freed only a grace period after it is unlinked, and the
+        // caller is in a run.
+        (!p.is_null()).then(|| NonNull::from(&*unsafe { &(*p).target }.0))
     }
 
-    pub(crate) fn slots(&self) -> (*const AtomicPtr<ProgEntry>, u32) {
-        (self.slots.as_ptr(), self.slots.len() as u32)
-    }
-
-    pub(crate) fn get(&self, index: u32) -> Option<Arc<dyn Any + Send + Sync>> {
+    pub(crate) fn get(&self, index: u32) -> Option<TailTarget> {
         let _run = ReadGuard::new();
         let p = self.slots.get(index as usize)?.load(Ordering::Acquire);
         // SAFETY: we are in a run, so a concurrently unlinked entry is not freed yet.
-        (!p.is_null()).then(|| unsafe { (*p).handle.clone() })
+        (!p.is_null()).then(|| unsafe { (*p).target.clone() })
     }
+}
+
+fn incompatible(owner: TailCaller) -> MapError {
+    MapError::IncompatibleProgram(
+        match (
+            owner.needs_checked(),
+            owner.needs_trusted(),
+            owner.needs_budget(),
+        ) {
+            (true, true, _) => {
+                "both checked and trusted JIT programs tail-call through this array, and no \
+                 target can serve both: use one mode for the programs sharing it"
+            }
+            (true, false, false) => {
+                "the programs tail-calling through this array are checked JIT code: targets \
+                 need checked JIT code (TailTarget::from_jit, Prog::tail_target)"
+            }
+            (true, false, true) => {
+                "the programs tail-calling through this array are checked JIT code with a \
+                 budget: targets need checked JIT code compiled with a budget"
+            }
+            (false, true, false) => {
+                "the programs tail-calling through this array are trusted JIT code: targets \
+                 need trusted JIT code (TailTarget::from_jit, Prog::tail_target)"
+            }
+            (false, true, true) => {
+                "the programs tail-calling through this array are trusted JIT code with a \
+                 budget: targets need trusted JIT code compiled with a budget"
+            }
+            // Never built: interpreter callers accept every target.
+            (false, false, _) => "the target cannot serve the programs bound to this array",
+        },
+    )
 }
 
 impl Drop for ProgArrayStore {

@@ -61,13 +61,11 @@ mod mem;
 mod ringbuf;
 mod typed;
 
-pub use array::ProgEntry;
 pub use cpu::{current_cpu, possible_cpus};
 pub use mem::{flush_retired, retire_batch, set_retire_batch};
 pub use ringbuf::{RingBufConsumer, ringbuf_discard, ringbuf_submit};
 pub use typed::{Array, HashMap, Keys, PerCpuArray, PerCpuHashMap, Pod};
 
-use std::any::Any;
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -75,6 +73,7 @@ use self::array::{ArrayStore, ProgArrayStore};
 use self::hash::HashTable;
 use self::mem::{Deferred, round8};
 use self::ringbuf::RingBuf;
+use crate::exec::tail::{TailCaller, TailTarget};
 use crate::reclaim::ReadGuard;
 
 /// Update flag: create a new element or update an existing one.
@@ -150,7 +149,7 @@ pub enum MapType {
     Hash = 1,
     /// `BPF_MAP_TYPE_ARRAY`.
     Array = 2,
-    /// `BPF_MAP_TYPE_PROG_ARRAY`: tail-call targets ([`ProgEntry`]).
+    /// `BPF_MAP_TYPE_PROG_ARRAY`: tail-call targets ([`TailTarget`]).
     ProgArray = 3,
     /// `BPF_MAP_TYPE_PERCPU_HASH`.
     PercpuHash = 5,
@@ -301,6 +300,10 @@ pub enum MapError {
     /// `EAGAIN`: no room now (a full ring buffer); retry after the consumer caught up.
     #[error("try again (EAGAIN): {0}")]
     Again(&'static str),
+    /// `EINVAL`: a program array target that the programs tail-calling through the array could
+    /// not run ([`Map::prog_array_bind`]).
+    #[error("incompatible program (EINVAL): {0}")]
+    IncompatibleProgram(&'static str),
 }
 
 impl MapError {
@@ -310,7 +313,9 @@ impl MapError {
             MapError::NotFound(_) => libc::ENOENT,
             MapError::Exists(_) => libc::EEXIST,
             MapError::TooBig(_) => libc::E2BIG,
-            MapError::Invalid(_) | MapError::WrongSize { .. } => libc::EINVAL,
+            MapError::Invalid(_)
+            | MapError::WrongSize { .. }
+            | MapError::IncompatibleProgram(_) => libc::EINVAL,
             MapError::NoMemory(_) => libc::ENOMEM,
             MapError::Busy(_) => libc::EBUSY,
             MapError::NotSupported(_) => ENOTSUPP,
@@ -480,26 +485,11 @@ impl RawMap {
         }
     }
 
-    /// The tail-call target word stored at `index` of a program array ([`ProgEntry::target`]), 0
-    /// when the slot is empty, out of range, or this is not a program array (`bpf_tail_call` then
-    /// falls through). The caller must be in a run for the target to stay alive until it ends: a
-    /// replaced entry is retired after a grace period.
+    /// The program array store, for `bpf_tail_call`.
     #[inline]
-    pub fn prog_array_target(&self, index: u32) -> usize {
+    pub(crate) fn prog_array(&self) -> Option<&ProgArrayStore> {
         match &self.kind {
-            Kind::ProgArray(p) => p.target(index),
-            _ => 0,
-        }
-    }
-
-    /// The slots of a program array for code that inlines `bpf_tail_call`: a pointer to
-    /// `max_entries` consecutive `AtomicPtr<ProgEntry>` (load with acquire; null = empty; the
-    /// entry's first word is the target) and their count. `None` for other maps.
-    pub fn prog_array_slots(
-        &self,
-    ) -> Option<(*const std::sync::atomic::AtomicPtr<ProgEntry>, u32)> {
-        match &self.kind {
-            Kind::ProgArray(p) => Some(p.slots()),
+            Kind::ProgArray(p) => Some(p),
             _ => None,
         }
     }
@@ -943,14 +933,34 @@ impl Map {
         }
     }
 
-    /// Sets slot `index` of a program array to `entry` (the kernel's update with a program fd;
-    /// only `BPF_ANY` is allowed, else `EINVAL`; `E2BIG` out of range). The entry replaced, if
-    /// any, is dropped after a grace period: a run that read its target may still be jumping to
-    /// it.
-    pub fn prog_array_set(&self, index: u32, entry: ProgEntry, flags: u64) -> Result<(), MapError> {
+    /// Puts `target` into slot `index` of a program array (the kernel's update with a program
+    /// fd): from now on `bpf_tail_call` through the slot runs it. Only `BPF_ANY` is allowed,
+    /// else `EINVAL`; `E2BIG` out of range; [`MapError::IncompatibleProgram`] (`EINVAL`) when the
+    /// callers bound with [`prog_array_bind`](Self::prog_array_bind) could not run the target.
+    /// The target replaced, if any, is dropped after a grace period: a run that loaded it may
+    /// still be running it.
+    pub fn prog_array_set(
+        &self,
+        index: u32,
+        target: TailTarget,
+        flags: u64,
+    ) -> Result<(), MapError> {
         self.check_writable()?;
         match &self.kind {
-            Kind::ProgArray(p) => p.set(index, entry, flags),
+            Kind::ProgArray(p) => p.set(index, target, flags),
+            _ => Err(MapError::Invalid("not a program array")),
+        }
+    }
+
+    /// Declares that programs with `caller`'s needs tail-call through this program array (the
+    /// kernel binds a program array to the first program using it): every later
+    /// [`prog_array_set`](Self::prog_array_set) must then put a target they can run, e.g.
+    /// checked JIT code for a checked JIT caller. Needs accumulate over calls. Fails with
+    /// [`MapError::IncompatibleProgram`], changing nothing, if a current target does not meet
+    /// them. Without a binding, a slot a caller cannot run falls through at the call.
+    pub fn prog_array_bind(&self, caller: TailCaller) -> Result<(), MapError> {
+        match &self.kind {
+            Kind::ProgArray(p) => p.bind(caller),
             _ => Err(MapError::Invalid("not a program array")),
         }
     }
@@ -964,8 +974,8 @@ impl Map {
         }
     }
 
-    /// The handle stored at `index` of a program array, if any.
-    pub fn prog_array_get(&self, index: u32) -> Option<Arc<dyn Any + Send + Sync>> {
+    /// The target in slot `index` of a program array, if any.
+    pub fn prog_array_get(&self, index: u32) -> Option<TailTarget> {
         match &self.kind {
             Kind::ProgArray(p) => p.get(index),
             _ => None,

@@ -144,6 +144,7 @@ pub extern "C" fn get_current_pid_tgid(_: u64, _: u64, _: u64, _: u64, _: u64) -
 pub(crate) fn for_type(prog_type: &ProgType) -> Helpers {
     let mut h = Helpers::new();
     mh::register(&mut h);
+    h.register_tail_call();
     h.register(KTIME_GET_NS, ktime_get_ns)
         .register(KTIME_GET_BOOT_NS, ktime_get_boot_ns)
         .register(KTIME_GET_COARSE_NS, ktime_get_coarse_ns)
@@ -151,9 +152,9 @@ pub(crate) fn for_type(prog_type: &ProgType) -> Helpers {
     super::printk::register(&mut h);
     match prog_type {
         ProgType::Xdp => {
-            h.register(xdp::XDP_ADJUST_HEAD, xdp::xdp_adjust_head)
-                .register(xdp::XDP_ADJUST_TAIL, xdp::xdp_adjust_tail)
-                .register(xdp::XDP_ADJUST_META, xdp::xdp_adjust_meta);
+            h.register_with_context(xdp::XDP_ADJUST_HEAD, xdp::xdp_adjust_head)
+                .register_with_context(xdp::XDP_ADJUST_TAIL, xdp::xdp_adjust_tail)
+                .register_with_context(xdp::XDP_ADJUST_META, xdp::xdp_adjust_meta);
         }
         ProgType::Fentry { .. }
         | ProgType::Fexit { .. }

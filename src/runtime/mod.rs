@@ -26,14 +26,13 @@ pub mod printk;
 mod rewrite;
 pub mod xdp;
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-use crate::exec::{ExecError, MemRegion};
+use crate::exec::{ExecError, HelperContext, MemRegion, RunEnv};
 use crate::helpers::Helpers;
 use crate::isa::Program;
 use crate::jit::{JitError, JitOptions};
@@ -141,6 +140,9 @@ pub struct LoadOptions {
     /// Gives every program this type instead of the one its section names (the CLI's
     /// `--type`).
     pub prog_type: Option<ProgType>,
+    /// The helpers every program may call, instead of the kernel's for its type (e.g. the
+    /// conformance suite's, where id 5 is an identity function).
+    pub helpers: Option<Helpers>,
 }
 
 /// An engine to run a program on.
@@ -190,10 +192,18 @@ struct ProgramInner {
     global_regions: Vec<MemRegion>,
     /// The object's maps, kept alive while code embeds their addresses.
     _maps: Vec<Map>,
+    /// Their addresses: the maps helpers accept.
+    map_addrs: Vec<*const crate::maps::RawMap>,
     /// Compiled on first use; a failure is not cached (it is reported to each caller).
     jit: Mutex<Option<Prog>>,
     jit_trusted: Mutex<Option<Prog>>,
 }
+
+// SAFETY: the raw map addresses point at maps that `_maps` keeps alive and are only read;
+// everything else in the program is Send and Sync.
+unsafe impl Send for ProgramInner {}
+// SAFETY: as above.
+unsafe impl Sync for ProgramInner {}
 
 /// What an XDP run gives back.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -422,11 +432,13 @@ fn prepare(
     }
     let err = |i: usize, reason: String| at_slot(program.slot_of(i), reason);
     let rewritten = rewrite::rewrite(program.clone(), &prog_type, &funcs, &err)?;
-    let helpers = helpers::for_type(&prog_type);
+    let helpers = opts
+        .helpers
+        .clone()
+        .unwrap_or_else(|| helpers::for_type(&prog_type));
     for (i, insn) in rewritten.program.insns().iter().enumerate() {
         if let crate::isa::Insn::Call { id } = *insn
-            && helpers.get(id as u64).is_none()
-            && id != helpers::TAIL_CALL
+            && !helpers.contains(id as u64)
         {
             let slot = rewritten.program.slot_of(i);
             return Err(RuntimeError::UnknownHelper {
@@ -449,6 +461,7 @@ fn prepare(
             helpers,
             global_regions,
             _maps: handles.to_vec(),
+            map_addrs: handles.iter().map(Map::as_raw).collect(),
             jit: Mutex::new(None),
             jit_trusted: Mutex::new(None),
         }),
@@ -566,6 +579,44 @@ impl LoadedProgram {
         unsafe { self.run_on_frame(Some(&prog), frame) }
     }
 
+    /// Runs a raw program (r1 = the address of `mem`, or 0 when it is empty, r2 = its
+    /// length), as `livebpf run` runs bytecode; returns r0.
+    pub fn run_raw(&self, engine: Engine, mem: &mut [u8]) -> Result<u64, RuntimeError> {
+        if self.inner.prog_type != ProgType::Raw {
+            return Err(RuntimeError::WrongType {
+                program: self.inner.name.clone(),
+                prog_type: self.inner.prog_type.name(),
+                reason: "only raw programs run on plain memory".into(),
+            });
+        }
+        let mut regions = Vec::with_capacity(1 + self.inner.global_regions.len());
+        if !mem.is_empty() {
+            regions.push(MemRegion::of_slice(mem));
+        }
+        regions.extend_from_slice(&self.inner.global_regions);
+        let args = [
+            if mem.is_empty() {
+                0
+            } else {
+                mem.as_mut_ptr() as u64
+            },
+            mem.len() as u64,
+            0,
+            0,
+            0,
+        ];
+        let prog = match engine {
+            Engine::Jit => Some(self.jit()?),
+            Engine::Interpreter => None,
+        };
+        let mut state = RunState {
+            xdp: std::ptr::null_mut(),
+        };
+        // SAFETY: `mem` is borrowed mutably for the run and not otherwise used; global data
+        // values live as long as the maps, which `self` holds, and no Rust reference covers them.
+        unsafe { self.run_env(args, &regions, &mut state, prog.as_ref()) }
+    }
+
     fn expect_xdp(&self) -> Result<(), RuntimeError> {
         if self.inner.prog_type != ProgType::Xdp {
             return Err(RuntimeError::WrongType {
@@ -585,92 +636,69 @@ impl LoadedProgram {
         prog: Option<&Prog>,
         frame: &XdpFrame,
     ) -> Result<u32, RuntimeError> {
+        let [page, ctx] = frame.regions();
+        // The packet's page first: JIT code checks the first region inline.
         let mut regions = Vec::with_capacity(2 + self.inner.global_regions.len());
-        regions.extend(frame.regions());
+        regions.extend([page, ctx]);
         regions.extend_from_slice(&self.inner.global_regions);
-        let _state = CurrentRun::enter(frame.ctx_addr() as *mut XdpContext, &regions);
-        let _run = ReadGuard::new();
-        // Interim until the engines take a run environment: r1 = the context, given as the
-        // input memory.
-        // SAFETY: the context is a live XdpContext that nothing else references during the run.
-        let ctx = unsafe {
-            std::slice::from_raw_parts_mut(
-                frame.ctx_addr() as *mut u8,
-                std::mem::size_of::<XdpContext>(),
-            )
+        let mut state = RunState {
+            xdp: frame.ctx_addr() as *mut XdpContext,
         };
-        let extra = &regions[1..];
+        // SAFETY: forwarded from the caller; `state` outlives the run.
+        unsafe { self.run_env([frame.ctx_addr(), 0, 0, 0, 0], &regions, &mut state, prog) }
+            .map(|r0| r0 as u32)
+    }
+
+    /// Runs on `prog` (the interpreter when `None`) with the object's maps and `state`.
+    ///
+    /// # Safety
+    /// `regions` are valid as marked for the run and not referenced by Rust code meanwhile.
+    unsafe fn run_env(
+        &self,
+        args: [u64; 5],
+        regions: &[MemRegion],
+        state: &mut RunState,
+        prog: Option<&Prog>,
+    ) -> Result<u64, RuntimeError> {
+        let env = RunEnv {
+            args,
+            regions,
+            user: (state as *mut RunState).cast(),
+            maps: &self.inner.map_addrs,
+        };
         let result = match prog {
-            // SAFETY: forwarded from the caller.
-            Some(p) => unsafe { p.jit().run_with_regions(ctx, extra) },
+            // SAFETY: forwarded from the caller; `user` is the RunState the runtime's context
+            // helpers expect, and the maps are the object's, which `self` keeps alive.
+            Some(p) => unsafe { p.run_env(&env) },
             None => {
-                let mut interp = crate::interp::Interpreter::new(&self.inner.program)
+                let interp = crate::interp::Interpreter::new(&self.inner.program)
                     .with_helpers(self.inner.helpers.clone());
-                for r in extra {
-                    // SAFETY: forwarded from the caller.
-                    interp = unsafe { interp.with_region(*r) };
-                }
-                interp.run(ctx)
+                // SAFETY: as above.
+                unsafe { interp.run_env(&env) }
             }
         };
-        result
-            .map(|r0| r0 as u32)
-            .map_err(|source| RuntimeError::Exec {
-                program: self.inner.name.clone(),
-                source,
-            })
+        result.map_err(|source| RuntimeError::Exec {
+            program: self.inner.name.clone(),
+            source,
+        })
     }
 }
 
-/// The run the runtime started on this thread: what the XDP and printk helpers consult.
-#[derive(Clone, Copy)]
-struct RunState {
-    xdp: *mut XdpContext,
-    regions: *const [MemRegion],
+/// What the runtime's context helpers find behind [`RunEnv::user`] in the runs it starts.
+pub(crate) struct RunState {
+    /// The XDP context of the run (null for other program types).
+    pub(crate) xdp: *mut XdpContext,
 }
 
-thread_local! {
-    static CURRENT: Cell<Option<RunState>> = const { Cell::new(None) };
-}
-
-/// Restores the previous run state when a run ends (runs nest: a tracer inside a program).
-struct CurrentRun {
-    previous: Option<RunState>,
-}
-
-impl CurrentRun {
-    fn enter(xdp: *mut XdpContext, regions: &[MemRegion]) -> CurrentRun {
-        let previous = CURRENT.with(|c| {
-            c.replace(Some(RunState {
-                xdp,
-                regions: regions as *const [MemRegion],
-            }))
-        });
-        CurrentRun { previous }
-    }
-}
-
-impl Drop for CurrentRun {
-    fn drop(&mut self) {
-        CURRENT.with(|c| c.set(self.previous));
-    }
-}
-
-/// The XDP context of the run in progress on this thread, if any.
-fn current_xdp() -> Option<*mut XdpContext> {
-    CURRENT
-        .with(|c| c.get())
-        .map(|s| s.xdp)
-        .filter(|p| !p.is_null())
-}
-
-/// Whether the run in progress on this thread may read `[addr, addr + len)`.
-fn run_may_read(addr: u64, len: u64) -> bool {
-    let Some(state) = CURRENT.with(|c| c.get()) else {
-        return false;
-    };
-    // SAFETY: the regions slice outlives the run, which is in progress (the state is reset
-    // when it ends).
-    let regions = unsafe { &*state.regions };
-    regions.iter().any(|r| r.contains(addr, len))
+/// The runtime's state of the run `ctx` belongs to, if the runtime started it.
+///
+/// # Safety
+/// `ctx` is the context a helper was called with, in a run whose `user` pointer is null or a
+/// live `RunState` (true of every run the runtime starts; other embedders that register the
+/// runtime's helpers promise it through the contract of `run_env`).
+pub(crate) unsafe fn run_state<'a>(ctx: *mut HelperContext) -> Option<&'a mut RunState> {
+    // SAFETY: the caller's contract: a helper's context pointer is valid during the call.
+    let user = unsafe { (*ctx).user() } as *mut RunState;
+    // SAFETY: the caller's contract on `user`.
+    unsafe { user.as_mut() }
 }

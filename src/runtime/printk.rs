@@ -9,6 +9,7 @@
 
 use std::sync::{Arc, RwLock};
 
+use crate::exec::{Access, HelperContext};
 use crate::helpers::Helpers;
 
 /// The longest message (the kernel's `MAX_BPRINTF_BUF`, less its NUL).
@@ -244,24 +245,30 @@ impl Spec {
     }
 }
 
-/// Reads `len` bytes at `addr` if the run in progress may read them.
-fn read_bytes(addr: u64, len: usize) -> Option<Vec<u8>> {
-    if !super::run_may_read(addr, len as u64) {
+/// Reads `len` bytes at `addr` if the run may read them (else ends it with the fault).
+fn read_bytes(hctx: &mut HelperContext, addr: u64, len: usize) -> Option<Vec<u8>> {
+    if !hctx.check(addr, len as u64, Access::Load) {
         return None;
     }
     let mut v = vec![0u8; len];
-    // SAFETY: the run in progress may read these bytes (its regions say so), and they stay
-    // valid while the helper runs inside it.
+    // SAFETY: the run may read these bytes (checked above, or a trusted run, whose program
+    // vouches for its pointers), and they stay valid while the helper runs inside it.
     unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, v.as_mut_ptr(), len) };
     Some(v)
 }
 
-/// Reads a NUL-terminated string of at most [`MAX_STR`] bytes, one byte at a time so that no
-/// byte past the NUL is touched.
-fn read_c_str(addr: u64) -> Option<Vec<u8>> {
+/// Reads a NUL-terminated string of at most [`MAX_STR`] bytes at `addr`, checking each byte
+/// before reading it so that nothing past the NUL is touched. `None` when a byte may not be
+/// read: the kernel's `%s` then fails the call (`-EINVAL`), so this does not end the run.
+fn read_c_str(hctx: &HelperContext, addr: u64) -> Option<Vec<u8>> {
     let mut s = Vec::new();
     for k in 0..MAX_STR as u64 {
-        let b = read_bytes(addr.checked_add(k)?, 1)?[0];
+        let at = addr.checked_add(k)?;
+        if !hctx.allows(at, 1, Access::Load) {
+            return None;
+        }
+        // SAFETY: the run may read this byte (as in `read_bytes`).
+        let b = unsafe { *(at as *const u8) };
         if b == 0 {
             return Some(s);
         }
@@ -271,22 +278,22 @@ fn read_c_str(addr: u64) -> Option<Vec<u8>> {
 }
 
 /// The format bytes up to its NUL, which must lie within `size` bytes.
-fn read_fmt(fmt: u64, size: u64) -> Option<Vec<u8>> {
+fn read_fmt(hctx: &mut HelperContext, fmt: u64, size: u64) -> Option<Vec<u8>> {
     if size == 0 || size > 64 * 1024 {
         return None;
     }
-    let mut bytes = read_bytes(fmt, size as usize)?;
+    let mut bytes = read_bytes(hctx, fmt, size as usize)?;
     let nul = bytes.iter().position(|&b| b == 0)?;
     bytes.truncate(nul);
     Some(bytes)
 }
 
-fn print(fmt: u64, size: u64, args: &[u64]) -> u64 {
+fn print(hctx: &mut HelperContext, fmt: u64, size: u64, args: &[u64]) -> u64 {
     let einval = -(libc::EINVAL as i64) as u64;
-    let Some(fmt) = read_fmt(fmt, size) else {
+    let Some(fmt) = read_fmt(hctx, fmt, size) else {
         return einval;
     };
-    match format(&fmt, args, &read_c_str) {
+    match format(&fmt, args, &|a| read_c_str(hctx, a)) {
         Ok(message) => {
             emit(&message);
             message.len() as u64
@@ -296,13 +303,37 @@ fn print(fmt: u64, size: u64, args: &[u64]) -> u64 {
 }
 
 /// `long bpf_trace_printk(const char *fmt, u32 fmt_size, ...)`: up to three arguments.
-pub extern "C" fn trace_printk(fmt: u64, size: u64, a: u64, b: u64, c: u64) -> u64 {
-    print(fmt, size as u32 as u64, &[a, b, c])
+///
+/// # Safety
+/// A context helper: `hctx` is the calling run's context.
+pub unsafe extern "C" fn trace_printk(
+    fmt: u64,
+    size: u64,
+    a: u64,
+    b: u64,
+    c: u64,
+    hctx: *mut HelperContext,
+) -> u64 {
+    // SAFETY: the caller's contract.
+    let hctx = unsafe { &mut *hctx };
+    print(hctx, fmt, size as u32 as u64, &[a, b, c])
 }
 
 /// `long bpf_trace_vprintk(const char *fmt, u32 fmt_size, const void *data, u32 data_len)`:
 /// the arguments are `data_len / 8` u64s at `data` (at most [`MAX_VARARGS`]).
-pub extern "C" fn trace_vprintk(fmt: u64, size: u64, data: u64, data_len: u64, _: u64) -> u64 {
+///
+/// # Safety
+/// A context helper: `hctx` is the calling run's context.
+pub unsafe extern "C" fn trace_vprintk(
+    fmt: u64,
+    size: u64,
+    data: u64,
+    data_len: u64,
+    _: u64,
+    hctx: *mut HelperContext,
+) -> u64 {
+    // SAFETY: the caller's contract.
+    let hctx = unsafe { &mut *hctx };
     let einval = -(libc::EINVAL as i64) as u64;
     let data_len = data_len as u32 as usize;
     if !data_len.is_multiple_of(8) || data_len / 8 > MAX_VARARGS || (data_len > 0 && data == 0) {
@@ -310,7 +341,7 @@ pub extern "C" fn trace_vprintk(fmt: u64, size: u64, data: u64, data_len: u64, _
     }
     let args: Vec<u64> = match data_len {
         0 => Vec::new(),
-        n => match read_bytes(data, n) {
+        n => match read_bytes(hctx, data, n) {
             Some(b) => b
                 .chunks_exact(8)
                 .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
@@ -318,13 +349,13 @@ pub extern "C" fn trace_vprintk(fmt: u64, size: u64, data: u64, data_len: u64, _
             None => return einval,
         },
     };
-    print(fmt, size as u32 as u64, &args)
+    print(hctx, fmt, size as u32 as u64, &args)
 }
 
 /// Registers both helpers under their kernel ids.
 pub(crate) fn register(h: &mut Helpers) {
-    h.register(super::helpers::TRACE_PRINTK, trace_printk)
-        .register(super::helpers::TRACE_VPRINTK, trace_vprintk);
+    h.register_with_context(super::helpers::TRACE_PRINTK, trace_printk)
+        .register_with_context(super::helpers::TRACE_VPRINTK, trace_vprintk);
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! `data_hard_start + XDP_FRAME_SIZE` (room for the kernel's `struct xdp_frame`), and
 //! `bpf_xdp_adjust_tail` may grow the packet up to the frame's end less the shared info.
 
+use crate::exec::HelperContext;
 use crate::isa::{Insn, Size};
 
 /// `XDP_PACKET_HEADROOM`: headroom before the packet.
@@ -201,18 +202,37 @@ impl XdpFrame {
     }
 }
 
-/// The frame of the run in progress on this thread, for the adjust helpers.
-fn current() -> Option<*mut XdpContext> {
-    super::current_xdp()
+/// The XDP context of the run `hctx` belongs to, if `ctx` (the helper's r1) is it.
+///
+/// # Safety
+/// As for [`super::run_state`].
+unsafe fn context<'a>(hctx: *mut HelperContext, ctx: u64) -> Option<&'a mut XdpContext> {
+    // SAFETY: forwarded.
+    let state = unsafe { super::run_state(hctx) }?;
+    if state.xdp.is_null() || state.xdp as u64 != ctx {
+        return None;
+    }
+    // SAFETY: the run's context lives in its frame for the whole run, and the program only
+    // reads it (the conversion refuses stores), so the helper may change it.
+    Some(unsafe { &mut *state.xdp })
 }
 
 /// `long bpf_xdp_adjust_head(struct xdp_md *ctx, int delta)`.
-pub extern "C" fn xdp_adjust_head(ctx: u64, delta: u64, _: u64, _: u64, _: u64) -> u64 {
-    let Some(c) = current().filter(|&c| c as u64 == ctx) else {
+///
+/// # Safety
+/// A context helper of the runtime's runs ([`super::run_state`]).
+pub unsafe extern "C" fn xdp_adjust_head(
+    ctx: u64,
+    delta: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    hctx: *mut HelperContext,
+) -> u64 {
+    // SAFETY: forwarded.
+    let Some(c) = (unsafe { context(hctx, ctx) }) else {
         return -(libc::EINVAL as i64) as u64;
     };
-    // SAFETY: `c` is the context of the run in progress on this thread, which outlives it.
-    let c = unsafe { &mut *c };
     let delta = delta as i32 as i64;
     let metalen = c.data - c.data_meta;
     let data = c.data as i64 + delta;
@@ -236,12 +256,21 @@ pub extern "C" fn xdp_adjust_head(ctx: u64, delta: u64, _: u64, _: u64, _: u64) 
 }
 
 /// `long bpf_xdp_adjust_tail(struct xdp_md *ctx, int delta)`.
-pub extern "C" fn xdp_adjust_tail(ctx: u64, delta: u64, _: u64, _: u64, _: u64) -> u64 {
-    let Some(c) = current().filter(|&c| c as u64 == ctx) else {
+///
+/// # Safety
+/// A context helper of the runtime's runs ([`super::run_state`]).
+pub unsafe extern "C" fn xdp_adjust_tail(
+    ctx: u64,
+    delta: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    hctx: *mut HelperContext,
+) -> u64 {
+    // SAFETY: forwarded.
+    let Some(c) = (unsafe { context(hctx, ctx) }) else {
         return -(libc::EINVAL as i64) as u64;
     };
-    // SAFETY: as in `xdp_adjust_head`.
-    let c = unsafe { &mut *c };
     let delta = delta as i32 as i64;
     let hard_end = (c.frame_end - SKB_SHARED_INFO_SIZE as u64) as i64;
     let data_end = c.data_end as i64 + delta;
@@ -257,12 +286,21 @@ pub extern "C" fn xdp_adjust_tail(ctx: u64, delta: u64, _: u64, _: u64, _: u64) 
 }
 
 /// `long bpf_xdp_adjust_meta(struct xdp_md *ctx, int delta)`.
-pub extern "C" fn xdp_adjust_meta(ctx: u64, delta: u64, _: u64, _: u64, _: u64) -> u64 {
-    let Some(c) = current().filter(|&c| c as u64 == ctx) else {
+///
+/// # Safety
+/// A context helper of the runtime's runs ([`super::run_state`]).
+pub unsafe extern "C" fn xdp_adjust_meta(
+    ctx: u64,
+    delta: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    hctx: *mut HelperContext,
+) -> u64 {
+    // SAFETY: forwarded.
+    let Some(c) = (unsafe { context(hctx, ctx) }) else {
         return -(libc::EINVAL as i64) as u64;
     };
-    // SAFETY: as in `xdp_adjust_head`.
-    let c = unsafe { &mut *c };
     let meta = c.data_meta as i64 + delta as i32 as i64;
     let frame_end = (c.hard_start + XDP_FRAME_SIZE as u64) as i64;
     if meta < frame_end || meta > c.data as i64 {

@@ -51,7 +51,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::exec::{ExecError, MemRegion};
+use crate::exec::{ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
 use crate::helpers::Helpers;
 use crate::isa::Program;
 use crate::jit::{JitError, JitOptions, JitProgram, JitStack, RunContext};
@@ -195,6 +195,12 @@ impl Drop for ProgInner {
 #[derive(Clone)]
 pub struct Prog(Arc<ProgInner>);
 
+impl From<&Prog> for TailTarget {
+    fn from(prog: &Prog) -> TailTarget {
+        prog.tail_target()
+    }
+}
+
 impl std::fmt::Debug for Prog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Prog({:#x})", self.0.jit.entry())
@@ -234,6 +240,35 @@ impl Prog {
         let result = self.0.jit.call(args);
         self.account(start);
         result
+    }
+
+    /// Runs the program in `env` (see [`RunEnv`]) on a fresh zeroed stack, through whatever is
+    /// attached to it, counting it in the statistics as [`Prog::run`] does.
+    ///
+    /// # Safety
+    /// As for [`JitProgram::run_env`]: the regions of `env` are valid as marked for the whole
+    /// run and not aliased by Rust references, its maps alive, and `env.user` valid for what
+    /// the registered context helpers do with it.
+    pub unsafe fn run_env(&self, env: &RunEnv<'_>) -> Result<u64, ExecError> {
+        let start = stats_enabled().then(Instant::now);
+        let mut stack = JitStack::new();
+        // SAFETY: forwarded from the caller; the stack is new, hence zeroed.
+        let result = unsafe { self.0.jit.run_env_on(env, &mut stack) };
+        self.account(start);
+        result
+    }
+
+    /// What this program needs from tail-call targets ([`crate::maps::Map::prog_array_bind`]).
+    pub fn tail_caller(&self) -> TailCaller {
+        self.0.jit.tail_caller()
+    }
+
+    /// A program array target running this program (its JIT code for JIT callers, its program
+    /// for the interpreter); it keeps the program alive. A tail call enters after the patch
+    /// site, so what is attached to the program does not run on that path (as in Linux).
+    pub fn tail_target(&self) -> TailTarget {
+        let owner: Arc<dyn std::any::Any + Send + Sync> = self.0.clone();
+        self.0.jit.tail_target(owner)
     }
 
     fn account(&self, start: Option<Instant>) {
@@ -786,7 +821,10 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
     // SAFETY: `ctx` is trampoline frame space for one RunContext; the stack is this thread's for
     // this nesting level and stays allocated while the thread lives; `region` covers the saved
     // argument words in the same frame; the helpers live in the program, kept alive by `link`.
-    unsafe { RunContext::init_raw(ctx, region, stack, &prog.helpers, prog.jit.budget()) };
+    unsafe {
+        RunContext::init_raw(ctx, region, stack, &prog.helpers, prog.jit.budget());
+        RunContext::set_checked_raw(ctx, prog.jit.is_checked());
+    }
     if stats_enabled() { now_ns() + 1 } else { 1 }
 }
 

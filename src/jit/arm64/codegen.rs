@@ -91,11 +91,12 @@ use super::enc::{
     X26, XZR,
 };
 use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
-use crate::helpers::Helpers;
+use crate::helpers::{Helper, Helpers};
 use crate::interp::{alu32, alu64};
 use crate::isa::{AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, Width};
 use crate::jit::{
-    CTX_BUDGET_LEFT, CTX_FP_LIMIT, CTX_MEM_START, CTX_STACK_BASE, JitError, ctx_bound, rt,
+    CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_MEM_START,
+    CTX_STACK_BASE, JitError, ctx_bound, rt,
 };
 
 /// Bytes per instruction.
@@ -181,6 +182,8 @@ pub struct Arm64Options {
     pub runtime_fn: u64,
     /// Initial PLT literal: the dummy trampoline's address.
     pub plt_target: u64,
+    /// Address of the `Helpers` that `callx` resolves against (kept alive with the image).
+    pub helpers: u64,
 }
 
 /// Generated code and the offsets a loader and the poker need.
@@ -198,6 +201,8 @@ pub struct Arm64Code {
     pub plt_literal: usize,
     /// Byte offset of the code of each eBPF instruction (by instruction index).
     pub insn_offsets: Vec<usize>,
+    /// Byte offset of the tail entry, where a tail call into the program continues.
+    pub tail_entry: usize,
 }
 
 fn map(r: Reg) -> Gpr {
@@ -318,7 +323,7 @@ pub fn generate(
         thunk_used: false,
         insn_offsets: Vec::with_capacity(program.insns().len()),
     };
-    g.prologue();
+    let tail_entry = g.prologue() * INSN_BYTES;
     for (i, insn) in program.insns().iter().enumerate() {
         g.e.pc = program.slot_of(i);
         let label = g.insn_labels[i];
@@ -348,6 +353,7 @@ pub fn generate(
         plt,
         plt_literal: plt + PLT_LITERAL_OFFSET,
         insn_offsets,
+        tail_entry,
     })
 }
 
@@ -366,7 +372,8 @@ struct Gen<'a> {
 }
 
 impl Gen<'_> {
-    fn prologue(&mut self) {
+    /// Emits everything before the first instruction; returns the tail entry's word index.
+    fn prologue(&mut self) -> usize {
         let e = &mut self.e;
         let epilogue = e.new_label();
         let body = e.new_label();
@@ -406,7 +413,19 @@ impl Gen<'_> {
         e.emit(enc::mov_reg(true, X7, XZR));
         e.branch(Fix::B, epilogue);
 
+        // Tail entry: a tail call branches here (`br`, hence `bti j`) with r1 = its ctx
+        // argument and the caller's frame (sp, x30 = the current function's return address,
+        // r10, the context); the rest start at zero.
+        let tail_entry = e.words.len();
+        if self.opts.bti {
+            e.emit(enc::BTI_J);
+        }
+        for r in [X7, X1, X2, X3, X4, X19, X20, X21, X22] {
+            e.emit(enc::mov_reg(true, r, XZR));
+        }
+
         e.bind(body);
+        tail_entry
     }
 
     /// Cold stubs, then the thunk (only if anything calls it).
@@ -575,8 +594,16 @@ impl Gen<'_> {
                 self.count_back_edge(i, pc);
                 self.jump(width == Width::W64, cond, map(dst), src, t);
             }
-            Insn::Call { id } => match self.helpers.get(id as u64) {
-                Some(f) => self.call_helper(Some(f as usize as u64)),
+            Insn::Call { id } => match self.helpers.lookup(id as u64) {
+                Some(Helper::Plain(f)) => self.call_helper(Some(f as usize as u64), false),
+                Some(Helper::Context(f)) => {
+                    // pc and id with one store: `call_id` is the upper half of the word.
+                    let call = (id as u64) << 32 | pc as u64;
+                    self.e.emit_all(&enc::mov_imm(true, IMM, call));
+                    self.e.emit(str_ctx(IMM, CTX_CALL_PC));
+                    self.call_helper(Some(f as usize as u64), true);
+                }
+                Some(Helper::TailCall) => self.tail_call(pc),
                 None => {
                     // Fails at run time, as in the interpreter (the code may never get here).
                     self.e.emit_all(&enc::mov_imm(false, ADDR, id as u64));
@@ -584,9 +611,14 @@ impl Gen<'_> {
                 }
             },
             Insn::CallX { reg } => {
+                // A tail call may have brought another program's code here: the lookup uses
+                // this image's helpers.
+                self.e.emit_all(&enc::mov_imm(true, IMM, self.opts.helpers));
+                self.e.emit(str_ctx(IMM, CTX_HELPERS));
                 self.e.emit(enc::mov_reg(true, ADDR, map(reg)));
                 self.runtime_inline(rt::info(rt::HELPER, pc, 1, Access::Load));
-                self.call_helper(None);
+                // The id is dynamic, so it may be a context helper.
+                self.call_helper(None, true);
             }
             Insn::CallLocal { .. } => {
                 let t = self.target(i)?;
@@ -1001,8 +1033,10 @@ impl Gen<'_> {
     }
 
     /// Calls a helper at a known address, or at the address in x10 (from a `callx` lookup).
-    /// r1–r5 are already x0–x4; the result moves from x0 to r0.
-    fn call_helper(&mut self, addr: Option<u64>) {
+    /// r1–r5 are already x0–x4 and the context becomes the sixth argument (x5); the result
+    /// moves from x0 to r0. With `may_fail`, a failure the helper recorded in the context
+    /// unwinds the run.
+    fn call_helper(&mut self, addr: Option<u64>, may_fail: bool) {
         let e = &mut self.e;
         e.emit(enc::stp(PairMode::Pre, X0, X1, SP, -48).expect("in range"));
         e.emit(enc::stp(PairMode::Offset, X2, X3, SP, 16).expect("in range"));
@@ -1010,11 +1044,39 @@ impl Gen<'_> {
         if let Some(f) = addr {
             e.emit_all(&enc::mov_imm(true, TMP, f));
         }
+        e.emit(enc::mov_reg(true, X5, CTX));
         e.emit(enc::blr(TMP));
         e.emit(enc::mov_reg(true, X7, X0));
         e.emit(enc::ldp(PairMode::Offset, X4, LR, SP, 32).expect("in range"));
         e.emit(enc::ldp(PairMode::Offset, X2, X3, SP, 16).expect("in range"));
         e.emit(enc::ldp(PairMode::Post, X0, X1, SP, 48).expect("in range"));
+        if may_fail {
+            // `b` (±128 MiB) rather than `cbnz` (±1 MiB) to the fault: programs may be large.
+            let ok = e.new_label();
+            e.emit(ldr_ctx(TMP, CTX_FAILED));
+            e.branch(Fix::Cbz(true, TMP), ok);
+            e.branch(Fix::B, self.fault);
+            e.bind(ok);
+        }
+    }
+
+    /// `bpf_tail_call`: the runtime checks the map (r2), the index (r3) and the count and
+    /// returns the target's tail entry (or 1 to fall through, every register unchanged). At
+    /// an instruction boundary sp and x30 are the current function's, so the target's `exit`
+    /// (`ret`) returns to this function's caller.
+    fn tail_call(&mut self, pc: usize) {
+        self.e.emit(
+            enc::ldst_uimm(LdSt::Str, Size::W, X2, CTX, CTX_ARG2 as i64)
+                .expect("context fields are small"),
+        );
+        self.e.emit(enc::mov_reg(true, ADDR, X1));
+        self.runtime_inline(rt::info(rt::TAIL_CALL, pc, 1, Access::Load));
+        let e = &mut self.e;
+        let fall_through = e.new_label();
+        e.emit(enc::cmp_imm(true, TMP, 1).expect("1 encodes"));
+        e.branch(Fix::BCond(Cond::Eq), fall_through);
+        e.emit(enc::br(TMP));
+        e.bind(fall_through);
     }
 
     fn call_local(&mut self, pc: usize, target: Label) {
@@ -1076,6 +1138,7 @@ mod tests {
             lse,
             runtime_fn: RUNTIME,
             plt_target: DUMMY,
+            helpers: 0x99aa_bbcc_ddee_ff00,
         }
     }
 

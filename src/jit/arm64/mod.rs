@@ -96,6 +96,8 @@ mod place {
             lse: jit.lse().unwrap_or(host_lse) && host_lse,
             runtime_fn: crate::jit::runtime_call as *const () as u64,
             plt_target: dummy_trampoline()? as u64,
+            // The caller keeps these helpers at this address as long as the image lives.
+            helpers: helpers as *const Helpers as u64,
         };
         let code = generate(program, helpers, &opts)?;
         let image = arena.alloc(code.code.len(), IMAGE_ALIGN)?;

@@ -673,6 +673,11 @@ impl Asm {
         self.op_rm(false, false, false, &[0xff], 2, Rm::Reg(r));
     }
 
+    /// `jmp r64`.
+    pub fn jmp_r(&mut self, r: Gpr) {
+        self.op_rm(false, false, false, &[0xff], 4, Rm::Reg(r));
+    }
+
     /// Near `ret` (`C3`).
     pub fn ret(&mut self) {
         self.byte(0xc3);
@@ -1065,6 +1070,7 @@ mod tests {
             check(|a| a.push(d), &format!("push {n64}"));
             check(|a| a.pop(d), &format!("pop {n64}"));
             check(|a| a.call_r(d), &format!("call {n64}"));
+            check(|a| a.jmp_r(d), &format!("jmp {n64}"));
         }
     }
 

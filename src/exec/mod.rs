@@ -1,11 +1,26 @@
-//! The execution contract every engine (interpreter, JITs) follows, and the errors a run can end with.
+//! The execution contract every engine (interpreter, JITs) follows, the state of a run, and the
+//! errors a run can end with.
 //!
-//! On entry r1 holds the address of the input memory (0 when there is none), r2 its length and r10
-//! the top of a fresh stack frame of [`STACK_SIZE`] bytes. Each BPF-to-BPF call gets a fresh frame; at
-//! most [`MAX_CALL_DEPTH`] frames are live. The program may touch its input memory, the stack and any
-//! extra [`MemRegion`]s it was given; anything else ends the run with [`ExecError::OutOfBounds`].
+//! A run starts from a [`RunEnv`]: r1–r5 are [`RunEnv::args`] and r10 is the top of a fresh stack
+//! frame of [`STACK_SIZE`] bytes (the older entry points, `run(mem)`, make r1 the address of the
+//! input memory, 0 when there is none, and r2 its length). Each BPF-to-BPF call gets a fresh
+//! frame; at most [`MAX_CALL_DEPTH`] frames are live. The program may touch the run's regions, the
+//! stack and the regions helpers grant it ([`HelperContext::grant`]); anything else ends a checked
+//! run with [`ExecError::OutOfBounds`]. The per-run state every engine keeps is a
+//! [`HelperContext`] (see [`context`]).
+
+pub mod context;
+pub mod tail;
+
+use std::borrow::Cow;
+use std::ffi::c_void;
 
 use thiserror::Error;
+
+pub use context::{HelperContext, INLINE_GRANTS, JitStack, MAX_GRANTS, RunContext};
+pub use tail::{TailCaller, TailTarget};
+
+use crate::maps::RawMap;
 
 /// Bytes of stack per call frame (RFC 9669 / Linux `MAX_BPF_STACK`).
 pub const STACK_SIZE: usize = 512;
@@ -13,6 +28,50 @@ pub const STACK_SIZE: usize = 512;
 pub const MAX_CALL_DEPTH: usize = 8;
 /// Total stack a run needs.
 pub const TOTAL_STACK: usize = STACK_SIZE * MAX_CALL_DEPTH;
+
+/// Most tail calls one run may make (Linux `MAX_TAIL_CALL_CNT`): the 34th falls through.
+pub const MAX_TAIL_CALL_CNT: u32 = 33;
+
+/// What one run starts from, the same for every engine.
+///
+/// Build it with a struct literal, starting from [`RunEnv::default`] for the fields you do not
+/// need: `RunEnv { args, regions: &regions, ..RunEnv::default() }`.
+#[derive(Clone, Copy, Debug)]
+pub struct RunEnv<'a> {
+    /// r1..r5 on entry.
+    pub args: [u64; 5],
+    /// Memory the program may access besides its stack (what checked runs allow). JIT code
+    /// checks `regions[0]` inline and the others out of line, so put the most accessed first
+    /// (e.g. the packet).
+    pub regions: &'a [MemRegion],
+    /// Opaque per-run state for context helpers ([`HelperContext::user`]); null if none.
+    pub user: *mut c_void,
+    /// The maps the program may name: helpers taking a map argument accept only these
+    /// ([`HelperContext::map`]) in checked runs, and in trusted runs when the list is not empty.
+    pub maps: &'a [*const RawMap],
+}
+
+impl Default for RunEnv<'_> {
+    fn default() -> Self {
+        RunEnv {
+            args: [0; 5],
+            regions: &[],
+            user: std::ptr::null_mut(),
+            maps: &[],
+        }
+    }
+}
+
+impl<'a> RunEnv<'a> {
+    /// An environment with `args` and `regions`, no user pointer and no maps.
+    pub fn new(args: [u64; 5], regions: &'a [MemRegion]) -> RunEnv<'a> {
+        RunEnv {
+            args,
+            regions,
+            ..RunEnv::default()
+        }
+    }
+}
 
 /// A range of memory a program may access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +162,17 @@ pub enum ExecError {
         pc: usize,
         /// The budget the run was given.
         budget: u64,
+    },
+    /// A helper ended the run ([`HelperContext::fail_helper`]): e.g. a map argument that is not
+    /// one of the run's maps, or more granted regions than a run may hold.
+    #[error("helper {helper} failed at instruction {pc}: {reason}")]
+    HelperFault {
+        /// Slot index of the call.
+        pc: usize,
+        /// The helper's id.
+        helper: u32,
+        /// What went wrong.
+        reason: Cow<'static, str>,
     },
     /// The requested execution engine cannot run on this host.
     #[error("engine `{engine}` is not available: {reason}")]

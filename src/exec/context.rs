@@ -1,0 +1,701 @@
+//! The per-run state every engine keeps: [`HelperContext`] (what generated code reads at fixed
+//! offsets and what context helpers see) and its borrowing wrapper [`RunContext`].
+//!
+//! One decision lives here for all engines: whether an access is allowed
+//! ([`HelperContext::allows`]). The interpreter asks it for every access, checked JIT code for
+//! those its inline test of the stack and the first region does not accept, and helpers for their
+//! pointer arguments.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
+use super::{Access, ExecError, MemRegion, RunEnv, STACK_SIZE, TOTAL_STACK};
+use crate::helpers::Helpers;
+use crate::maps::RawMap;
+
+/// A run's stack: [`TOTAL_STACK`] bytes, 16-aligned (atomics on it need natural alignment).
+#[repr(C, align(16))]
+pub struct JitStack(pub(crate) [u64; TOTAL_STACK / 8]);
+
+impl JitStack {
+    /// A zeroed stack, as the interpreter gives every run.
+    pub const fn new() -> JitStack {
+        JitStack([0; TOTAL_STACK / 8])
+    }
+
+    /// Address of the stack's lowest byte; a run's r10 starts at `base() + TOTAL_STACK`.
+    pub fn base(&self) -> u64 {
+        self.0.as_ptr() as u64
+    }
+
+    /// Zeroes the whole stack.
+    pub fn zero(&mut self) {
+        self.0.fill(0);
+    }
+}
+
+impl Default for JitStack {
+    fn default() -> Self {
+        JitStack::new()
+    }
+}
+
+/// Regions kept inline in the context; more go to a spill vector.
+pub const INLINE_GRANTS: usize = 4;
+/// The most regions one run may be granted ([`HelperContext::grant`]); the next grant ends the
+/// run with [`ExecError::HelperFault`].
+pub const MAX_GRANTS: usize = 1024;
+/// Spill vectors a thread keeps for reuse (one per nesting level of runs that spilled).
+const SPILL_POOL: usize = 4;
+
+thread_local! {
+    /// Spill vectors of finished runs, kept with their capacity so that a run's grants allocate
+    /// only until the thread has seen its largest run.
+    static SPILLS: RefCell<Vec<Vec<Grant>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A granted region, and whether it is a ring buffer record (which only
+/// `bpf_ringbuf_submit`/`discard` may release).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Grant {
+    region: MemRegion,
+    record: bool,
+}
+
+/// Regions granted during one run: a few inline, the rest in a vector borrowed from the thread's
+/// pool on the first spill and returned when the run ends.
+struct Grants {
+    inline: [Grant; INLINE_GRANTS],
+    len: usize,
+    spill: Vec<Grant>,
+}
+
+impl Grants {
+    const EMPTY: Grant = Grant {
+        region: MemRegion {
+            start: 0,
+            len: 0,
+            writable: false,
+        },
+        record: false,
+    };
+
+    fn new() -> Grants {
+        Grants {
+            inline: [Grants::EMPTY; INLINE_GRANTS],
+            len: 0,
+            spill: Vec::new(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Grant> {
+        self.inline[..self.len].iter().chain(self.spill.iter())
+    }
+
+    fn count(&self) -> usize {
+        self.len + self.spill.len()
+    }
+
+    /// Adds `g` unless it is already there; false when full.
+    fn add(&mut self, g: Grant) -> bool {
+        if self.iter().any(|x| *x == g) {
+            return true;
+        }
+        if self.len < INLINE_GRANTS {
+            self.inline[self.len] = g;
+            self.len += 1;
+            return true;
+        }
+        if self.count() >= MAX_GRANTS {
+            return false;
+        }
+        if self.spill.capacity() == 0 {
+            // A thread-local being destroyed (a run from a destructor) just allocates.
+            self.spill = SPILLS
+                .try_with(|p| p.borrow_mut().pop())
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+        }
+        self.spill.push(g);
+        true
+    }
+
+    /// Removes the first grant `pred` accepts and returns it.
+    fn remove(&mut self, pred: impl Fn(&Grant) -> bool) -> Option<Grant> {
+        if let Some(i) = self.inline[..self.len].iter().position(&pred) {
+            let g = self.inline[i];
+            self.inline.copy_within(i + 1..self.len, i);
+            self.len -= 1;
+            // Keep the inline part full while spilled regions remain.
+            if let Some(last) = self.spill.pop() {
+                self.inline[self.len] = last;
+                self.len += 1;
+            }
+            return Some(g);
+        }
+        let i = self.spill.iter().position(pred)?;
+        Some(self.spill.swap_remove(i))
+    }
+
+    /// Forgets every grant and hands the spill vector back to the thread's pool.
+    fn release(&mut self) {
+        self.len = 0;
+        let mut spill = std::mem::take(&mut self.spill);
+        if spill.capacity() != 0 {
+            spill.clear();
+            let _ = SPILLS.try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < SPILL_POOL {
+                    p.push(spill);
+                }
+            });
+        }
+    }
+}
+
+/// The state of one run, as helpers registered with
+/// [`Helpers::register_with_context`](crate::helpers::Helpers::register_with_context) see it
+/// (the 6th argument of a [`ContextHelperFn`](crate::helpers::ContextHelperFn)): the run's
+/// opaque user pointer ([`RunEnv::user`]), the memory the run may access ([`allows`]), the
+/// regions granted so far ([`grant`]), the maps it knows ([`map`]), and a way to end the run with
+/// an error ([`fail`]).
+///
+/// Every engine builds one per run (generated code addresses the leading fields by fixed
+/// offsets, hence `#[repr(C)]`); it lives on the caller's stack for that run only, so concurrent
+/// runs never share one. There is no public constructor: a helper only ever sees the context of
+/// the run that called it, through a pointer valid for the duration of that call.
+///
+/// [`allows`]: HelperContext::allows
+/// [`grant`]: HelperContext::grant
+/// [`map`]: HelperContext::map
+/// [`fail`]: HelperContext::fail
+#[repr(C)]
+pub struct HelperContext {
+    /// Lowest stack address; r10 starts at `stack_base + TOTAL_STACK`.
+    stack_base: u64,
+    /// Start of the first region, the one checked inline (0 when there is none).
+    mem_start: u64,
+    /// For access sizes 1, 2, 4, 8: `len - size + 1`, or 0 when the region is smaller, so that an
+    /// access is inside it iff `addr - mem_start < mem_bound[log2 size]` (unsigned).
+    mem_bound: [u64; 4],
+    /// `mem_bound` for stores and atomics: all zero when the region is read-only, so that every
+    /// write to it takes the slow path, which decides.
+    store_bound: [u64; 4],
+    /// A BPF-to-BPF call fails when r10 ≤ this (all [`crate::exec::MAX_CALL_DEPTH`] frames used).
+    fp_limit: u64,
+    /// Back edges and calls the run may still take, decremented by code compiled with a budget.
+    budget_left: u64,
+    /// Non-zero once the run has an error: generated code tests it after context helper calls.
+    failed: u64,
+    /// Slot index of the helper call in progress; generated code stores it (and `call_id`,
+    /// the next 4 bytes) before each call that may read it.
+    call_pc: u32,
+    /// Helper id of the call in progress.
+    call_id: u32,
+    /// The helpers a `callx` resolves against: the calling image stores its own before each
+    /// lookup (a tail call may have entered another program's code).
+    helpers: *const Helpers,
+    /// Second argument of a runtime request (a tail call's index).
+    arg2: u64,
+    /// The budget the run started with, for the error.
+    budget: u64,
+    mem_len: u64,
+    mem_writable: bool,
+    /// Whether the run's accesses are checked (its entry program's mode; the interpreter always).
+    checked: bool,
+    /// Whether the run's code counts a budget (the entry program was compiled with one).
+    budgeted: bool,
+    /// Tail calls this run has attempted past the index check ([`crate::exec::MAX_TAIL_CALL_CNT`]).
+    pub(crate) tail_calls: u32,
+    extra: *const MemRegion,
+    extra_len: usize,
+    user: *mut c_void,
+    maps: *const *const RawMap,
+    maps_len: usize,
+    grants: Grants,
+    /// Set by `fail` and the runtime functions when a run fails.
+    error: Option<ExecError>,
+}
+
+/// Offsets of [`HelperContext`] fields used by generated code.
+pub(crate) const CTX_STACK_BASE: i32 = std::mem::offset_of!(HelperContext, stack_base) as i32;
+pub(crate) const CTX_MEM_START: i32 = std::mem::offset_of!(HelperContext, mem_start) as i32;
+pub(crate) const CTX_MEM_BOUND: i32 = std::mem::offset_of!(HelperContext, mem_bound) as i32;
+pub(crate) const CTX_FP_LIMIT: i32 = std::mem::offset_of!(HelperContext, fp_limit) as i32;
+pub(crate) const CTX_STORE_BOUND: i32 = std::mem::offset_of!(HelperContext, store_bound) as i32;
+pub(crate) const CTX_BUDGET_LEFT: i32 = std::mem::offset_of!(HelperContext, budget_left) as i32;
+pub(crate) const CTX_FAILED: i32 = std::mem::offset_of!(HelperContext, failed) as i32;
+pub(crate) const CTX_CALL_PC: i32 = std::mem::offset_of!(HelperContext, call_pc) as i32;
+pub(crate) const CTX_HELPERS: i32 = std::mem::offset_of!(HelperContext, helpers) as i32;
+pub(crate) const CTX_ARG2: i32 = std::mem::offset_of!(HelperContext, arg2) as i32;
+// arm64 stores pc and id with one 64-bit store: id must be the upper half of an aligned word.
+const _: () = assert!(
+    CTX_CALL_PC % 8 == 0 && std::mem::offset_of!(HelperContext, call_id) as i32 == CTX_CALL_PC + 4
+);
+
+/// The bound generated code compares an access of `size` bytes with (see `mem_bound`).
+pub(crate) const fn ctx_bound(size: usize, access: Access) -> i32 {
+    let base = match access {
+        Access::Load => CTX_MEM_BOUND,
+        Access::Store | Access::Atomic => CTX_STORE_BOUND,
+    };
+    base + 8 * size.trailing_zeros() as i32
+}
+
+impl HelperContext {
+    /// A context with `first` as the inline-checked region and `extra` after it, the stack at
+    /// `stack_base`. It records the addresses only: whoever runs with it keeps `extra` and
+    /// `helpers` alive meanwhile.
+    pub(crate) fn new(
+        first: MemRegion,
+        stack_base: u64,
+        extra: &[MemRegion],
+        helpers: &Helpers,
+        budget: Option<u64>,
+    ) -> HelperContext {
+        HelperContext::from_parts(first, stack_base, extra, helpers, budget)
+    }
+
+    fn from_parts(
+        first: MemRegion,
+        stack_base: u64,
+        extra: *const [MemRegion],
+        helpers: *const Helpers,
+        budget: Option<u64>,
+    ) -> HelperContext {
+        let mem_len = first.len;
+        let mem_bound = [1u64, 2, 4, 8].map(|n| mem_len.saturating_sub(n - 1));
+        let budgeted = budget.is_some();
+        let budget = budget.unwrap_or(u64::MAX);
+        HelperContext {
+            stack_base,
+            // An empty region has no address (r1 = 0 for an empty input), as in the interpreter.
+            mem_start: if mem_len == 0 { 0 } else { first.start },
+            mem_bound,
+            store_bound: if first.writable { mem_bound } else { [0; 4] },
+            fp_limit: stack_base + STACK_SIZE as u64,
+            budget_left: budget,
+            failed: 0,
+            call_pc: 0,
+            call_id: 0,
+            helpers,
+            arg2: 0,
+            budget,
+            mem_len,
+            mem_writable: first.writable,
+            checked: true,
+            budgeted,
+            tail_calls: 0,
+            extra: extra as *const MemRegion,
+            extra_len: extra.len(),
+            user: std::ptr::null_mut(),
+            maps: std::ptr::null(),
+            maps_len: 0,
+            grants: Grants::new(),
+            error: None,
+        }
+    }
+
+    /// Sets the user pointer and the known maps of `env`.
+    pub(crate) fn set_env(&mut self, env: &RunEnv<'_>) {
+        self.user = env.user;
+        self.maps = env.maps.as_ptr();
+        self.maps_len = env.maps.len();
+    }
+
+    /// The run's [`RunEnv::user`] pointer (null when the run was not started with one).
+    pub fn user(&self) -> *mut c_void {
+        self.user
+    }
+
+    /// Whether the run's memory accesses are checked: always in the interpreter, in JIT code
+    /// when its entry program was compiled with [`JitOptions::checked`](crate::jit::JitOptions).
+    pub fn is_checked(&self) -> bool {
+        self.checked
+    }
+
+    /// Whether checked code may access `[addr, addr + size)` for `access` — exactly the decision
+    /// a checked load, store or atomic makes: inside a region of the run (stores and atomics
+    /// need a writable one), the run's stack, or a region granted so far. Always true in a
+    /// trusted run: nothing is checked there.
+    pub fn allows(&self, addr: u64, size: u64, access: Access) -> bool {
+        !self.checked || self.permits(addr, size, access)
+    }
+
+    /// The check itself, whatever the run's mode (checked code inside a trusted run, the
+    /// interpreter).
+    pub(crate) fn permits(&self, addr: u64, size: u64, access: Access) -> bool {
+        // As `MemRegion::contains`, without a possible overflow panic (this runs inside JIT code).
+        let contains = |start: u64, len: u64| {
+            addr >= start
+                && addr
+                    .checked_add(size)
+                    .is_some_and(|end| end <= start.wrapping_add(len))
+        };
+        let writes = access != Access::Load;
+        if self.mem_len != 0
+            && contains(self.mem_start, self.mem_len)
+            && (!writes || self.mem_writable)
+        {
+            return true;
+        }
+        if contains(self.stack_base, TOTAL_STACK as u64) {
+            return true;
+        }
+        let ok = |r: &MemRegion| contains(r.start, r.len) && (!writes || r.writable);
+        self.extra().iter().any(ok) || self.grants.iter().any(|g| ok(&g.region))
+    }
+
+    fn extra(&self) -> &[MemRegion] {
+        if self.extra_len == 0 {
+            &[]
+        } else {
+            // SAFETY: `extra`/`extra_len` come from a slice that the context's creator keeps
+            // alive for the run (a borrow of `RunContext`, or the contract of `init_raw`).
+            unsafe { std::slice::from_raw_parts(self.extra, self.extra_len) }
+        }
+    }
+
+    /// Lets the rest of this run access `region` too, as if it were one of the run's regions:
+    /// [`allows`](Self::allows) and checked code accept it from now on (the latter through its
+    /// out-of-line path). For memory a helper hands the program that stays valid until the run
+    /// ends: a map value from a lookup, a ring buffer record. An exact repeat of a granted
+    /// region is not added again; empty regions are ignored.
+    ///
+    /// Returns true when the region is granted. A run holds at most [`MAX_GRANTS`] distinct
+    /// regions; the grant after that ends the run with [`ExecError::HelperFault`] (naming the
+    /// helper call) and returns false — the helper should then return 0. In a trusted run this
+    /// does nothing and returns true (nothing is checked there).
+    ///
+    /// Grants belong to the run: they end with it, and a later run starts with none.
+    pub fn grant(&mut self, region: MemRegion) -> bool {
+        self.add_grant(Grant {
+            region,
+            record: false,
+        })
+    }
+
+    fn add_grant(&mut self, g: Grant) -> bool {
+        if !self.checked || g.region.len == 0 {
+            return true;
+        }
+        if self.grants.add(g) {
+            return true;
+        }
+        self.fail_helper(format!(
+            "the run was granted more than {MAX_GRANTS} distinct regions (map values, ring \
+             buffer records); look up fewer distinct elements per run"
+        ));
+        false
+    }
+
+    /// Withdraws a region granted earlier in this run with [`grant`](Self::grant); `region`
+    /// must equal the granted one. Returns whether it was granted.
+    pub fn revoke(&mut self, region: MemRegion) -> bool {
+        let g = Grant {
+            region,
+            record: false,
+        };
+        self.checked && self.grants.remove(|x| *x == g).is_some()
+    }
+
+    /// The granted region that starts at `addr`, if any (always `None` in a trusted run).
+    pub fn granted_at(&self, addr: u64) -> Option<MemRegion> {
+        self.grants
+            .iter()
+            .find(|g| g.region.start == addr)
+            .map(|g| g.region)
+    }
+
+    /// Regions granted so far in this run.
+    pub fn grant_count(&self) -> usize {
+        self.grants.count()
+    }
+
+    /// Grants a ring buffer record reserved in this run, until [`release_record`] takes it back.
+    ///
+    /// [`release_record`]: HelperContext::release_record
+    pub(crate) fn grant_record(&mut self, region: MemRegion) -> bool {
+        self.add_grant(Grant {
+            region,
+            record: true,
+        })
+    }
+
+    /// Takes back the record granted at `addr`: false if there is none (never reserved in this
+    /// run, or already submitted or discarded).
+    pub(crate) fn release_record(&mut self, addr: u64) -> bool {
+        self.grants
+            .remove(|g| g.record && g.region.start == addr)
+            .is_some()
+    }
+
+    /// Ends the run with `error`: the engine returns it once the helper returns (its return
+    /// value is discarded). The first error of a run wins.
+    pub fn fail(&mut self, error: ExecError) {
+        self.error.get_or_insert(error);
+        self.failed = 1;
+    }
+
+    /// Ends the run with [`ExecError::HelperFault`] for the helper call in progress.
+    pub fn fail_helper(&mut self, reason: impl Into<Cow<'static, str>>) {
+        let error = ExecError::HelperFault {
+            pc: self.pc(),
+            helper: self.call_id,
+            reason: reason.into(),
+        };
+        self.fail(error);
+    }
+
+    /// [`allows`](Self::allows), and if not, ends the run with [`ExecError::OutOfBounds`] at the
+    /// helper call (as if the call instruction had made the access) and returns false. For a
+    /// helper's pointer arguments.
+    pub fn check(&mut self, addr: u64, size: u64, access: Access) -> bool {
+        if self.allows(addr, size, access) {
+            return true;
+        }
+        self.fail(ExecError::OutOfBounds {
+            pc: self.pc(),
+            addr,
+            size,
+            access,
+        });
+        false
+    }
+
+    /// Whether the run has already failed.
+    pub fn has_failed(&self) -> bool {
+        self.failed != 0
+    }
+
+    /// Slot index of the helper call in progress (0 outside a context helper call).
+    pub fn pc(&self) -> usize {
+        self.call_pc as usize
+    }
+
+    /// Id of the helper in progress.
+    pub fn helper_id(&self) -> u32 {
+        self.call_id
+    }
+
+    /// The maps this run knows ([`RunEnv::maps`]).
+    pub fn maps(&self) -> &[*const RawMap] {
+        if self.maps_len == 0 {
+            &[]
+        } else {
+            // SAFETY: from the `RunEnv` the run started with, which outlives the run.
+            unsafe { std::slice::from_raw_parts(self.maps, self.maps_len) }
+        }
+    }
+
+    /// The map at `addr` if it is one of the run's [`RunEnv::maps`]: the check a helper makes on
+    /// a map argument (a program can pass any value in r1), one comparison per known map.
+    pub fn map(&self, addr: u64) -> Option<&RawMap> {
+        let m = *self.maps().iter().find(|m| **m as u64 == addr)?;
+        // SAFETY: `run_env`'s contract: every listed map is alive for the whole run.
+        Some(unsafe { &*m })
+    }
+
+    /// The map argument of a helper: [`map`](Self::map) in a checked run or one that lists its
+    /// maps; in a trusted run without a list, `addr` taken on trust.
+    ///
+    /// # Safety
+    /// In a trusted run with no [`RunEnv::maps`], `addr` must be the address of a map
+    /// ([`Map::as_raw`](crate::maps::Map::as_raw)) that stays alive until the run ends — what
+    /// [`JitOptions::trusted`](crate::jit::JitOptions::trusted) makes its caller vouch for about
+    /// the programs' helper arguments.
+    pub unsafe fn map_arg(&self, addr: u64) -> Option<&RawMap> {
+        if self.checked || self.maps_len != 0 {
+            return self.map(addr);
+        }
+        // SAFETY: the caller's contract.
+        (addr != 0).then(|| unsafe { &*(addr as *const RawMap) })
+    }
+
+    /// Whether the run's code counts a budget.
+    pub(crate) fn budgeted(&self) -> bool {
+        self.budgeted
+    }
+
+    pub(crate) fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    pub(crate) fn set_checked(&mut self, checked: bool) {
+        self.checked = checked;
+    }
+
+    pub(crate) fn set_call(&mut self, pc: usize, id: u32) {
+        self.call_pc = pc as u32;
+        self.call_id = id;
+    }
+
+    pub(crate) fn helpers_ptr(&self) -> *const Helpers {
+        self.helpers
+    }
+
+    pub(crate) fn arg2(&self) -> u64 {
+        self.arg2
+    }
+
+    /// Records `error` from a runtime function (the first error wins).
+    pub(crate) fn set_error(&mut self, error: ExecError) {
+        self.fail(error);
+    }
+
+    /// The error the run ended with, if any.
+    pub(crate) fn take_error(&mut self) -> Option<ExecError> {
+        self.failed = 0;
+        self.error.take()
+    }
+}
+
+impl Drop for HelperContext {
+    fn drop(&mut self) {
+        self.grants.release();
+    }
+}
+
+/// A [`HelperContext`] borrowing what its run uses: the stack, the regions, the helpers, the
+/// environment. Generated code receives a pointer to it (the program ABI's last argument, see
+/// [`crate::jit`]) and helpers the same address as a `*mut HelperContext`.
+#[repr(transparent)]
+pub struct RunContext<'a> {
+    state: HelperContext,
+    _borrows: PhantomData<(&'a mut [u8], &'a [MemRegion], &'a Helpers, RunEnv<'a>)>,
+}
+
+impl<'a> RunContext<'a> {
+    /// A context for one run over `mem` (writable), with `stack` (zero it first for the
+    /// interpreter's semantics), `extra` regions, the `helpers` of the run's entry program and
+    /// the run's `budget` of back edges and calls (only code compiled with a budget counts; give
+    /// it the program's [`JitProgram::budget`](crate::jit::JitProgram::budget); `None` is as
+    /// good as unlimited). The run counts as checked ([`HelperContext::is_checked`]).
+    pub fn new(
+        mem: &'a mut [u8],
+        stack: &'a mut JitStack,
+        extra: &'a [MemRegion],
+        helpers: &'a Helpers,
+        budget: Option<u64>,
+    ) -> RunContext<'a> {
+        let mem_start = if mem.is_empty() {
+            0
+        } else {
+            mem.as_mut_ptr() as u64
+        };
+        let input = MemRegion::new(mem_start, mem.len() as u64, true);
+        RunContext::wrap(HelperContext::from_parts(
+            input,
+            stack.base(),
+            extra,
+            helpers,
+            budget,
+        ))
+    }
+
+    /// A context for a run in `env` (see [`RunEnv`]): `env.regions[0]` is the region checked
+    /// inline, the others and later grants out of line.
+    ///
+    /// # Safety
+    /// The regions and maps of `env` are valid as `run_env` requires for the whole run
+    /// ([`JitProgram::run_env`](crate::jit::JitProgram::run_env)).
+    pub(crate) unsafe fn from_env(
+        env: &'a RunEnv<'a>,
+        extra: &'a [MemRegion],
+        stack: &'a mut JitStack,
+        helpers: &'a Helpers,
+        budget: Option<u64>,
+    ) -> RunContext<'a> {
+        let first = env
+            .regions
+            .first()
+            .copied()
+            .unwrap_or(MemRegion::new(0, 0, true));
+        let mut state = HelperContext::from_parts(first, stack.base(), extra, helpers, budget);
+        state.set_env(env);
+        RunContext::wrap(state)
+    }
+
+    fn wrap(state: HelperContext) -> RunContext<'a> {
+        RunContext {
+            state,
+            _borrows: PhantomData,
+        }
+    }
+
+    /// r1 of a run over an input: its address, or 0 when it is empty.
+    pub fn mem_addr(&self) -> u64 {
+        self.state.mem_start
+    }
+
+    /// r2 of a run over an input: its length.
+    pub fn mem_len(&self) -> u64 {
+        self.state.mem_len
+    }
+
+    /// The error the run ended with, if any.
+    pub fn take_error(&mut self) -> Option<ExecError> {
+        self.state.take_error()
+    }
+
+    /// The context as helpers see it.
+    pub(crate) fn state(&mut self) -> &mut HelperContext {
+        &mut self.state
+    }
+}
+
+impl RunContext<'static> {
+    /// Initialises a context in place, for callers that keep it in raw memory (a trampoline's
+    /// frame): input `mem`, which checked code may write only if `mem.writable` (trusted code
+    /// is not checked at all), `stack`, no extra regions, `helpers` of the program and the run's
+    /// `budget` (as for [`RunContext::new`]). Pair it with [`RunContext::take_raw`].
+    ///
+    /// # Safety
+    /// `ctx` is valid for writing a `RunContext` and aligned for it (any old contents are
+    /// overwritten, not dropped). Until `take_raw`, `mem` must be valid for reads (and writes,
+    /// if writable or run by trusted code), `stack` must point at a `JitStack` that nothing else
+    /// uses, and `helpers` must stay alive.
+    pub unsafe fn init_raw(
+        ctx: *mut RunContext<'static>,
+        mem: MemRegion,
+        stack: *mut JitStack,
+        helpers: &Helpers,
+        budget: Option<u64>,
+    ) {
+        let empty: &[MemRegion] = &[];
+        let value = RunContext::wrap(HelperContext::from_parts(
+            mem,
+            stack as u64,
+            empty,
+            helpers,
+            budget,
+        ));
+        // SAFETY: the caller guarantees `ctx` is valid and aligned for this write.
+        unsafe { ctx.write(value) };
+    }
+
+    /// Ends a context made by [`RunContext::init_raw`] in place, returning the error its run
+    /// ended with, if any. Its memory then owns nothing (it need not be dropped).
+    ///
+    /// # Safety
+    /// `ctx` was initialised by `init_raw`, no code runs with it any more, and it is not used
+    /// again (except to be initialised anew).
+    pub unsafe fn take_raw(ctx: *mut RunContext<'static>) -> Option<ExecError> {
+        // SAFETY: per the contract, `ctx` holds an initialised context that nothing else uses.
+        let state = unsafe { &mut (*ctx).state };
+        state.grants.release();
+        state.take_error()
+    }
+
+    /// Sets whether the run counts as checked (a trusted tracer's run is not).
+    ///
+    /// # Safety
+    /// `ctx` was initialised by `init_raw` and no code runs with it right now.
+    pub(crate) unsafe fn set_checked_raw(ctx: *mut RunContext<'static>, checked: bool) {
+        // SAFETY: per the contract.
+        unsafe { (*ctx).state.set_checked(checked) };
+    }
+}
