@@ -55,7 +55,7 @@ fn runtime_error(path: &Path, source: RuntimeError) -> CliError {
 }
 
 /// Loads the object at `path` (the CLI's `--type` applied to every program).
-pub fn load(path: &Path, prog_type: Option<&str>) -> Result<Loaded, CliError> {
+pub fn load(path: &Path, prog_type: Option<&str>, engine: Engine) -> Result<Loaded, CliError> {
     let prog_type = prog_type
         .map(|t| ProgType::from_section(t).map_err(|e| CliError::Usage(format!("--type {t}: {e}"))))
         .transpose()?;
@@ -68,6 +68,10 @@ pub fn load(path: &Path, prog_type: Option<&str>) -> Result<Loaded, CliError> {
         &object,
         &LoadOptions {
             prog_type,
+            tail_call_jit: match engine {
+                Engine::Jit => runtime::TailCallJit::Checked,
+                Engine::Interp => runtime::TailCallJit::Interpreter,
+            },
             ..LoadOptions::default()
         },
     )
@@ -125,7 +129,7 @@ fn map_contents(map: &Map) -> Option<JsonMap<String, Value>> {
 /// `run OBJ.o`.
 pub fn run(args: &RunObject<'_>, out: &mut dyn Write) -> Result<(), CliError> {
     let path = args.path;
-    let loaded = load(path, args.prog_type)?;
+    let loaded = load(path, args.prog_type, args.engine)?;
     let prog = pick(&loaded, args.prog, path)?;
     if *prog.prog_type() != ProgType::Xdp {
         return Err(CliError::Usage(format!(
@@ -269,7 +273,7 @@ pub fn dump(
     jited: Option<super::Arch>,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    let loaded = load(path, prog_type)?;
+    let loaded = load(path, prog_type, Engine::Interp)?;
     let p = pick(&loaded, prog, path)?;
     match jited {
         Some(arch) => super::dump::jited(p.program(), p.helpers(), arch, path, out),
@@ -293,6 +297,7 @@ pub fn run_conformance_elf(bytes: &[u8], engine: Engine, mem: &mut [u8]) -> Resu
         &LoadOptions {
             prog_type: Some(ProgType::Raw),
             helpers: Some(crate::helpers::Helpers::conformance()),
+            ..LoadOptions::default()
         },
     )
     .map_err(|e| runtime_error(path, e))?;

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-use crate::exec::{ExecError, HelperContext, MemRegion, RunEnv};
+use crate::exec::{ExecError, HelperContext, MemRegion, RunEnv, TailTarget};
 use crate::helpers::Helpers;
 use crate::isa::Program;
 use crate::jit::{JitError, JitOptions};
@@ -143,6 +143,24 @@ pub struct LoadOptions {
     /// The helpers every program may call, instead of the kernel's for its type (e.g. the
     /// conformance suite's, where id 5 is an identity function).
     pub helpers: Option<Helpers>,
+    /// The JIT code that statically initialised program arrays (`.values = { ... }`) hold for
+    /// JIT callers; interpreted callers run any slot. A JIT caller of the other mode falls
+    /// through a slot, as `bpf_tail_call` does for a target it cannot run.
+    pub tail_call_jit: TailCallJit,
+}
+
+/// Which JIT code program array slots get at load time (see [`LoadOptions::tail_call_jit`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TailCallJit {
+    /// Checked code: for programs run with [`Engine::Jit`].
+    #[default]
+    Checked,
+    /// Trusted code: for programs run with [`LoadedProgram::run_frame_trusted`]. Compiling it
+    /// is harmless; only running trusted code needs the promise of
+    /// [`LoadedProgram::jit_trusted`], and checked callers never enter it.
+    Trusted,
+    /// None: only the interpreter follows the slots.
+    Interpreter,
 }
 
 /// An engine to run a program on.
@@ -227,11 +245,30 @@ impl Loaded {
                 Err(e) => refused.push((spec.name.clone(), e)),
             }
         }
+        let mut notes = object.notes.clone();
+        for (spec, m) in object.maps.iter().zip(&maps) {
+            for (slot, name) in &spec.prog_slots {
+                let Some(p) = programs.iter().find(|p| p.name() == name) else {
+                    notes.push(format!(
+                        "program array `{}` slot {slot}: program `{name}` was not loaded, the slot stays empty",
+                        spec.name
+                    ));
+                    continue;
+                };
+                let target = p.tail_target(opts.tail_call_jit)?;
+                m.map
+                    .prog_array_set(*slot, target, BPF_ANY)
+                    .map_err(|source| RuntimeError::Map {
+                        map: spec.name.clone(),
+                        source,
+                    })?;
+            }
+        }
         Ok(Loaded {
             maps,
             programs,
             refused,
-            notes: object.notes.clone(),
+            notes,
         })
     }
 
@@ -522,6 +559,25 @@ impl LoadedProgram {
         // SAFETY: forwarded to the caller.
         let opts = unsafe { JitOptions::trusted() };
         self.compiled(&self.inner.jit_trusted, opts)
+    }
+
+    /// The program as a program array slot's target: its JIT code of `jit`'s mode (where this
+    /// host has a JIT) and its instructions for the interpreter.
+    pub fn tail_target(&self, jit: TailCallJit) -> Result<TailTarget, RuntimeError> {
+        let interpreted = || TailTarget::interpreted(&self.inner.program, &self.inner.helpers);
+        if crate::jit::Arch::host().is_none() {
+            return Ok(interpreted());
+        }
+        Ok(match jit {
+            TailCallJit::Checked => TailTarget::from(&self.jit()?),
+            TailCallJit::Trusted => {
+                // SAFETY: only compiled here; running it is what needs the promise, and it runs
+                // only from trusted callers, which made it (see `TailCallJit::Trusted`).
+                let opts = unsafe { JitOptions::trusted() };
+                TailTarget::from(&self.compiled(&self.inner.jit_trusted, opts)?)
+            }
+            TailCallJit::Interpreter => interpreted(),
+        })
     }
 
     fn compiled(
