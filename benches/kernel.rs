@@ -371,7 +371,7 @@ fn summary(_: &mut Criterion) {
             let l = if label == "parse" { &k.parse } else { &k.count };
             kernel_ns(l, prog, &packet, RUNS as u32)
         });
-        let mut line = format!("  {:<30}", format!("{label}.o, UDP packet, per run"));
+        let mut line = format!("  {:<34}", format!("{label}.o, UDP packet, per run"));
         match kernel {
             Some(ns) => line += &format!(" kernel {ns:>6.1}"),
             None => line += " kernel      -",
