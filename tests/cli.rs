@@ -6,19 +6,11 @@ use std::process::{Command, Output, Stdio};
 
 use livebpf::cli::Engine;
 
-/// The binary, started through `LIVEBPF_TEST_RUNNER` when set (e.g. `qemu-aarch64 -L ...` when the
-/// tests are cross-built for arm64 and run under qemu-user, which cannot exec a foreign binary).
+#[path = "common/bin.rs"]
+mod bin;
+
 fn command() -> Command {
-    let exe = env!("CARGO_BIN_EXE_livebpf");
-    match std::env::var("LIVEBPF_TEST_RUNNER") {
-        Ok(runner) if !runner.trim().is_empty() => {
-            let mut words = runner.split_whitespace();
-            let mut cmd = Command::new(words.next().unwrap());
-            cmd.args(words).arg(exe);
-            cmd
-        }
-        _ => Command::new(exe),
-    }
+    bin::livebpf_command()
 }
 
 fn livebpf(args: &[&str], stdin: Option<&str>) -> Output {

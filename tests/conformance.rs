@@ -1,5 +1,8 @@
 //! Runs every program of the shared eBPF conformance suite through the interpreter.
 
+#[path = "common/bin.rs"]
+mod bin;
+
 use livebpf::conformance::{load_dir, shared_dir};
 use livebpf::helpers::Helpers;
 use livebpf::interp::Interpreter;
@@ -63,7 +66,7 @@ fn conformance_elf(code: &[u8]) -> Vec<u8> {
 #[test]
 fn the_plugin_passes_every_conformance_file_in_elf_mode() {
     use std::io::Write;
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let Some(dir) = shared_dir() else {
         eprintln!("conformance: ../shared/conformance not found; skipping the shared suite");
         return;
@@ -77,7 +80,7 @@ fn the_plugin_passes_every_conformance_file_in_elf_mode() {
                 continue;
             };
             let elf = hex(&conformance_elf(&program.encode()));
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_livebpf"));
+            let mut cmd = bin::livebpf_command();
             cmd.args(["conformance-plugin", "--elf", "--engine", engine]);
             if !case.mem.is_empty() {
                 cmd.arg(hex(&case.mem));

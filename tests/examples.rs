@@ -2,6 +2,9 @@
 //! README's own commands: the XDP counter through `livebpf run --json`, and the latency tracer
 //! (the quick start's main job) through `livebpf trace OBJ.o:PROG`.
 
+#[path = "common/bin.rs"]
+mod bin;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -24,7 +27,10 @@ fn compile(name: &str) -> Option<std::path::PathBuf> {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.o"));
     let o = Command::new(clang)
         .args(["-O2", "-g", "-target", "bpf"])
-        .arg(format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH))
+        .arg(format!(
+            "-I/usr/include/{}-linux-gnu",
+            std::env::consts::ARCH
+        ))
         .arg("-I/usr/include/x86_64-linux-gnu")
         .arg("-c")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.bpf.c")))
@@ -51,7 +57,7 @@ fn readme_command(prefix: &str) -> Vec<String> {
 }
 
 fn livebpf(args: &[String], dir: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_livebpf"))
+    bin::livebpf_command()
         .args(args)
         .current_dir(dir)
         .output()
@@ -69,7 +75,11 @@ fn the_quick_start_traces_the_latency_example_while_it_runs() {
     assert!(args[1].starts_with("latency.o:"), "{args:?}");
     let o = livebpf(&args, dir);
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let first = stdout.lines().next().unwrap();
     assert!(first.contains("errors=0 live_images=0"), "{first}");
     let count = |key: &str| -> u64 {
