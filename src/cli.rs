@@ -413,13 +413,15 @@ fn read(path: &Path) -> Result<Vec<u8>, CliError> {
         .ok_or_else(too_large)
 }
 
-/// Whether the file at `path` starts like an ELF file (unreadable files are left to the
-/// reader, which reports them).
+/// Whether `path` is a regular file that starts like an ELF file (unreadable files are left to
+/// the reader, which reports them). Only regular files: peeking at a FIFO or a terminal would
+/// consume what the command's reader then misses.
 fn is_elf(path: &Path) -> bool {
     let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| magic == ELF_MAGIC)
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok_and(|()| magic == ELF_MAGIC)
 }
 
 /// Reads an ELF object, with the limit of a program file.

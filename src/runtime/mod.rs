@@ -28,7 +28,7 @@ pub mod xdp;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use thiserror::Error;
 
@@ -218,9 +218,9 @@ struct ProgramInner {
     global_maps: Vec<Map>,
     /// Their addresses: the maps helpers accept.
     map_addrs: Vec<*const crate::maps::RawMap>,
-    /// Compiled on first use; a failure is not cached (it is reported to each caller).
-    jit: Mutex<Option<Prog>>,
-    jit_trusted: Mutex<Option<Prog>>,
+    /// Compiled on first use.
+    jit: OnceLock<Prog>,
+    jit_trusted: OnceLock<Prog>,
 }
 
 // SAFETY: the raw map addresses point at maps that `_maps` keeps alive and are only read;
@@ -524,8 +524,8 @@ fn prepare(
                 .filter(|m| m.origin == MapOrigin::GlobalData)
                 .map(|m| m.map.clone())
                 .collect(),
-            jit: Mutex::new(None),
-            jit_trusted: Mutex::new(None),
+            jit: OnceLock::new(),
+            jit_trusted: OnceLock::new(),
         }),
     })
 }
@@ -629,24 +629,18 @@ impl LoadedProgram {
         })
     }
 
-    fn compiled(
-        &self,
-        cache: &Mutex<Option<Prog>>,
-        opts: JitOptions,
-    ) -> Result<Prog, RuntimeError> {
-        let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = &*cached {
+    fn compiled(&self, cache: &OnceLock<Prog>, opts: JitOptions) -> Result<Prog, RuntimeError> {
+        if let Some(p) = cache.get() {
             return Ok(p.clone());
         }
-        let prog =
-            Prog::load(&self.inner.program, &self.inner.helpers, opts).map_err(|source| {
-                RuntimeError::Jit {
-                    program: self.inner.name.clone(),
-                    source,
-                }
+        // Two threads may compile at once; one result is kept, the other dropped. A failure is
+        // not cached: it is reported to each caller.
+        let prog = Prog::load_with_env(&self.inner.program, &self.inner.helpers, opts, self.env())
+            .map_err(|source| RuntimeError::Jit {
+                program: self.inner.name.clone(),
+                source,
             })?;
-        *cached = Some(prog.clone());
-        Ok(prog)
+        Ok(cache.get_or_init(|| prog).clone())
     }
 
     /// Runs an XDP program on `packet` in a fresh frame, as `BPF_PROG_TEST_RUN` does.
@@ -742,15 +736,26 @@ impl LoadedProgram {
         frame: &XdpFrame,
     ) -> Result<u32, RuntimeError> {
         let [page, ctx] = frame.regions();
-        // The packet's page first: JIT code checks the first region inline.
-        let mut regions = Vec::with_capacity(2 + self.inner.global_regions.len());
-        regions.extend([page, ctx]);
-        regions.extend_from_slice(&self.inner.global_regions);
+        // The packet's page first: JIT code checks the first region inline. Objects have few
+        // global data maps: the regions fit on the stack (no allocation per run).
+        let globals = &self.inner.global_regions;
+        let mut inline = [MemRegion::new(0, 0, false); 8];
+        let mut heap = Vec::new();
+        let regions: &[MemRegion] = if globals.len() + 2 <= inline.len() {
+            inline[0] = page;
+            inline[1] = ctx;
+            inline[2..2 + globals.len()].copy_from_slice(globals);
+            &inline[..2 + globals.len()]
+        } else {
+            heap.extend([page, ctx]);
+            heap.extend_from_slice(globals);
+            &heap
+        };
         let mut state = RunState {
             xdp: frame.ctx_addr() as *mut XdpContext,
         };
         // SAFETY: forwarded from the caller; `state` outlives the run.
-        unsafe { self.run_env([frame.ctx_addr(), 0, 0, 0, 0], &regions, &mut state, prog) }
+        unsafe { self.run_env([frame.ctx_addr(), 0, 0, 0, 0], regions, &mut state, prog) }
             .map(|r0| r0 as u32)
     }
 
