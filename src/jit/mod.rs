@@ -18,21 +18,40 @@
 //!
 //! eBPF r1–r5 arrive in rdi, rsi, rdx, rcx, r8 — the System V argument registers, so a trampoline
 //! can call a program (or, later, any traced function) with up to five arguments unchanged — and
-//! r9 points at a per-run [`RunContext`]: the stack ([`TOTAL_STACK`] bytes, 8-aligned, zeroed by
-//! the caller; r10 starts at its top), the input memory and extra regions that checked code may
-//! touch, the helpers `callx` may reach, and the slot where a failing run leaves its
-//! [`ExecError`]. The return value is r0, meaningful only when the context holds no error.
-//! r0 and r6–r9 start at zero, as in the interpreter.
+//! r9 points at a per-run [`RunContext`] (a [`HelperContext`], see [`crate::exec::context`]): the
+//! stack ([`crate::exec::TOTAL_STACK`] bytes, zeroed by the caller; r10 starts at its top), the
+//! regions checked code may touch (the first one checked inline), the grants helpers made, the
+//! run's maps and user pointer, and the slot where a failing run leaves its [`ExecError`]. The
+//! return value is r0, meaningful only when the context holds no error. r0 and r6–r9 start at
+//! zero, as in the interpreter.
 //!
 //! On arm64 the entry is `extern "C"` (AAPCS64): r1–r5 in x0–x4, the context in x5; see
 //! [`arm64`] for its prologue (`[bti jc]; mov x9, x30; nop; [paciasp]; ...`) and PLT.
+//!
+//! # Helper calls and tail calls
+//!
+//! A helper is called with r1–r5 in the first five argument registers and the run's context as
+//! the sixth (x86-64: r9, saved and restored around the call because it holds eBPF r10; arm64:
+//! x5), whatever its kind ([`crate::helpers`]): a plain helper ignores it. After a call to a
+//! context helper, or a `callx` (whose helper is only known at run time), the code tests the
+//! context's failure flag and unwinds the run when the helper called
+//! [`HelperContext::fail`]; plain helper calls test nothing. Before a context helper call the
+//! code stores the call's slot index and helper id in the context ([`HelperContext::pc`]).
+//!
+//! `bpf_tail_call` ([`crate::exec::tail`]) asks the runtime function for the target (it checks
+//! the map, the index and the count, and picks an entry this code may jump to); the code then
+//! jumps to the target's *tail entry* ([`JitProgram::tail_entry`]: zero r0 and r2–r9, then its
+//! first instruction). At an instruction boundary the native stack (x86-64) or sp and x30
+//! (arm64) are exactly the current function's, so the target's `exit` returns to that
+//! function's caller and its faults unwind through the same entry frame (every image has the
+//! same prologue layout).
 //!
 //! # Memory safety modes
 //!
 //! * checked ([`JitOptions::checked`], the default): every load, store and atomic is checked like
 //!   the interpreter does it. See [`x86_64`] for how.
 //! * trusted ([`JitOptions::trusted`], `unsafe`): no checks at all, for speed; the caller vouches
-//!   that the programs only touch memory they may.
+//!   that the programs only touch memory they may and pass helpers valid arguments.
 //!
 //! A run's input is writable unless its context says otherwise ([`RunContext::init_raw`] with a
 //! read-only [`MemRegion`], as trampolines give tracers their arguments): then checked code
@@ -144,7 +163,10 @@ impl JitOptions {
     /// # Safety
     /// Every program compiled with these options, on every run, may only access memory that is
     /// valid for that access (its input, its stack, or memory the embedder owns and hands it, e.g.
-    /// through a helper), and its atomics must be naturally aligned.
+    /// through a helper), and its atomics must be naturally aligned. Helpers that trust their
+    /// arguments in trusted runs must get valid ones: in particular, when the run lists no
+    /// [`RunEnv::maps`], every map argument of the map helpers and of `bpf_tail_call` must be
+    /// a live map's [`Map::as_raw`](crate::maps::Map::as_raw) address.
     pub const unsafe fn trusted() -> JitOptions {
         JitOptions {
             checked: false,

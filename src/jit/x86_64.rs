@@ -16,6 +16,7 @@
 //!           pop r15 .. rbx; pop rbp; ret
 //!  fault:   xor eax, eax; jmp epilogue        error unwinding: rbp is the entry frame's
 //!  thunk:   saves registers, calls runtime_call(ctx, r11, r10), restores them; on 0 -> fault
+//!  tail:    xor eax/esi/edx/ecx/r8d/ebx/r13d/r14d/r15d     tail entry: r1 and r10 are kept
 //!  body:    one block per eBPF instruction
 //! ```
 //!
@@ -34,6 +35,27 @@
 //! scratch (r11 holds the address of a checked access). Helper calls save and restore r1–r5 and
 //! r10 around the call because the interpreter leaves them unchanged. Between instructions rsp is
 //! 16-byte aligned, so helpers and the runtime can be called directly.
+//!
+//! # Helper calls
+//!
+//! ```text
+//!  [mov dword [r12+call_pc], pc; mov dword [r12+call_id], id]   context helpers only
+//!  push rdi, rsi, rdx, rcx, r8, r9; mov r9, r12                 the context: 6th argument
+//!  movabs rax, helper; call rax                                 (callx: call r10)
+//!  pop r9, r8, rcx, rdx, rsi, rdi
+//!  [cmp qword [r12+failed], 0; jne fault]                       context helpers and callx
+//! ```
+//! `callx` first stores the image's own `Helpers` address in the context (a tail call may have
+//! brought another image's code into this run), then asks the runtime for the helper, which also
+//! records the call's pc and id.
+//!
+//! # Tail calls
+//!
+//! `mov [r12+arg2], edx` (the index), `mov r11, rsi` (the map), then the runtime request
+//! `TAIL_CALL`, which returns the target's tail entry or 1 to fall through (every register
+//! unchanged: the thunk preserves them) or fails; then `cmp r10, 1; je next; jmp r10`. rsp is at
+//! the current function's return address at every instruction boundary, so the target's `ret`
+//! returns to this function's caller.
 //!
 //! # BPF-to-BPF calls
 //!
