@@ -23,6 +23,9 @@ pub const FAIL_ID: u32 = 103;
 pub const WHERE_ID: u32 = 104;
 /// `check(r1, r2, load)`; `r0 = 9`.
 pub const CHECK_ID: u32 = 105;
+/// Revokes `[r1, r1 + r2)`, writable if r3; `r0 = revoked | grant count << 8 | length of the
+/// grant at r1 << 16` (after the revocation).
+pub const REVOKE_ID: u32 = 106;
 
 /// # Safety
 /// A context helper's contract.
@@ -114,6 +117,23 @@ unsafe extern "C" fn check(
     9
 }
 
+/// # Safety
+/// A context helper's contract.
+unsafe extern "C" fn revoke(
+    r1: u64,
+    r2: u64,
+    r3: u64,
+    _: u64,
+    _: u64,
+    ctx: *mut HelperContext,
+) -> u64 {
+    // SAFETY: the engine's context, valid for the call.
+    let ctx = unsafe { &mut *ctx };
+    let revoked = ctx.revoke(MemRegion::new(r1, r2, r3 != 0)) as u64;
+    let at = ctx.granted_at(r1).map_or(0, |g| g.len);
+    revoked | (ctx.grant_count() as u64) << 8 | at << 16
+}
+
 /// `base` with the context helpers of this module.
 pub fn with_context_helpers(base: &Helpers) -> Helpers {
     let mut h = base.clone();
@@ -122,7 +142,8 @@ pub fn with_context_helpers(base: &Helpers) -> Helpers {
         .register_with_context(GRANT_ID, grant)
         .register_with_context(FAIL_ID, fail)
         .register_with_context(WHERE_ID, where_)
-        .register_with_context(CHECK_ID, check);
+        .register_with_context(CHECK_ID, check)
+        .register_with_context(REVOKE_ID, revoke);
     h
 }
 
@@ -265,6 +286,28 @@ pub fn context_helpers_in_every_mode(modes: &[(String, JitOptions)], base: &Help
                 oob(2, g + 56, 8, Access::Load),
                 "{name}"
             );
+        }
+
+        // `revoke`: two grants at g (of 64 and 16 bytes); revoking the first leaves the second,
+        // revoking what was never granted does nothing; the revoked bytes are out of bounds.
+        let revoking = format!(
+            "lddw r1, {g:#x}\nmov r2, 64\nmov r3, 1\ncall {GRANT_ID}\n\
+             lddw r1, {g:#x}\nmov r2, 16\nmov r3, 1\ncall {GRANT_ID}\n\
+             lddw r1, {g:#x}\nmov r2, 64\nmov r3, 0\ncall {REVOKE_ID}\nmov r6, r0\n\
+             lddw r1, {g:#x}\nmov r2, 64\nmov r3, 1\ncall {REVOKE_ID}\nlsh r0, 32\n\
+             or r0, r6\nmov r6, r0\n\
+             lddw r7, {g:#x}\nldxdw r0, [r7+8]\nldxdw r0, [r7+56]\nmov r0, r6\nexit"
+        );
+        if checked {
+            assert_eq!(
+                run(&engine, &revoking, &h, &plain_env),
+                oob(27, g + 56, 8, Access::Load),
+                "{name}"
+            );
+            let kept = revoking.replace("ldxdw r0, [r7+56]", "ja +0");
+            // Not revoked (read-only asked): 2 grants, 64 bytes at g; then revoked: 1, 16.
+            let want = (2 << 8 | 64 << 16) | (1 | 1 << 8 | 16 << 16) << 32;
+            assert_eq!(run(&engine, &kept, &h, &plain_env), Ok(want), "{name}");
         }
 
         // `fail`: the run ends at the call with the helper's error; nothing after it runs, from
