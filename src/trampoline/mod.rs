@@ -51,7 +51,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::exec::{ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
+use crate::exec::{DirectTailCall, ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
 use crate::helpers::Helpers;
 use crate::isa::Program;
 use crate::jit::{JitError, JitOptions, JitProgram, JitStack, RunContext};
@@ -210,7 +210,17 @@ impl std::fmt::Debug for Prog {
 impl Prog {
     /// Compiles and registers `program`.
     pub fn load(program: &Program, helpers: &Helpers, opts: JitOptions) -> Result<Prog, JitError> {
-        let jit = JitProgram::compile(program, helpers, opts)?;
+        Prog::load_with(program, helpers, opts, &[])
+    }
+
+    /// [`Prog::load`] with direct tail calls ([`JitProgram::compile_with`]).
+    pub fn load_with(
+        program: &Program,
+        helpers: &Helpers,
+        opts: JitOptions,
+        direct: &[DirectTailCall],
+    ) -> Result<Prog, JitError> {
+        let jit = JitProgram::compile_with(program, helpers, opts, direct)?;
         Ok(Prog(Arc::new(ProgInner {
             jit,
             helpers: helpers.clone(),
