@@ -23,7 +23,7 @@ pub mod text;
 pub mod trampoline;
 
 pub use asm::assemble_program;
-pub use exec::ExecError;
+pub use exec::{ExecError, RunEnv, TailTarget};
 pub use helpers::Helpers;
 pub use interp::Interpreter;
 pub use isa::Program;

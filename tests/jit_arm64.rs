@@ -732,6 +732,30 @@ fn read_only_input_refuses_stores_and_atomics() {
     limits::read_only_input_in_every_mode(&modes(false), &helpers());
 }
 
+#[test]
+fn run_env_gives_args_regions_and_a_zeroed_stack() {
+    arena();
+    common::context::run_env_in_every_mode(&modes(true), &helpers());
+}
+
+#[test]
+fn context_helpers_see_their_run_grant_memory_and_end_runs() {
+    arena();
+    common::context::context_helpers_in_every_mode(&modes(true), &helpers());
+}
+
+#[test]
+fn tail_calls_follow_linux() {
+    arena();
+    common::tail::tail_calls_in_every_mode(&modes(true));
+}
+
+#[test]
+fn tail_call_slots_can_be_replaced_under_running_threads() {
+    arena();
+    common::tail::tail_call_slots_replaced_under_runs(&modes(true)[..2]);
+}
+
 // ---------------------------------------------------------------- random programs
 
 fn imm() -> impl Strategy<Value = i32> {

@@ -697,6 +697,26 @@ fn read_only_input_refuses_stores_and_atomics() {
     limits::read_only_input_in_every_mode(&both_modes(), &helpers());
 }
 
+#[test]
+fn run_env_gives_args_regions_and_a_zeroed_stack() {
+    common::context::run_env_in_every_mode(&both_modes(), &helpers());
+}
+
+#[test]
+fn context_helpers_see_their_run_grant_memory_and_end_runs() {
+    common::context::context_helpers_in_every_mode(&both_modes(), &helpers());
+}
+
+#[test]
+fn tail_calls_follow_linux() {
+    common::tail::tail_calls_in_every_mode(&both_modes());
+}
+
+#[test]
+fn tail_call_slots_can_be_replaced_under_running_threads() {
+    common::tail::tail_call_slots_replaced_under_runs(&both_modes());
+}
+
 // ---------------------------------------------------------------- random programs
 
 fn imm() -> impl Strategy<Value = i32> {

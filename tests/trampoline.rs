@@ -225,6 +225,51 @@ fn tracer_errors_are_counted_not_propagated() {
     assert_eq!(bad.stats().errors, 1);
 }
 
+/// # Safety
+/// A context helper's contract.
+unsafe extern "C" fn fail_if_checked(
+    _: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    ctx: *mut livebpf::exec::HelperContext,
+) -> u64 {
+    // SAFETY: the engine's context, valid for the call.
+    let ctx = unsafe { &mut *ctx };
+    if ctx.is_checked() {
+        ctx.fail_helper("a checked tracer");
+    }
+    0
+}
+
+#[test]
+fn tracers_get_their_own_run_context_in_context_helpers() {
+    let target = adder();
+    let mut h = Helpers::new();
+    h.register_with_context(7, fail_if_checked);
+    let program = assemble_program("call 7\nmov %r0, 0\nexit").unwrap();
+    let checked = Prog::load(&program, &h, JitOptions::checked()).unwrap();
+    // SAFETY: the tracer touches no memory.
+    let trusted = Prog::load(&program, &h, unsafe { JitOptions::trusted() }).unwrap();
+    let _links = [
+        attach(AttachKind::Fentry, &target, &checked, 0).unwrap(),
+        attach(AttachKind::Fentry, &target, &trusted, 0).unwrap(),
+    ];
+    assert_eq!(target.call([2, 3, 0, 0, 0]), Ok(5));
+    // The checked tracer's run failed at its call (slot 0); the trusted one's did not.
+    assert_eq!(checked.stats().errors, 1);
+    assert!(matches!(
+        checked.last_error(),
+        Some(ExecError::HelperFault {
+            pc: 0,
+            helper: 7,
+            ..
+        })
+    ));
+    assert_eq!(trusted.stats().errors, 0);
+}
+
 #[test]
 fn the_tracer_context_is_read_only() {
     let target = adder();

@@ -208,7 +208,8 @@ pub struct HelperContext {
     checked: bool,
     /// Whether the run's code counts a budget (the entry program was compiled with one).
     budgeted: bool,
-    /// Tail calls this run has attempted past the index check ([`crate::exec::MAX_TAIL_CALL_CNT`]).
+    /// Tail calls this run has attempted past the index check ([`crate::exec::MAX_TAIL_CALL_CNT`]);
+    /// direct tail calls count it in generated code.
     pub(crate) tail_calls: u32,
     extra: *const MemRegion,
     extra_len: usize,
@@ -231,6 +232,7 @@ pub(crate) const CTX_FAILED: i32 = std::mem::offset_of!(HelperContext, failed) a
 pub(crate) const CTX_CALL_PC: i32 = std::mem::offset_of!(HelperContext, call_pc) as i32;
 pub(crate) const CTX_HELPERS: i32 = std::mem::offset_of!(HelperContext, helpers) as i32;
 pub(crate) const CTX_ARG2: i32 = std::mem::offset_of!(HelperContext, arg2) as i32;
+pub(crate) const CTX_TAIL_CALLS: i32 = std::mem::offset_of!(HelperContext, tail_calls) as i32;
 // arm64 stores pc and id with one 64-bit store: id must be the upper half of an aligned word.
 const _: () = assert!(
     CTX_CALL_PC % 8 == 0 && std::mem::offset_of!(HelperContext, call_id) as i32 == CTX_CALL_PC + 4

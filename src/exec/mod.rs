@@ -18,7 +18,7 @@ use std::ffi::c_void;
 use thiserror::Error;
 
 pub use context::{HelperContext, INLINE_GRANTS, JitStack, MAX_GRANTS, RunContext};
-pub use tail::{TailCaller, TailTarget};
+pub use tail::{DirectTailCall, TailCaller, TailTarget};
 
 use crate::maps::RawMap;
 

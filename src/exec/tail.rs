@@ -34,6 +34,20 @@
 //! Like Linux, a tail call enters the target after its patch site: trampolines attached to the
 //! target (fentry, freplace, …) do not run on that path.
 //!
+//! # Direct tail calls (x86-64)
+//! With a [`DirectTailCall`] hint (map and index known at compile time), the call compiles to a
+//! compare with the constants, the count, and a 5-byte patch site that jumps straight to the
+//! target; the program array keeps every such site pointed at its slot ([`Map::prog_array_set`]
+//! and [`Map::prog_array_clear`] poke them under the array's writer lock, before the slot itself
+//! changes; a failed poke changes nothing and reports `EBUSY`). A site holds its own reference
+//! to the target it jumps to, retired a grace period after the site stops jumping there — the
+//! argument is the slot's: a thread that executed the old `jmp` did so inside a run that began
+//! before the poke finished. A program's sites are removed before its image is freed; when the
+//! array goes first, its sites become nops (a site that cannot be poked then keeps its target
+//! forever rather than jump to freed code).
+//!
+//! [`Map::prog_array_clear`]: crate::maps::Map::prog_array_clear
+//!
 //! # Lifetime
 //! An entry taken out of a slot (replaced or cleared) is retired through [`crate::reclaim`] and
 //! dropped after a grace period. Every run that can reach a slot is a read-side section (JIT
@@ -142,6 +156,25 @@ impl TailTarget {
     pub fn jit_entry(&self) -> Option<usize> {
         self.0.jit.as_ref().map(|j| j.entry)
     }
+}
+
+/// A tail call whose map and index are known when the caller is compiled: the `call 12` at slot
+/// `pc` has r2 = `map` and r3 = `index` (e.g. after `lddw r2, map; mov r3, index`), as a front
+/// end finds them. [`JitProgram::compile_with`](crate::jit::JitProgram::compile_with) then
+/// compiles it, on x86-64, to the kernel's *direct* tail call: a compare of r2 and r3 with the
+/// constants, the count check, and a 5-byte patch site that the program array pokes to `jmp`
+/// the slot's target (or back to the `nop`, falling through, when the slot empties or holds a
+/// target this caller cannot run) whenever the slot changes — no lookup at run time. When r2 or
+/// r3 differ at run time the code takes the ordinary path, so a wrong hint costs speed, never
+/// correctness. arm64 (and an index beyond the array) always takes the ordinary path.
+#[derive(Clone, Debug)]
+pub struct DirectTailCall {
+    /// Slot index of the `call 12`.
+    pub pc: usize,
+    /// The program array (r2 at the call).
+    pub map: crate::maps::Map,
+    /// The index (r3 at the call).
+    pub index: u32,
 }
 
 /// What programs that make tail calls through one program array need from its targets (see the

@@ -18,21 +18,40 @@
 //!
 //! eBPF r1–r5 arrive in rdi, rsi, rdx, rcx, r8 — the System V argument registers, so a trampoline
 //! can call a program (or, later, any traced function) with up to five arguments unchanged — and
-//! r9 points at a per-run [`RunContext`]: the stack ([`TOTAL_STACK`] bytes, 8-aligned, zeroed by
-//! the caller; r10 starts at its top), the input memory and extra regions that checked code may
-//! touch, the helpers `callx` may reach, and the slot where a failing run leaves its
-//! [`ExecError`]. The return value is r0, meaningful only when the context holds no error.
-//! r0 and r6–r9 start at zero, as in the interpreter.
+//! r9 points at a per-run [`RunContext`] (a [`HelperContext`], see [`crate::exec::context`]): the
+//! stack ([`crate::exec::TOTAL_STACK`] bytes, zeroed by the caller; r10 starts at its top), the
+//! regions checked code may touch (the first one checked inline), the grants helpers made, the
+//! run's maps and user pointer, and the slot where a failing run leaves its [`ExecError`]. The
+//! return value is r0, meaningful only when the context holds no error. r0 and r6–r9 start at
+//! zero, as in the interpreter.
 //!
 //! On arm64 the entry is `extern "C"` (AAPCS64): r1–r5 in x0–x4, the context in x5; see
 //! [`arm64`] for its prologue (`[bti jc]; mov x9, x30; nop; [paciasp]; ...`) and PLT.
+//!
+//! # Helper calls and tail calls
+//!
+//! A helper is called with r1–r5 in the first five argument registers and the run's context as
+//! the sixth (x86-64: r9, saved and restored around the call because it holds eBPF r10; arm64:
+//! x5), whatever its kind ([`crate::helpers`]): a plain helper ignores it. After a call to a
+//! context helper, or a `callx` (whose helper is only known at run time), the code tests the
+//! context's failure flag and unwinds the run when the helper called
+//! [`HelperContext::fail`]; plain helper calls test nothing. Before a context helper call the
+//! code stores the call's slot index and helper id in the context ([`HelperContext::pc`]).
+//!
+//! `bpf_tail_call` ([`crate::exec::tail`]) asks the runtime function for the target (it checks
+//! the map, the index and the count, and picks an entry this code may jump to); the code then
+//! jumps to the target's *tail entry* ([`JitProgram::tail_entry`]: zero r0 and r2–r9, then its
+//! first instruction). At an instruction boundary the native stack (x86-64) or sp and x30
+//! (arm64) are exactly the current function's, so the target's `exit` returns to that
+//! function's caller and its faults unwind through the same entry frame (every image has the
+//! same prologue layout).
 //!
 //! # Memory safety modes
 //!
 //! * checked ([`JitOptions::checked`], the default): every load, store and atomic is checked like
 //!   the interpreter does it. See [`x86_64`] for how.
 //! * trusted ([`JitOptions::trusted`], `unsafe`): no checks at all, for speed; the caller vouches
-//!   that the programs only touch memory they may.
+//!   that the programs only touch memory they may and pass helpers valid arguments.
 //!
 //! A run's input is writable unless its context says otherwise ([`RunContext::init_raw`] with a
 //! read-only [`MemRegion`], as trampolines give tracers their arguments): then checked code
@@ -64,13 +83,14 @@ use thiserror::Error;
 
 pub(crate) use crate::exec::context::{
     CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_MEM_START,
-    CTX_STACK_BASE, ctx_bound,
+    CTX_STACK_BASE, CTX_TAIL_CALLS, ctx_bound,
 };
 use crate::exec::tail::{JitTail, TailCode};
-use crate::exec::{Access, ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
+use crate::exec::{Access, DirectTailCall, ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
 pub use crate::exec::{HelperContext, JitStack, RunContext};
 use crate::helpers::{Helper, Helpers};
 use crate::isa::Program;
+use crate::maps::DirectSites;
 use crate::text::{Allocation, CodeArena, Registry, TextError};
 
 /// Why a program could not be compiled.
@@ -100,6 +120,9 @@ pub enum JitError {
     /// The code arena or the program registry could not place or register the image.
     #[error("cannot place the code: {0}")]
     Text(#[from] TextError),
+    /// A direct tail call's site could not be written.
+    #[error("a direct tail call site cannot be written: {0}")]
+    Poke(#[from] crate::text::poke::PokeError),
     /// The backend's code cannot run on this host's architecture.
     #[error("the {backend} JIT cannot run on this {host} host")]
     UnsupportedHost {
@@ -144,7 +167,10 @@ impl JitOptions {
     /// # Safety
     /// Every program compiled with these options, on every run, may only access memory that is
     /// valid for that access (its input, its stack, or memory the embedder owns and hands it, e.g.
-    /// through a helper), and its atomics must be naturally aligned.
+    /// through a helper), and its atomics must be naturally aligned. Helpers that trust their
+    /// arguments in trusted runs must get valid ones: in particular, when the run lists no
+    /// [`RunEnv::maps`], every map argument of the map helpers and of `bpf_tail_call` must be
+    /// a live map's [`Map::as_raw`](crate::maps::Map::as_raw) address.
     pub const unsafe fn trusted() -> JitOptions {
         JitOptions {
             checked: false,
@@ -516,6 +542,10 @@ pub struct JitProgram {
     patch_site: usize,
     body: usize,
     tail_entry: usize,
+    /// Direct tail-call sites registered with program arrays; removed before the image is freed.
+    direct: Vec<DirectSites>,
+    /// Their addresses.
+    direct_ips: Vec<usize>,
 }
 
 // The image is immutable machine code and the other fields are plain data; every run gets its own
@@ -532,6 +562,59 @@ struct Placed {
     patch_site: usize,
     body: usize,
     tail_entry: usize,
+    direct: Vec<DirectSites>,
+    direct_ips: Vec<usize>,
+}
+
+/// A direct tail-call hint checked against the program: the instruction and its map.
+// Only the x86-64 backend makes direct tail calls; arm64 checks the hints and ignores them.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Hint<'m> {
+    insn: usize,
+    map: &'m crate::maps::Map,
+    index: u32,
+}
+
+/// The hints of `direct` that make direct tail calls: each must name a static call of the tail
+/// call helper and a program array; one whose index is beyond the array is left to the
+/// ordinary path (it always falls through).
+fn check_hints<'m>(
+    program: &Program,
+    helpers: &Helpers,
+    direct: &'m [DirectTailCall],
+) -> Result<Vec<Hint<'m>>, JitError> {
+    let mut hints: Vec<Hint<'m>> = Vec::new();
+    for d in direct {
+        let bad = |reason| JitError::InvalidInstruction { pc: d.pc, reason };
+        let insn = program
+            .insn_at(d.pc)
+            .ok_or(bad("a direct tail call hint names no instruction"))?;
+        let is_tail_call = match program.insns()[insn] {
+            crate::isa::Insn::Call { id } => {
+                matches!(helpers.lookup(id as u64), Some(Helper::TailCall))
+            }
+            _ => false,
+        };
+        if !is_tail_call {
+            return Err(bad(
+                "a direct tail call hint names an instruction that is not a tail call (call 12 with the tail call registered)",
+            ));
+        }
+        let array = d.map.prog_array().ok_or(bad(
+            "a direct tail call hint names a map that is not a program array",
+        ))?;
+        if hints.iter().any(|h| h.insn == insn) {
+            return Err(bad("two direct tail call hints name the same instruction"));
+        }
+        if d.index < array.max_entries() {
+            hints.push(Hint {
+                insn,
+                map: &d.map,
+                index: d.index,
+            });
+        }
+    }
+    Ok(hints)
 }
 
 impl JitProgram {
@@ -542,12 +625,31 @@ impl JitProgram {
         helpers: &Helpers,
         opts: JitOptions,
     ) -> Result<JitProgram, JitError> {
+        Self::compile_with(program, helpers, opts, &[])
+    }
+
+    /// [`JitProgram::compile`], with the tail calls of `direct` compiled as direct tail calls
+    /// on x86-64 (see [`DirectTailCall`]; on arm64 the hints are checked and the calls take the
+    /// ordinary path). The program arrays named keep the direct sites pointed at their slots'
+    /// targets until this program is dropped. Each hint must name a static `call 12` (with the
+    /// tail call registered in `helpers`) and a program array, else
+    /// [`JitError::InvalidInstruction`].
+    pub fn compile_with(
+        program: &Program,
+        helpers: &Helpers,
+        opts: JitOptions,
+        direct: &[DirectTailCall],
+    ) -> Result<JitProgram, JitError> {
+        let hints = check_hints(program, helpers, direct)?;
         let helpers = Arc::new(helpers.clone());
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         #[cfg(target_arch = "aarch64")]
-        let placed = Self::place_arm64(program, &helpers, opts, id)?;
+        let placed = {
+            let _ = hints;
+            Self::place_arm64(program, &helpers, opts, id)?
+        };
         #[cfg(not(target_arch = "aarch64"))]
-        let placed = Self::place_x86_64(program, &helpers, opts, id)?;
+        let placed = Self::place_x86_64(program, &helpers, opts, id, &hints)?;
         Ok(JitProgram {
             entry: placed.image.rx(),
             image: Some(placed.image),
@@ -560,6 +662,8 @@ impl JitProgram {
             patch_site: placed.patch_site,
             body: placed.body,
             tail_entry: placed.tail_entry,
+            direct: placed.direct,
+            direct_ips: placed.direct_ips,
         })
     }
 
@@ -577,6 +681,8 @@ impl JitProgram {
             body: placed.code.body,
             tail_entry: placed.code.tail_entry,
             code: placed.code.code,
+            direct: Vec::new(),
+            direct_ips: Vec::new(),
         })
     }
 
@@ -586,6 +692,7 @@ impl JitProgram {
         helpers: &Arc<Helpers>,
         opts: JitOptions,
         id: u64,
+        hints: &[Hint<'_>],
     ) -> Result<Placed, JitError> {
         let cg = x86_64::CodegenOptions {
             checked: opts.checked,
@@ -593,31 +700,81 @@ impl JitProgram {
             runtime_fn: runtime_fn_addr()?,
             helpers: Arc::as_ptr(helpers) as u64,
         };
-        let generated = x86_64::generate(program, helpers, &cg)?;
+        let specs: Vec<x86_64::DirectSpec> = hints
+            .iter()
+            .map(|h| x86_64::DirectSpec {
+                insn: h.insn,
+                map: h.map.as_raw() as u64,
+                index: h.index,
+            })
+            .collect();
+        let generated = x86_64::generate_with(program, helpers, &cg, &specs)?;
         let code = generated.code;
         let arena = CodeArena::global()?;
         let image = arena.alloc(code.len(), x86_64::IMAGE_ALIGN)?;
         let registry = Registry::global();
-        let placed = arena.write(&image, 0, &code).and_then(|()| {
-            // SAFETY: the image is this program's code in the global arena, owned by the
-            // JitProgram being built, which unregisters it before freeing it; its patch site
-            // is the generated 5-byte nop.
-            unsafe {
-                registry.register(image.rx(), image.len(), crate::text::ImageKind::Program, id)?;
-                registry.add_site(image.rx() + x86_64::PATCH_SITE_OFFSET)
-            }
-        });
+        let caller = TailCaller::jit(opts.checked, opts.budget.is_some());
+        let mut direct = Vec::new();
+        let placed = arena
+            .write(&image, 0, &code)
+            .and_then(|()| {
+                // SAFETY: the image is this program's code in the global arena, owned by the
+                // JitProgram being built, which unregisters it before freeing it; its patch
+                // sites are the generated 5-byte nops (the entry's and the direct tail calls').
+                unsafe {
+                    registry.register(
+                        image.rx(),
+                        image.len(),
+                        crate::text::ImageKind::Program,
+                        id,
+                    )?;
+                    registry.add_site(image.rx() + x86_64::PATCH_SITE_OFFSET)?;
+                    for &offset in &generated.direct_sites {
+                        registry.add_site(image.rx() + offset)?;
+                    }
+                }
+                Ok(())
+            })
+            .map_err(JitError::from)
+            .and_then(|()| {
+                // Nothing runs the image yet: each site's first jump is written directly.
+                for (h, &offset) in hints.iter().zip(&generated.direct_sites) {
+                    let array = h.map.prog_array().expect("checked by check_hints");
+                    let ip = image.rx() + offset;
+                    let sites = array.attach_sites(&[(ip, h.index)], caller, id, |ip, entry| {
+                        let insn = match entry {
+                            Some(t) => crate::text::poke::PokeInsn::Jump(t),
+                            None => crate::text::poke::PokeInsn::Nop,
+                        };
+                        let bytes = crate::text::poke::encode_x86(ip, insn)?;
+                        arena.write(&image, offset, &bytes)?;
+                        Ok::<(), JitError>(())
+                    })?;
+                    direct.push(sites);
+                }
+                Ok(())
+            });
         if let Err(e) = placed {
+            // Sites first (they name the image), then the image, never published.
+            drop(direct);
+            let _ = registry.unregister(image.rx());
             // SAFETY: the image was never published, so nothing can be running it.
             let _ = unsafe { arena.free(image) };
-            return Err(e.into());
+            return Err(e);
         }
+        let direct_ips = generated
+            .direct_sites
+            .iter()
+            .map(|o| image.rx() + o)
+            .collect();
         Ok(Placed {
             image,
             code,
             patch_site: x86_64::PATCH_SITE_OFFSET,
             body: x86_64::BODY_OFFSET,
             tail_entry: generated.tail_entry,
+            direct,
+            direct_ips,
         })
     }
 
@@ -750,6 +907,12 @@ impl JitProgram {
         self.entry + self.tail_entry
     }
 
+    /// Addresses of the direct tail-call sites ([`JitProgram::compile_with`]), in the order of
+    /// the hints that made one (for tests and dumps).
+    pub fn direct_tail_call_sites(&self) -> &[usize] {
+        &self.direct_ips
+    }
+
     /// The machine code as generated (the patch site holds its original nop here).
     pub fn code(&self) -> &[u8] {
         &self.code
@@ -831,6 +994,8 @@ impl Drop for JitProgram {
         let Some(image) = self.image.take() else {
             return;
         };
+        // The program arrays must stop poking the image before it is freed.
+        self.direct.clear();
         // Unregister first so the poker cannot find text that is about to be freed.
         #[cfg(target_arch = "aarch64")]
         crate::text::poke::unregister_program_site(image.rx());

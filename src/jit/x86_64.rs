@@ -16,6 +16,7 @@
 //!           pop r15 .. rbx; pop rbp; ret
 //!  fault:   xor eax, eax; jmp epilogue        error unwinding: rbp is the entry frame's
 //!  thunk:   saves registers, calls runtime_call(ctx, r11, r10), restores them; on 0 -> fault
+//!  tail:    xor eax/esi/edx/ecx/r8d/ebx/r13d/r14d/r15d     tail entry: r1 and r10 are kept
 //!  body:    one block per eBPF instruction
 //! ```
 //!
@@ -34,6 +35,40 @@
 //! scratch (r11 holds the address of a checked access). Helper calls save and restore r1–r5 and
 //! r10 around the call because the interpreter leaves them unchanged. Between instructions rsp is
 //! 16-byte aligned, so helpers and the runtime can be called directly.
+//!
+//! # Helper calls
+//!
+//! ```text
+//!  [mov dword [r12+call_pc], pc; mov dword [r12+call_id], id]   context helpers only
+//!  push rdi, rsi, rdx, rcx, r8, r9; mov r9, r12                 the context: 6th argument
+//!  movabs rax, helper; call rax                                 (callx: call r10)
+//!  pop r9, r8, rcx, rdx, rsi, rdi
+//!  [cmp qword [r12+failed], 0; jne fault]                       context helpers and callx
+//! ```
+//! `callx` first stores the image's own `Helpers` address in the context (a tail call may have
+//! brought another image's code into this run), then asks the runtime for the helper, which also
+//! records the call's pc and id.
+//!
+//! # Tail calls
+//!
+//! `mov [r12+arg2], edx` (the index), `mov r11, rsi` (the map), then the runtime request
+//! `TAIL_CALL`, which returns the target's tail entry or 1 to fall through (every register
+//! unchanged: the thunk preserves them) or fails; then `cmp r10, 1; je next; jmp r10`. rsp is at
+//! the current function's return address at every instruction boundary, so the target's `ret`
+//! returns to this function's caller.
+//!
+//! A *direct* tail call ([`DirectSpec`], the kernel's `emit_bpf_tail_call_direct`) comes first
+//! when the front end knows the map and index:
+//! ```text
+//!  movabs r10, map; cmp rsi, r10; jne ordinary; cmp edx, index; jne ordinary
+//!  cmp dword [r12+tail_calls], 33; jae next; add dword [r12+tail_calls], 1
+//!  site: nop5 | jmp target's tail entry       kept up to date by the program array
+//!  jmp next
+//!  ordinary: (the sequence above)
+//!  next:
+//! ```
+//! The site is a recorded patch site; the program array pokes it (`text_poke`) whenever the slot
+//! changes: to the new target's tail entry if it serves this program, else back to the nop.
 //!
 //! # BPF-to-BPF calls
 //!
@@ -65,8 +100,9 @@ use asm::{AluOp as X, Asm, Cond, Gpr, Label, Mem, OpSize, ShiftOp};
 
 use super::{
     CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_MEM_START,
-    CTX_STACK_BASE, JitError, ctx_bound, rt,
+    CTX_STACK_BASE, CTX_TAIL_CALLS, JitError, ctx_bound, rt,
 };
+use crate::exec::MAX_TAIL_CALL_CNT;
 use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
 use crate::helpers::{Helper, Helpers};
 use crate::interp::{alu32, alu64};
@@ -149,6 +185,20 @@ pub struct X86Code {
     pub code: Vec<u8>,
     /// Byte offset of the tail entry, where a tail call into the program continues.
     pub tail_entry: usize,
+    /// Byte offset of each direct tail call's 5-byte patch site, in the order of the
+    /// [`DirectSpec`]s given.
+    pub direct_sites: Vec<usize>,
+}
+
+/// A tail call to compile as a direct one (see [`crate::exec::DirectTailCall`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectSpec {
+    /// Index of the `call 12` instruction.
+    pub insn: usize,
+    /// The program array's address, compared with r2.
+    pub map: u64,
+    /// The index, compared with r3 (32 bits).
+    pub index: u32,
 }
 
 fn map(r: Reg) -> Gpr {
@@ -170,6 +220,17 @@ pub fn generate(
     helpers: &Helpers,
     opts: &CodegenOptions,
 ) -> Result<X86Code, JitError> {
+    generate_with(program, helpers, opts, &[])
+}
+
+/// [`generate`], with the tail calls of `direct` compiled as direct tail calls (each must be a
+/// static call of the tail call helper).
+pub fn generate_with(
+    program: &Program,
+    helpers: &Helpers,
+    opts: &CodegenOptions,
+    direct: &[DirectSpec],
+) -> Result<X86Code, JitError> {
     super::check_size(program)?;
     let mut a = Asm::new();
     let insn_labels = (0..program.insns().len()).map(|_| a.new_label()).collect();
@@ -181,6 +242,8 @@ pub fn generate(
         helpers,
         opts: *opts,
         insn_labels,
+        direct,
+        direct_sites: vec![usize::MAX; direct.len()],
     };
     let tail_entry = g.prologue();
     for (i, insn) in program.insns().iter().enumerate() {
@@ -188,7 +251,14 @@ pub fn generate(
         g.a.bind(label);
         g.insn(i, *insn)?;
     }
+    if let Some(i) = g.direct_sites.iter().position(|&o| o == usize::MAX) {
+        return Err(JitError::InvalidInstruction {
+            pc: program.slot_of(direct[i].insn.min(program.insns().len() - 1)),
+            reason: "a direct tail call names an instruction that is not a tail call",
+        });
+    }
     Ok(X86Code {
+        direct_sites: g.direct_sites,
         code: g.a.finish()?,
         tail_entry,
     })
@@ -203,6 +273,9 @@ struct Gen<'a> {
     insn_labels: Vec<Label>,
     rt_thunk: Label,
     fault: Label,
+    direct: &'a [DirectSpec],
+    /// The patch site offset of each of `direct`, once emitted.
+    direct_sites: Vec<usize>,
 }
 
 impl Gen<'_> {
@@ -387,7 +460,7 @@ impl Gen<'_> {
                         .store_imm(OpSize::D, Mem::new(CTX, CTX_CALL_PC + 4), id as i32);
                     self.call_helper(Some(f as usize as u64), true);
                 }
-                Some(Helper::TailCall) => self.tail_call(pc),
+                Some(Helper::TailCall) => self.tail_call(i, pc),
                 None => {
                     // Fails at run time, as in the interpreter (the code may never get here).
                     self.a.mov_r32_imm(ADDR, id);
@@ -794,17 +867,42 @@ impl Gen<'_> {
     /// returns the target's tail entry (or 1 to fall through, every register unchanged). At
     /// an instruction boundary rsp is at the current function's return address, so a jump
     /// makes the target's `exit` return to this function's caller.
-    fn tail_call(&mut self, pc: usize) {
+    fn tail_call(&mut self, i: usize, pc: usize) {
+        let fall_through = self.a.new_label();
+        if let Some(d) = self.direct.iter().position(|d| d.insn == i) {
+            self.direct_tail_call(d, fall_through);
+        }
         let a = &mut self.a;
         a.store(OpSize::D, Mem::new(CTX, CTX_ARG2), Gpr::Rdx);
         a.mov_rr(true, ADDR, Gpr::Rsi);
         self.runtime(rt::info(rt::TAIL_CALL, pc, 1, Access::Load));
         let a = &mut self.a;
-        let fall_through = a.new_label();
         a.alu_ri(X::Cmp, true, TMP, 1);
         a.jcc_short(Cond::E, fall_through);
         a.jmp_r(TMP);
         a.bind(fall_through);
+    }
+
+    /// The kernel's direct tail call, for r2 and r3 equal to the hint's constants (else the
+    /// ordinary path after it): count the call as the runtime would (the index is in range),
+    /// then the patch site, which the program array keeps at `jmp` the slot's target or `nop`.
+    fn direct_tail_call(&mut self, d: usize, fall_through: Label) {
+        let spec = self.direct[d];
+        let a = &mut self.a;
+        let ordinary = a.new_label();
+        a.movabs(TMP, spec.map);
+        a.alu_rr(X::Cmp, true, Gpr::Rsi, TMP);
+        a.jcc(Cond::Ne, ordinary);
+        a.alu_ri(X::Cmp, false, Gpr::Rdx, spec.index as i32);
+        a.jcc(Cond::Ne, ordinary);
+        let counter = Mem::new(CTX, CTX_TAIL_CALLS);
+        a.alu_mi(X::Cmp, false, counter, MAX_TAIL_CALL_CNT as i32);
+        a.jcc(Cond::Ae, fall_through);
+        a.alu_mi(X::Add, false, counter, 1);
+        self.direct_sites[d] = a.len();
+        a.nop5();
+        a.jmp(fall_through);
+        a.bind(ordinary);
     }
 
     fn call_local(&mut self, pc: usize, target: Label) {

@@ -69,6 +69,7 @@ pub use typed::{Array, HashMap, Keys, PerCpuArray, PerCpuHashMap, Pod};
 use std::ops::Deref;
 use std::sync::Arc;
 
+pub(crate) use self::array::DirectSites;
 use self::array::{ArrayStore, ProgArrayStore};
 use self::hash::HashTable;
 use self::mem::{Deferred, round8};
@@ -971,6 +972,15 @@ impl Map {
         match &self.kind {
             Kind::ProgArray(p) => p.clear(index),
             _ => Err(MapError::Invalid("not a program array")),
+        }
+    }
+
+    /// How many direct tail-call sites of compiled programs this program array keeps pointed at
+    /// its slots' targets ([`DirectTailCall`](crate::exec::DirectTailCall)); 0 for other maps.
+    pub fn prog_array_direct_sites(&self) -> usize {
+        match &self.kind {
+            Kind::ProgArray(p) => p.direct_sites(),
+            _ => 0,
         }
     }
 

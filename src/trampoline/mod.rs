@@ -51,7 +51,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::exec::{ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
+use crate::exec::{DirectTailCall, ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
 use crate::helpers::Helpers;
 use crate::isa::Program;
 use crate::jit::{JitError, JitOptions, JitProgram, JitStack, RunContext};
@@ -251,7 +251,7 @@ impl std::fmt::Debug for Prog {
 impl Prog {
     /// Compiles and registers `program`.
     pub fn load(program: &Program, helpers: &Helpers, opts: JitOptions) -> Result<Prog, JitError> {
-        Prog::load_with_env(program, helpers, opts, ProgEnv::default())
+        Prog::load_full(program, helpers, opts, ProgEnv::default(), &[])
     }
 
     /// As [`Prog::load`], with what the program may use when it runs as a tracer ([`ProgEnv`]).
@@ -261,7 +261,27 @@ impl Prog {
         opts: JitOptions,
         env: ProgEnv,
     ) -> Result<Prog, JitError> {
-        let jit = JitProgram::compile(program, helpers, opts)?;
+        Prog::load_full(program, helpers, opts, env, &[])
+    }
+
+    /// [`Prog::load`] with direct tail calls ([`JitProgram::compile_with`]).
+    pub fn load_with(
+        program: &Program,
+        helpers: &Helpers,
+        opts: JitOptions,
+        direct: &[DirectTailCall],
+    ) -> Result<Prog, JitError> {
+        Prog::load_full(program, helpers, opts, ProgEnv::default(), direct)
+    }
+
+    fn load_full(
+        program: &Program,
+        helpers: &Helpers,
+        opts: JitOptions,
+        env: ProgEnv,
+        direct: &[DirectTailCall],
+    ) -> Result<Prog, JitError> {
+        let jit = JitProgram::compile_with(program, helpers, opts, direct)?;
         let env_regions = env.regions();
         let env_maps = env.maps.iter().map(crate::maps::Map::as_raw).collect();
         Ok(Prog(Arc::new(ProgInner {

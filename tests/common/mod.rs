@@ -3,6 +3,9 @@
 // Each test binary that declares this module uses only part of it.
 #![allow(dead_code)]
 
+pub mod context;
+pub mod engines;
 pub mod kernel;
 pub mod limits;
 pub mod progen;
+pub mod tail;

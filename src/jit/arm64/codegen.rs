@@ -29,6 +29,8 @@
 //!         autiasp           (pac only)
 //!         ret
 //!  fault: mov x7, xzr; b epilogue
+//!  tail:  [bti j]                          tail entry (reached by `br`): r1 and r10 are kept,
+//!         mov x7/x1–x4/x19–x22, xzr        the rest start at zero
 //!  body:  one block per eBPF instruction
 //!  cold:  out-of-line slow paths of checked accesses (set the request, call the thunk)
 //!  thunk: saves live registers (x0–x4, x7, x11, x12, x15, x30), calls
@@ -60,6 +62,18 @@
 //! helper and local calls push it with the registers they preserve; the thunk is entered with
 //! `adr x12, back; b thunk` and leaves x30 alone. BPF-to-BPF calls check the depth against the
 //! context's `fp_limit`, push r6–r9, r10 and x30, and move r10 down by [`STACK_SIZE`].
+//!
+//! A helper call passes the context as the sixth argument (`mov x5, x26`). Before a context
+//! helper the code stores the call's pc and id (one 64-bit store); after it, and after `callx`,
+//! it tests the context's failure flag (`ldr x10, [x26, #failed]; cbz x10, ok; b fault`: `b`
+//! reaches the fault from anywhere in a large image). `callx` first stores the image's own
+//! `Helpers` address in the context, for the runtime's lookup.
+//!
+//! A tail call stores the index (`str w2, [x26, #arg2]`), passes the map in x11 and makes the
+//! runtime request `TAIL_CALL`, which returns the target's tail entry in x10, or 1 to fall
+//! through with every register unchanged; then `cmp x10, #1; b.eq next; br x10`. At an
+//! instruction boundary sp and x30 are the current function's, so the target's `ret` returns to
+//! this function's caller.
 //!
 //! Checked accesses compute the address into x11 and compare it with the stack and the input
 //! inline (as the x86-64 backend does); accesses relative to r10 inside the current frame need
