@@ -4,42 +4,16 @@
 
 #[path = "common/bin.rs"]
 mod bin;
+#[path = "common/clang.rs"]
+mod clang;
 
 use std::path::Path;
-use std::process::Command;
 
-/// Compiles `examples/{name}.bpf.c` into the test's temporary directory; `None` without clang
-/// (a loud skip, or a failure with `LIVEBPF_REQUIRE_CLANG=1`).
+/// `examples/{name}.bpf.c` compiled (into the test's temporary directory, as `{name}.o`, the
+/// name the README's commands use); `None` without clang.
 fn compile(name: &str) -> Option<std::path::PathBuf> {
-    let Some(clang) = ["clang-19", "clang"].into_iter().find(|c| {
-        Command::new(c)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }) else {
-        assert!(
-            std::env::var("LIVEBPF_REQUIRE_CLANG").as_deref() != Ok("1"),
-            "LIVEBPF_REQUIRE_CLANG=1 but clang does not run"
-        );
-        eprintln!("!! WARNING: clang not found: the C examples are SKIPPED !!");
-        return None;
-    };
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.o"));
-    let o = Command::new(clang)
-        .args(["-O2", "-g", "-target", "bpf"])
-        .arg(format!(
-            "-I/usr/include/{}-linux-gnu",
-            std::env::consts::ARCH
-        ))
-        .arg("-I/usr/include/x86_64-linux-gnu")
-        .arg("-c")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.bpf.c")))
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    Some(out)
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.bpf.c"));
+    clang::compile(&src, name)
 }
 
 /// The README line that starts with `prefix`, split into words (after `prefix`), with

@@ -14,6 +14,8 @@
 //! kernel half skips loudly (failing with `LIVEBPF_REQUIRE_KERNEL=1`) and livebpf's engines are
 //! still checked against those expectations and against each other.
 
+#[path = "common/bin.rs"]
+mod bin;
 #[path = "common/clang.rs"]
 mod clang;
 mod common;
@@ -36,19 +38,9 @@ fn compile(name: &str) -> Option<PathBuf> {
     clang::object(&format!("diff/{name}"))
 }
 
-/// The binary, started through `LIVEBPF_TEST_RUNNER` when set (qemu-user for the arm64 cross
-/// run, as in tests/cli.rs).
+/// The binary (through `LIVEBPF_TEST_RUNNER` when set, as in tests/cli.rs).
 fn command() -> Command {
-    let exe = env!("CARGO_BIN_EXE_livebpf");
-    match std::env::var("LIVEBPF_TEST_RUNNER") {
-        Ok(runner) if !runner.trim().is_empty() => {
-            let mut words = runner.split_whitespace();
-            let mut cmd = Command::new(words.next().unwrap());
-            cmd.args(words).arg(exe);
-            cmd
-        }
-        _ => Command::new(exe),
-    }
+    bin::livebpf_command()
 }
 
 /// `livebpf run OBJ --prog PROG --engine ENGINE --packet HEX... --json`, parsed; or what went

@@ -197,3 +197,30 @@ fn packets_outside_the_kernels_limits_are_refused() {
     }
     assert!(prog.run_xdp(Engine::Interpreter, &vec![0; 3520]).is_ok());
 }
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[test]
+fn a_tracer_sees_its_cookie_and_the_traced_programs_address() {
+    let Some(loaded) = load("run/tracer_info") else {
+        return;
+    };
+    let target = loaded.program("target").unwrap().jit().unwrap();
+    let tracer = loaded.program("record").unwrap().jit().unwrap();
+    let link = livebpf::attach(livebpf::AttachKind::Fentry, &target, &tracer, 0xc0ffee).unwrap();
+    let prog = loaded.program("target").unwrap();
+    for _ in 0..3 {
+        assert_eq!(prog.run_xdp(Engine::Jit, &[0; 14]).unwrap().retval, 2);
+    }
+    link.detach().unwrap();
+    assert_eq!(prog.run_xdp(Engine::Jit, &[0; 14]).unwrap().retval, 2);
+    let bss = loaded
+        .map(".bss")
+        .unwrap()
+        .lookup(&[0; 4])
+        .unwrap()
+        .unwrap();
+    let word = |i: usize| u64::from_le_bytes(bss[8 * i..8 * i + 8].try_into().unwrap());
+    assert_eq!(word(0), 0xc0ffee, "bpf_get_attach_cookie");
+    assert_eq!(word(1), target.jit().entry() as u64, "bpf_get_func_ip");
+    assert_eq!(word(2), 3, "the tracer ran while attached only");
+}

@@ -198,18 +198,47 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<(), CliError> {
         (cycled, reports)
     });
     cycled?;
-    let elapsed = started.elapsed();
+    let problems = finish(
+        args,
+        started,
+        &counters,
+        &reports,
+        &fentry,
+        fexit.as_ref(),
+        &mut |_| Ok(()),
+        out,
+    )?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::TraceFailed(problems.join("; ")))
+    }
+}
 
+/// The end of a trace: waits for the reclaimer, prints the summary line (and then what `extra`
+/// prints), and returns what went wrong: failed runs, failed tracers, tracers that did not run
+/// while attached, images left alive.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    args: &TraceArgs,
+    started: Instant,
+    counters: &[Counter],
+    reports: &[Report],
+    fentry: &Tracer<'_>,
+    fexit: Option<&Tracer<'_>>,
+    extra: &mut dyn FnMut(&mut dyn Write) -> Result<(), CliError>,
+    out: &mut dyn Write,
+) -> Result<Vec<String>, CliError> {
+    let elapsed = started.elapsed();
     // Every link is gone; once the reclaimer has freed what was retired, nothing may be left.
     reclaim::flush().expect("flush outside a run");
     let live_images = trampoline::live_images();
-
     let runs: u64 = counters
         .iter()
         .map(|c| c.runs.load(Ordering::Acquire))
         .sum();
     let entry_stats = fentry.prog.stats();
-    let exit_stats = fexit.as_ref().map(|t| t.prog.stats()).unwrap_or_default();
+    let exit_stats = fexit.map(|t| t.prog.stats()).unwrap_or_default();
     let run_errors: u64 = reports.iter().map(|r| r.errors).sum();
     let errors = run_errors + entry_stats.errors + exit_stats.errors;
     writeln!(
@@ -222,6 +251,7 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<(), CliError> {
         elapsed.as_secs_f64()
     )
     .map_err(stdout_err)?;
+    extra(out)?;
     out.flush().map_err(stdout_err)?;
 
     let mut problems = Vec::new();
@@ -232,9 +262,9 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<(), CliError> {
             .unwrap_or("");
         problems.push(format!("{run_errors} target runs failed (first: {first})"));
     }
-    let failed = [("fentry", Some(&fentry), entry_stats)]
+    let failed = [("fentry", Some(fentry), entry_stats)]
         .into_iter()
-        .chain([("fexit", fexit.as_ref(), exit_stats)]);
+        .chain([("fexit", fexit, exit_stats)]);
     for (name, tracer, stats) in failed {
         if let Some(tracer) = tracer
             && stats.errors > 0
@@ -255,7 +285,7 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let inside = args.cycles.saturating_mul(args.threads as u64);
     let tracers = [("fentry", Some(entry_stats))]
         .into_iter()
-        .chain([("fexit", fexit.as_ref().map(|_| exit_stats))]);
+        .chain([("fexit", fexit.map(|_| exit_stats))]);
     for (name, stats) in tracers {
         if let Some(stats) = stats
             && stats.run_cnt < inside
@@ -271,11 +301,7 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<(), CliError> {
             "{live_images} trampoline images still alive after every link was dropped"
         ));
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::TraceFailed(problems.join("; ")))
-    }
+    Ok(problems)
 }
 
 /// The expected outcome of one run, from the interpreter.
@@ -694,76 +720,37 @@ pub fn trace_object(args: &ObjectTraceArgs<'_>, out: &mut dyn Write) -> Result<(
         (cycled, reports)
     });
     cycled?;
-    let elapsed = started.elapsed();
     drop(target_prog);
-    reclaim::flush().expect("flush outside a run");
-    let live_images = trampoline::live_images();
-    let runs: u64 = counters
-        .iter()
-        .map(|c| c.runs.load(Ordering::Acquire))
-        .sum();
-    let entry_stats = fentry.prog.stats();
-    let exit_stats = fexit.as_ref().map(|t| t.prog.stats()).unwrap_or_default();
-    let run_errors: u64 = reports.iter().map(|r| r.errors).sum();
-    let errors = run_errors + entry_stats.errors + exit_stats.errors;
-    writeln!(
-        out,
-        "trace: cycles={} threads={} runs={runs} fentry={} fexit={} errors={errors} live_images={live_images} time={:.2}s",
-        args.cycles,
-        args.threads,
-        entry_stats.run_cnt,
-        exit_stats.run_cnt,
-        elapsed.as_secs_f64()
-    )
-    .map_err(stdout_err)?;
-    let mut printed = Vec::new();
-    for index in std::iter::once(fentry_index).chain(fexit_index) {
-        if printed.contains(&index) {
-            continue;
-        }
-        printed.push(index);
-        for m in objects[index].1.maps() {
-            let Some(contents) = super::object::map_contents(&m.map) else {
+    let mut print_maps = |out: &mut dyn Write| -> Result<(), CliError> {
+        let mut printed = Vec::new();
+        for index in std::iter::once(fentry_index).chain(fexit_index) {
+            if printed.contains(&index) {
                 continue;
-            };
-            writeln!(out, "map {}: {} entries", m.name, contents.len()).map_err(stdout_err)?;
-            for (k, v) in contents {
-                writeln!(out, "  {k} = {}", v.as_str().unwrap_or_default()).map_err(stdout_err)?;
+            }
+            printed.push(index);
+            for m in objects[index].1.maps() {
+                let Some(contents) = super::object::map_contents(&m.map) else {
+                    continue;
+                };
+                writeln!(out, "map {}: {} entries", m.name, contents.len()).map_err(stdout_err)?;
+                for (k, v) in contents {
+                    writeln!(out, "  {k} = {}", v.as_str().unwrap_or_default())
+                        .map_err(stdout_err)?;
+                }
             }
         }
-    }
-    out.flush().map_err(stdout_err)?;
-    let mut problems = Vec::new();
-    if run_errors > 0 {
-        let first = reports
-            .iter()
-            .find_map(|r| r.first.as_deref())
-            .unwrap_or("");
-        problems.push(format!("{run_errors} target runs failed (first: {first})"));
-    }
-    for (name, tracer, stats) in [("fentry", Some(&fentry), entry_stats)]
-        .into_iter()
-        .chain([("fexit", fexit.as_ref(), exit_stats)])
-    {
-        if let Some(tracer) = tracer
-            && stats.errors > 0
-        {
-            let why = tracer
-                .prog
-                .last_error()
-                .map_or_else(String::new, |e| format!(", the last with: {e}"));
-            problems.push(format!(
-                "{name} tracer {} failed in {} runs{why}",
-                tracer.path.display(),
-                stats.errors
-            ));
-        }
-    }
-    if live_images != 0 {
-        problems.push(format!(
-            "{live_images} trampoline images still alive after every link was dropped"
-        ));
-    }
+        Ok(())
+    };
+    let problems = finish(
+        &trace_args,
+        started,
+        &counters,
+        &reports,
+        &fentry,
+        fexit.as_ref(),
+        &mut print_maps,
+        out,
+    )?;
     if problems.is_empty() {
         Ok(())
     } else {

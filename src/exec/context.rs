@@ -216,6 +216,10 @@ pub struct HelperContext {
     user: *mut c_void,
     maps: *const *const RawMap,
     maps_len: usize,
+    /// For a tracer's run: the cookie its link was attached with, and the traced program's
+    /// entry address (what `bpf_get_attach_cookie` and `bpf_get_func_ip` return).
+    attach_cookie: u64,
+    func_ip: u64,
     grants: Grants,
     /// Set by `fail` and the runtime functions when a run fails.
     error: Option<ExecError>,
@@ -296,6 +300,8 @@ impl HelperContext {
             user: std::ptr::null_mut(),
             maps: std::ptr::null(),
             maps_len: 0,
+            attach_cookie: 0,
+            func_ip: 0,
             grants: Grants::new(),
             error: None,
         }
@@ -306,6 +312,17 @@ impl HelperContext {
         self.user = env.user;
         self.maps = env.maps.as_ptr();
         self.maps_len = env.maps.len();
+    }
+
+    /// In a tracer's run (fentry, fexit, fmod_ret), the cookie its link was attached with; 0
+    /// otherwise.
+    pub fn attach_cookie(&self) -> u64 {
+        self.attach_cookie
+    }
+
+    /// In a tracer's run, the entry address of the traced program; 0 otherwise.
+    pub fn func_ip(&self) -> u64 {
+        self.func_ip
     }
 
     /// The run's [`RunEnv::user`] pointer (null when the run was not started with one).
@@ -699,6 +716,22 @@ impl RunContext<'static> {
     pub(crate) unsafe fn set_checked_raw(ctx: *mut RunContext<'static>, checked: bool) {
         // SAFETY: per the contract.
         unsafe { (*ctx).state.set_checked(checked) };
+    }
+
+    /// Records, in a context made by [`RunContext::init_raw`], what a tracer's helpers report:
+    /// its link's cookie and the traced program's entry.
+    ///
+    /// # Safety
+    /// As for `init_raw`: `ctx` is initialised and nothing else uses it.
+    pub(crate) unsafe fn set_trace_info_raw(
+        ctx: *mut RunContext<'static>,
+        cookie: u64,
+        func_ip: u64,
+    ) {
+        // SAFETY: per the contract.
+        let state = unsafe { &mut (*ctx).state };
+        state.attach_cookie = cookie;
+        state.func_ip = func_ip;
     }
 
     /// Gives a context made by [`RunContext::init_raw`] more regions besides its input, and the

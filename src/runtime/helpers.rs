@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::exec::HelperContext;
 use crate::helpers::Helpers;
 use crate::loader::ProgType;
 use crate::maps::helpers as mh;
@@ -139,6 +140,38 @@ pub extern "C" fn get_current_pid_tgid(_: u64, _: u64, _: u64, _: u64, _: u64) -
     tgid << 32 | tid
 }
 
+/// `u64 bpf_get_attach_cookie(void *ctx)`: the cookie the tracer's link was attached with.
+///
+/// # Safety
+/// A context helper: `hctx` is the calling run's context.
+pub unsafe extern "C" fn get_attach_cookie(
+    _: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    hctx: *mut HelperContext,
+) -> u64 {
+    // SAFETY: the caller's contract.
+    unsafe { (*hctx).attach_cookie() }
+}
+
+/// `u64 bpf_get_func_ip(void *ctx)`: the traced program's entry address.
+///
+/// # Safety
+/// A context helper: `hctx` is the calling run's context.
+pub unsafe extern "C" fn get_func_ip(
+    _: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    hctx: *mut HelperContext,
+) -> u64 {
+    // SAFETY: the caller's contract.
+    unsafe { (*hctx).func_ip() }
+}
+
 /// Every helper a program of type `prog_type` may call (the kernel's `get_func_proto` for it,
 /// restricted to what livebpf implements).
 pub(crate) fn for_type(prog_type: &ProgType) -> Helpers {
@@ -156,11 +189,12 @@ pub(crate) fn for_type(prog_type: &ProgType) -> Helpers {
                 .register_with_context(xdp::XDP_ADJUST_TAIL, xdp::xdp_adjust_tail)
                 .register_with_context(xdp::XDP_ADJUST_META, xdp::xdp_adjust_meta);
         }
-        ProgType::Fentry { .. }
-        | ProgType::Fexit { .. }
-        | ProgType::FmodRet { .. }
-        | ProgType::Freplace { .. }
-        | ProgType::Raw => {
+        ProgType::Fentry { .. } | ProgType::Fexit { .. } | ProgType::FmodRet { .. } => {
+            h.register(GET_CURRENT_PID_TGID, get_current_pid_tgid)
+                .register_with_context(GET_ATTACH_COOKIE, get_attach_cookie)
+                .register_with_context(GET_FUNC_IP, get_func_ip);
+        }
+        ProgType::Freplace { .. } | ProgType::Raw => {
             h.register(GET_CURRENT_PID_TGID, get_current_pid_tgid);
         }
         ProgType::SocketFilter | ProgType::SchedCls => {}

@@ -404,6 +404,8 @@ impl Prog {
 pub(crate) struct LinkShared {
     prog: Prog,
     cookie: u64,
+    /// The target's entry, for `bpf_get_func_ip`.
+    func_ip: u64,
 }
 
 struct LinkEntry {
@@ -672,6 +674,7 @@ pub fn attach(
             shared: Arc::new(LinkShared {
                 prog: prog.clone(),
                 cookie,
+                func_ip: target.jit().entry() as u64,
             }),
         });
         if let Err(e) = update_image(target, &mut state) {
@@ -902,6 +905,7 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
         RunContext::set_checked_raw(ctx, prog.jit.is_checked());
         // The regions and maps live in the program, which the link keeps alive.
         RunContext::set_tracer_env_raw(ctx, &prog.env_regions, &prog.env_maps);
+        RunContext::set_trace_info_raw(ctx, link.cookie, link.func_ip);
     }
     if stats_enabled() { now_ns() + 1 } else { 1 }
 }

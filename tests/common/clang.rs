@@ -1,7 +1,10 @@
-//! Compiling the C programs under `tests/bpf/` with clang, for the tests that load them.
+//! Compiling the C programs under `tests/bpf/` (and `examples/`) with clang, for the tests that
+//! load them.
 //!
 //! Without clang a test skips with a loud message, unless `LIVEBPF_REQUIRE_CLANG=1` (set by
 //! CI), when it fails instead.
+// Each test binary that includes this file uses only part of it.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,10 +23,17 @@ fn find_clang() -> Option<&'static str> {
 /// The object file compiled from `tests/bpf/{name}.c` (`name` may have a directory, as in
 /// `run/xdp_edges`), compiled once per test binary; `None` without clang.
 pub fn object(name: &str) -> Option<PathBuf> {
-    static CACHE: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/bpf/{name}.c"));
+    compile(&src, &name.replace('/', "-"))
+}
+
+/// The object file compiled from the C file `src`, named `{stem}.o` in the test's temporary
+/// directory, compiled once per test binary; `None` without clang.
+pub fn compile(src: &Path, stem: &str) -> Option<PathBuf> {
+    static CACHE: Mutex<Option<HashMap<PathBuf, PathBuf>>> = Mutex::new(None);
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     let cache = cache.get_or_insert_with(HashMap::new);
-    if let Some(p) = cache.get(name) {
+    if let Some(p) = cache.get(src) {
         return Some(p.clone());
     }
     let Some(clang) = find_clang() else {
@@ -32,13 +42,15 @@ pub fn object(name: &str) -> Option<PathBuf> {
                 "LIVEBPF_REQUIRE_CLANG=1 but neither clang-19 nor clang runs: apt-get install clang-19 libbpf-dev"
             );
         }
-        eprintln!("!! WARNING: clang-19 / clang not found: tests on {name}.c are SKIPPED !!");
+        eprintln!(
+            "!! WARNING: clang-19 / clang not found: tests on {} are SKIPPED !!",
+            src.display()
+        );
         return None;
     };
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/bpf/{name}.c"));
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("bpf-objects")
-        .join(format!("{}.o", name.replace('/', "-")));
+        .join(format!("{stem}.o"));
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     let o = Command::new(clang)
         .args(["-O2", "-g", "-target", "bpf"])
@@ -46,7 +58,7 @@ pub fn object(name: &str) -> Option<PathBuf> {
         .arg("-I/usr/include/x86_64-linux-gnu")
         .arg("-I/usr/include/aarch64-linux-gnu")
         .arg("-c")
-        .arg(&src)
+        .arg(src)
         .arg("-o")
         .arg(&out)
         .output()
@@ -57,6 +69,6 @@ pub fn object(name: &str) -> Option<PathBuf> {
         src.display(),
         String::from_utf8_lossy(&o.stderr)
     );
-    cache.insert(name.to_string(), out.clone());
+    cache.insert(src.to_path_buf(), out.clone());
     Some(out)
 }
