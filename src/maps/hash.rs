@@ -37,18 +37,16 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
+use super::cpu::kernel_possible_cpus;
+use super::lru::{self, Lru};
 use super::mem::{
     ElemPool, alloc_elem as pool_alloc, copy_from_map, copy_to_map, free_elem, retire_elem, round8,
     unused_elem,
 };
 use super::{
-    BPF_EXIST, BPF_F_ZERO_SEED, BPF_NOEXIST, MapError, MapSpec, MapType, check_update_flags,
-    current_cpu,
+    BPF_EXIST, BPF_F_NO_COMMON_LRU, BPF_F_ZERO_SEED, BPF_NOEXIST, MapError, MapSpec, MapType,
+    check_update_flags, current_cpu,
 };
-use crate::reclaim::ReadGuard;
-
-/// Elements an LRU eviction looks at before choosing.
-pub const LRU_SAMPLE: usize = 32;
 
 /// Bit 0 of a bucket word: locked.
 const LOCKED: usize = 1;
@@ -57,7 +55,8 @@ const LOCKED: usize = 1;
 struct Elem {
     next: AtomicUsize,
     hash: u32,
-    stamp: AtomicU32,
+    /// LRU maps: the element's node and reference bit (see `lru`); 0 otherwise.
+    lru: AtomicU32,
 }
 
 const HDR: usize = std::mem::size_of::<Elem>();
@@ -76,13 +75,12 @@ pub(crate) struct HashTable {
     stride: usize,
     ncpus: usize,
     percpu: bool,
-    lru: bool,
     elem_size: usize,
     max_entries: u32,
     seed: u64,
+    /// Elements linked (non-LRU maps; an LRU map's nodes bound its elements).
     count: Padded<AtomicU32>,
-    clock: Padded<AtomicU32>,
-    hand: AtomicUsize,
+    lru: Option<Lru>,
     pool: Arc<ElemPool>,
 }
 
@@ -173,7 +171,7 @@ unsafe fn keys_eq(a: *const u8, b: *const u8, len: usize) -> bool {
 impl HashTable {
     pub(crate) fn new(spec: &MapSpec, ncpus: usize) -> Result<HashTable, MapError> {
         let percpu = spec.map_type.is_percpu();
-        let lru = matches!(spec.map_type, MapType::LruHash | MapType::LruPercpuHash);
+        let is_lru = matches!(spec.map_type, MapType::LruHash | MapType::LruPercpuHash);
         let n_buckets = (spec.max_entries as usize).next_power_of_two();
         let oom = MapError::NoMemory("the bucket array does not fit in memory: use fewer entries");
         let buckets_layout = Layout::array::<AtomicUsize>(n_buckets).map_err(|_| oom)?;
@@ -186,6 +184,26 @@ impl HashTable {
         let stride = round8(value_size);
         let value_off = HDR + round8(key_size);
         let value_area = if percpu { stride * ncpus } else { stride };
+        let lru = if is_lru {
+            // `spec.max_entries` is already what `lru::entries` makes of it.
+            let per_cpu_lists = spec.flags & BPF_F_NO_COMMON_LRU != 0;
+            let lru = Lru::new(
+                spec.max_entries,
+                kernel_possible_cpus() as usize,
+                per_cpu_lists,
+                std::mem::offset_of!(Elem, lru),
+            );
+            match lru {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    // SAFETY: allocated above with this layout, not shared.
+                    unsafe { std::alloc::dealloc(buckets.as_ptr() as *mut u8, buckets_layout) };
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let seed = if spec.flags & BPF_F_ZERO_SEED != 0 {
             0
         } else {
@@ -201,13 +219,11 @@ impl HashTable {
             stride,
             ncpus,
             percpu,
-            lru,
             elem_size: value_off + value_area,
             max_entries: spec.max_entries,
             seed,
             count: Padded(AtomicU32::new(0)),
-            clock: Padded(AtomicU32::new(0)),
-            hand: AtomicUsize::new(0),
+            lru,
             pool: ElemPool::new(value_off + value_area, spec.max_entries),
         })
     }
@@ -355,13 +371,12 @@ impl HashTable {
             ));
         };
         let e = p as *mut Elem;
-        let stamp = if self.lru { self.tick() } else { 0 };
         // SAFETY: an unused element of elem_size bytes; the sources have the sizes above.
         unsafe {
             e.write(Elem {
                 next: AtomicUsize::new(0),
                 hash,
-                stamp: AtomicU32::new(stamp),
+                lru: AtomicU32::new(0),
             });
             std::ptr::copy_nonoverlapping(key, Self::key_of(e), self.key_size);
             let v = self.value_of(e);
@@ -400,93 +415,42 @@ impl HashTable {
         self.count.0.fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn tick(&self) -> u32 {
-        self.clock.0.fetch_add(2, Ordering::Relaxed).wrapping_add(1)
-    }
-
-    #[inline(always)]
-    fn touch(&self, e: *mut Elem) {
-        let now = self.clock.0.load(Ordering::Relaxed);
-        // SAFETY: the caller found `e` in its run.
-        let stamp = unsafe { &(*e).stamp };
-        if stamp.load(Ordering::Relaxed) != now {
-            stamp.store(now, Ordering::Relaxed);
+    /// Unlinks element `e` if it is linked (the LRU evicting its node), collecting it in
+    /// `evicted` for retirement. The LRU calls this only for a live element (lru module docs).
+    fn unlink_elem(&self, e: usize, evicted: &mut Vec<*mut Elem>) -> bool {
+        let p = e as *mut Elem;
+        // SAFETY: alive, per the LRU's contract; `hash` is immutable.
+        let hash = unsafe { (*p).hash };
+        let mut b = self.lock(hash);
+        match self.find_elem(&b, p) {
+            Some(link) => {
+                // SAFETY: linked, so alive.
+                let next = unsafe { (*p).next.load(Ordering::Relaxed) };
+                Self::set_link(&mut b, link, next);
+                evicted.push(p);
+                true
+            }
+            None => false,
         }
     }
 
-    /// Makes room for one element in an LRU map: raises the count, evicting as needed.
-    fn reserve_lru(&self) -> Result<(), MapError> {
-        for attempt in 0..1000 {
-            if self.reserve_count() {
-                return Ok(());
-            }
-            if !self.evict_one() && attempt > 8 {
-                std::thread::yield_now();
-            }
+    /// Takes an LRU node for unpublished element `e`, retiring what that evicted.
+    fn lru_pop(&self, lru: &Lru, e: *mut Elem) -> Result<u32, MapError> {
+        let mut evicted = Vec::new();
+        let node = lru.pop(e as usize, |victim| self.unlink_elem(victim, &mut evicted));
+        for v in evicted {
+            // SAFETY: unlinked by us, and its node is on a free list.
+            unsafe { retire_elem(&self.pool, v as *mut u8) };
         }
-        Err(MapError::NoMemory(
-            "the LRU map found nothing to evict while full (heavy concurrent churn): retry",
+        node.ok_or(MapError::NoMemory(
+            "no free LRU node: every entry is being inserted by another thread right now; retry",
         ))
     }
 
-    /// Evicts the oldest of a sample (module docs). Whether it unlinked an element.
-    fn evict_one(&self) -> bool {
-        let victim = {
-            let _run = ReadGuard::new();
-            let now = self.clock.0.load(Ordering::Relaxed);
-            let start = self.hand.load(Ordering::Relaxed);
-            let (mut best, mut best_age) = (std::ptr::null_mut::<Elem>(), 0u32);
-            let (mut seen, mut scanned) = (0, 0);
-            while scanned <= self.mask {
-                let mut e = self
-                    .bucket_at(start.wrapping_add(scanned))
-                    .load(Ordering::Acquire)
-                    & !LOCKED;
-                scanned += 1;
-                while e != 0 {
-                    let p = e as *mut Elem;
-                    // SAFETY: we are in a run: reachable elements are alive.
-                    let (age, next) = unsafe {
-                        (
-                            now.wrapping_sub((*p).stamp.load(Ordering::Relaxed)),
-                            (*p).next.load(Ordering::Acquire),
-                        )
-                    };
-                    if best.is_null() || age > best_age {
-                        (best, best_age) = (p, age);
-                    }
-                    seen += 1;
-                    e = next;
-                }
-                if seen >= LRU_SAMPLE {
-                    break;
-                }
-            }
-            self.hand
-                .store(start.wrapping_add(scanned), Ordering::Relaxed);
-            if best.is_null() {
-                return false;
-            }
-            // Still in the run: `best` cannot be freed (and its address reused) before we
-            // locked its bucket and checked it is linked.
-            // SAFETY: as above.
-            let hash = unsafe { (*best).hash };
-            let mut b = self.lock(hash);
-            match self.find_elem(&b, best) {
-                Some(link) => {
-                    // SAFETY: linked, so alive.
-                    let next = unsafe { (*best).next.load(Ordering::Relaxed) };
-                    Self::set_link(&mut b, link, next);
-                    best
-                }
-                // Deleted or replaced meanwhile.
-                None => return false,
-            }
-        };
-        self.unreserve();
-        // SAFETY: unlinked just now, by us.
-        unsafe { retire_elem(&self.pool, victim as *mut u8) };
-        true
+    /// Gives back the LRU node of element `e`, which the caller unlinked (or never linked).
+    fn lru_push(lru: &Lru, e: *mut Elem) {
+        // SAFETY: the caller still owns `e` (not retired yet); its word names its node.
+        lru.push(lru::node_of(unsafe { (*e).lru.load(Ordering::Relaxed) }));
     }
 
     /// `bpf_map_lookup_elem` (and `bpf_map_lookup_percpu_elem` with `cpu`).
@@ -503,8 +467,9 @@ impl HashTable {
         if e.is_null() {
             return std::ptr::null_mut();
         }
-        if self.lru {
-            self.touch(e);
+        if self.lru.is_some() {
+            // SAFETY: found in our run, so alive until it ends.
+            lru::touch(unsafe { &(*e).lru });
         }
         let v = self.value_of(e);
         if self.percpu {
@@ -553,24 +518,65 @@ impl HashTable {
         check_update_flags(flags)?;
         // SAFETY: forwarded contract.
         let hash = unsafe { self.hash(key) };
-        if self.lru {
-            // Room first: eviction locks other buckets (the kernel's prealloc_lru_pop).
-            self.reserve_lru()?;
+        // SAFETY: forwarded contract.
+        unsafe {
+            match &self.lru {
+                Some(lru) if self.percpu => {
+                    self.update_lru_percpu(lru, key, hash, value, flags, all_cpus)
+                }
+                Some(lru) => self.update_lru(lru, key, hash, value, flags),
+                None => self.update_plain(key, hash, value, flags, all_cpus),
+            }
         }
-        let mut reserved = self.lru;
+    }
+
+    /// The flags' verdict on a bucket lookup.
+    fn check_flags(found: bool, flags: u64) -> Result<(), MapError> {
+        match (found, flags) {
+            (true, BPF_NOEXIST) => Err(MapError::Exists(
+                "the key exists and BPF_NOEXIST was given: use BPF_ANY or BPF_EXIST to replace it",
+            )),
+            (false, BPF_EXIST) => Err(MapError::NotFound(
+                "the key does not exist and BPF_EXIST was given: use BPF_ANY or BPF_NOEXIST to create it",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes a per-CPU value in place (`pcpu_copy_value`).
+    ///
+    /// # Safety
+    /// `e` is linked in a bucket we hold locked; `value` as for [`alloc_elem`](Self::alloc_elem).
+    unsafe fn copy_percpu(&self, e: *mut Elem, value: *const u8, all_cpus: bool) {
+        let v = self.value_of(e);
+        // SAFETY: the caller's contract.
+        unsafe {
+            if all_cpus {
+                copy_to_map(v, value, self.ncpus * self.stride);
+            } else {
+                let cpu = current_cpu() as usize;
+                copy_to_map(v.add(cpu * self.stride), value, self.value_size);
+            }
+        }
+    }
+
+    /// Plain and per-CPU hash maps.
+    ///
+    /// # Safety
+    /// As for [`alloc_elem`](Self::alloc_elem).
+    unsafe fn update_plain(
+        &self,
+        key: *const u8,
+        hash: u32,
+        value: *const u8,
+        flags: u64,
+        all_cpus: bool,
+    ) -> Result<(), MapError> {
         // A non-per-CPU update always links a new element: allocate it outside the lock.
         let mut new = std::ptr::null_mut::<Elem>();
         if !self.percpu {
             // SAFETY: forwarded contract.
-            match unsafe { self.alloc_elem(key, hash, value, all_cpus) } {
-                Ok(e) => new = e,
-                Err(err) => {
-                    if reserved {
-                        self.unreserve();
-                    }
-                    return Err(err);
-                }
-            }
+            new = unsafe { self.alloc_elem(key, hash, value, all_cpus) }?;
         }
         let mut linked = false;
         let mut old = std::ptr::null_mut::<Elem>();
@@ -579,28 +585,12 @@ impl HashTable {
             // SAFETY: forwarded contract.
             let found = unsafe { self.find_link(&b, hash, key) };
             match found {
-                Some(_) if flags == BPF_NOEXIST => Err(MapError::Exists(
-                    "the key exists and BPF_NOEXIST was given: use BPF_ANY or BPF_EXIST to replace it",
-                )),
-                None if flags == BPF_EXIST => Err(MapError::NotFound(
-                    "the key does not exist and BPF_EXIST was given: use BPF_ANY or BPF_NOEXIST to create it",
-                )),
+                _ if Self::check_flags(found.is_some(), flags).is_err() => {
+                    Self::check_flags(found.is_some(), flags)
+                }
                 Some((_, e)) if self.percpu => {
-                    // pcpu_copy_value: in place.
-                    let v = self.value_of(e);
-                    // SAFETY: linked, so alive; the sources have the sizes of the contract.
-                    unsafe {
-                        if all_cpus {
-                            copy_to_map(v, value, self.ncpus * self.stride);
-                        } else {
-                            let cpu = current_cpu() as usize;
-                            copy_to_map(v.add(cpu * self.stride), value, self.value_size);
-                        }
-                    }
-                    if self.lru {
-                        // SAFETY: linked, so alive.
-                        unsafe { (*e).stamp.store(self.tick(), Ordering::Relaxed) };
-                    }
+                    // SAFETY: linked in our locked bucket; forwarded contract.
+                    unsafe { self.copy_percpu(e, value, all_cpus) };
                     Ok(())
                 }
                 Some((link, e)) => {
@@ -615,41 +605,29 @@ impl HashTable {
                     old = e;
                     Ok(())
                 }
+                None if !self.reserve_count() => Err(MapError::TooBig(
+                    "the hash map is full (max_entries elements): delete some, or use an LRU map to evict",
+                )),
                 None => {
-                    let room = if reserved {
-                        reserved = false;
-                        true
-                    } else {
-                        self.reserve_count()
-                    };
-                    if !room {
-                        Err(MapError::TooBig(
-                            "the hash map is full (max_entries elements): delete some, or use an LRU map to evict",
-                        ))
-                    } else {
-                        if self.percpu {
-                            // SAFETY: forwarded contract.
-                            match unsafe { self.alloc_elem(key, hash, value, all_cpus) } {
-                                Ok(e) => new = e,
-                                Err(err) => {
-                                    self.unreserve();
-                                    return Err(err);
-                                }
+                    if self.percpu {
+                        // SAFETY: forwarded contract.
+                        match unsafe { self.alloc_elem(key, hash, value, all_cpus) } {
+                            Ok(e) => new = e,
+                            Err(err) => {
+                                self.unreserve();
+                                return Err(err);
                             }
                         }
-                        // SAFETY: `new` is ours and unpublished.
-                        unsafe { (*new).next.store(b.first, Ordering::Relaxed) };
-                        b.first = new as usize;
-                        linked = true;
-                        Ok(())
                     }
+                    // SAFETY: `new` is ours and unpublished.
+                    unsafe { (*new).next.store(b.first, Ordering::Relaxed) };
+                    b.first = new as usize;
+                    linked = true;
+                    Ok(())
                 }
             }
             // Unlocked here, publishing a new head.
         };
-        if reserved {
-            self.unreserve();
-        }
         if !new.is_null() && !linked {
             // SAFETY: never published.
             unsafe { unused_elem(&self.pool, new as *mut u8) };
@@ -661,7 +639,130 @@ impl HashTable {
         result
     }
 
-    /// `htab_map_delete_elem`.
+    /// `htab_lru_map_update_elem`: a new element with a fresh node, always (taken before the
+    /// bucket is locked, so a full map evicts even when the flags then refuse the update); it
+    /// replaces an existing element with the reference bit set, and the old node is freed.
+    ///
+    /// # Safety
+    /// As for [`alloc_elem`](Self::alloc_elem).
+    unsafe fn update_lru(
+        &self,
+        lru: &Lru,
+        key: *const u8,
+        hash: u32,
+        value: *const u8,
+        flags: u64,
+    ) -> Result<(), MapError> {
+        // SAFETY: forwarded contract.
+        let new = unsafe { self.alloc_elem(key, hash, value, false) }?;
+        if let Err(e) = self.lru_pop(lru, new) {
+            // SAFETY: never published.
+            unsafe { unused_elem(&self.pool, new as *mut u8) };
+            return Err(e);
+        }
+        let mut old = std::ptr::null_mut::<Elem>();
+        let result = {
+            let mut b = self.lock(hash);
+            // SAFETY: forwarded contract.
+            let found = unsafe { self.find_link(&b, hash, key) };
+            let r = Self::check_flags(found.is_some(), flags);
+            if r.is_ok() {
+                match found {
+                    Some((link, e)) => {
+                        // SAFETY: `new` is ours and unpublished (its node names it, but the
+                        // LRU only reads its word meanwhile); `e` is linked.
+                        unsafe {
+                            lru::touch(&(*new).lru);
+                            (*new)
+                                .next
+                                .store((*e).next.load(Ordering::Relaxed), Ordering::Relaxed);
+                        }
+                        Self::set_link(&mut b, link, new as usize);
+                        old = e;
+                    }
+                    None => {
+                        // SAFETY: as above.
+                        unsafe { (*new).next.store(b.first, Ordering::Relaxed) };
+                        b.first = new as usize;
+                    }
+                }
+            }
+            r
+            // Unlocked here (before the LRU's locks: they nest outside bucket locks).
+        };
+        if result.is_err() {
+            Self::lru_push(lru, new);
+            // SAFETY: never published, and its node is free again.
+            unsafe { unused_elem(&self.pool, new as *mut u8) };
+        }
+        if !old.is_null() {
+            Self::lru_push(lru, old);
+            // SAFETY: unlinked just now, by us, and its node is free.
+            unsafe { retire_elem(&self.pool, old as *mut u8) };
+        }
+        result
+    }
+
+    /// `__htab_lru_percpu_map_update_elem`: takes a node first unless the flag is `BPF_EXIST`
+    /// (evicting as needed), then updates an existing element in place (setting its reference
+    /// bit, and freeing the node taken) or links a new one.
+    ///
+    /// # Safety
+    /// As for [`alloc_elem`](Self::alloc_elem).
+    unsafe fn update_lru_percpu(
+        &self,
+        lru: &Lru,
+        key: *const u8,
+        hash: u32,
+        value: *const u8,
+        flags: u64,
+        all_cpus: bool,
+    ) -> Result<(), MapError> {
+        let mut new = std::ptr::null_mut::<Elem>();
+        if flags != BPF_EXIST {
+            // SAFETY: forwarded contract.
+            new = unsafe { self.alloc_elem(key, hash, value, all_cpus) }?;
+            if let Err(e) = self.lru_pop(lru, new) {
+                // SAFETY: never published.
+                unsafe { unused_elem(&self.pool, new as *mut u8) };
+                return Err(e);
+            }
+        }
+        let mut linked = false;
+        let result = {
+            let mut b = self.lock(hash);
+            // SAFETY: forwarded contract.
+            let found = unsafe { self.find_link(&b, hash, key) };
+            let r = Self::check_flags(found.is_some(), flags);
+            if r.is_ok() {
+                match found {
+                    Some((_, e)) => {
+                        // SAFETY: linked in our locked bucket; forwarded contract.
+                        unsafe {
+                            lru::touch(&(*e).lru);
+                            self.copy_percpu(e, value, all_cpus);
+                        }
+                    }
+                    None => {
+                        // SAFETY: `new` is ours and unpublished (not null: BPF_EXIST found
+                        // nothing above, so the flags refused).
+                        unsafe { (*new).next.store(b.first, Ordering::Relaxed) };
+                        b.first = new as usize;
+                        linked = true;
+                    }
+                }
+            }
+            r
+        };
+        if !new.is_null() && !linked {
+            Self::lru_push(lru, new);
+            // SAFETY: never published, and its node is free again.
+            unsafe { unused_elem(&self.pool, new as *mut u8) };
+        }
+        result
+    }
+
+    /// `htab_map_delete_elem` (and the LRU's, which frees the element's node).
     ///
     /// # Safety
     /// `key` readable for `key_size` bytes.
@@ -685,8 +786,11 @@ impl HashTable {
                 }
             }
         };
-        self.unreserve();
-        // SAFETY: unlinked just now, by us.
+        match &self.lru {
+            Some(lru) => Self::lru_push(lru, old),
+            None => self.unreserve(),
+        }
+        // SAFETY: unlinked just now, by us (and its node, if any, is free).
         unsafe { retire_elem(&self.pool, old as *mut u8) };
         Ok(())
     }
