@@ -893,6 +893,119 @@ fn machine_possible_cpus() -> u32 {
         .sum()
 }
 
+/// lru_ops.c's maps: (name, key range of the generated operations).
+const LRU_OPS_MAPS: [(&str, u32); 4] = [
+    ("common", 40),
+    ("percpu", 30),
+    ("lists", 14),
+    ("percpu_lists", 12),
+];
+
+#[test]
+fn lru_ops() {
+    // Pseudo-random lookups, updates with each flag, deletes and lookup-or-insert on each LRU
+    // flavour (common and per-CPU lists, plain and per-CPU values), with a hot third of the keys
+    // looked up more often, so that the active list, rotation, forced shrinks and (for
+    // BPF_F_NO_COMMON_LRU) the per-CPU shares all matter.
+    const LOOKUP: u8 = 0;
+    const DELETE: u8 = 4;
+    const COUNT: u8 = 5;
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // (map, op, key, value)
+    let mut ops = Vec::new();
+    for i in 0..1200u64 {
+        let map = (next() % 4) as u8;
+        let range = LRU_OPS_MAPS[map as usize].1 as u64;
+        let key = if next() % 2 == 0 {
+            next() % (range / 3)
+        } else {
+            next() % range
+        } as u32;
+        let op = match next() % 100 {
+            0..40 => COUNT,
+            40..65 => LOOKUP,
+            65..75 => 1, // BPF_ANY
+            75..80 => 2, // BPF_NOEXIST
+            80..88 => 3, // BPF_EXIST
+            _ => DELETE,
+        };
+        ops.push((map, op, key, 1000 + i));
+    }
+    let packets = ops
+        .iter()
+        .map(|&(map, op, key, value)| {
+            let mut payload = vec![map, op, 0, 0];
+            payload.extend_from_slice(&key.to_le_bytes());
+            payload.extend_from_slice(&value.to_le_bytes());
+            udp4(IP_A, IP_B, 1, 2, &payload)
+        })
+        .collect();
+    diff(Case {
+        src: "lru_ops",
+        prog: "lru_ops",
+        packets,
+        expect: Box::new(move |r: &Result_| {
+            const OK: u64 = 100;
+            let allowed = [2, 3, OK, OK - libc::EEXIST as u64, OK - libc::ENOENT as u64];
+            for (i, v) in r.retvals.iter().enumerate() {
+                assert!(allowed.contains(v), "{}: packet {i}: {v}", r.who);
+            }
+            let cpus = machine_possible_cpus();
+            for (m, (name, _)) in LRU_OPS_MAPS.iter().enumerate() {
+                let entries = r.map(name);
+                // Every run was on one CPU: with per-CPU lists only its share can be used.
+                let room = match *name {
+                    "common" => 16,
+                    "percpu" => 12,
+                    "lists" => 9u32.div_ceil(cpus) * cpus / cpus,
+                    _ => 8u32.div_ceil(cpus) * cpus / cpus,
+                };
+                assert!(entries.len() <= room as usize, "{}: {name}", r.who);
+                for key in entries.keys() {
+                    let k = u32::from_le_bytes(key[..].try_into().unwrap());
+                    let mine = |i: &usize| ops[*i].0 as usize == m && ops[*i].2 == k;
+                    // The value is the last successful write's, plus the hits since.
+                    let written = (0..ops.len())
+                        .filter(mine)
+                        .rfind(|&i| ops[i].1 != LOOKUP && ops[i].1 != DELETE && r.retvals[i] == OK)
+                        .unwrap_or_else(|| panic!("{}: {name} key {k} never written", r.who));
+                    let after = written + 1..ops.len();
+                    assert!(
+                        !after
+                            .clone()
+                            .any(|i| mine(&i) && ops[i].1 == DELETE && r.retvals[i] == OK),
+                        "{}: {name} key {k} deleted, yet present",
+                        r.who
+                    );
+                    let hits = after.filter(|i| mine(i) && r.retvals[*i] == 3).count() as u64;
+                    let value = if r.layout.per_cpu.contains_key(*name) {
+                        r.per_cpu_sum(name, key)[0]
+                    } else {
+                        r.words(name, key)[0]
+                    };
+                    assert_eq!(value, ops[written].3 + hits, "{}: {name} key {k}", r.who);
+                }
+            }
+            // The mix really evicts: some lookup-or-insert missed a key inserted before.
+            let evicted = (0..ops.len()).any(|i| {
+                ops[i].1 == COUNT
+                    && r.retvals[i] == OK
+                    && (0..i)
+                        .rev()
+                        .find(|&j| ops[j].0 == ops[i].0 && ops[j].2 == ops[i].2)
+                        .is_some_and(|j| ops[j].1 != DELETE && r.retvals[j] == OK)
+            });
+            assert!(evicted, "{}: nothing was evicted", r.who);
+        }),
+    });
+}
+
 #[test]
 fn globals() {
     let marked = ether(0x88b5, &[7; 30]);
