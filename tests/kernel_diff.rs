@@ -963,8 +963,8 @@ fn lru_ops() {
                 let room = match *name {
                     "common" => 16,
                     "percpu" => 12,
-                    "lists" => 9u32.div_ceil(cpus) * cpus / cpus,
-                    _ => 8u32.div_ceil(cpus) * cpus / cpus,
+                    "lists" => 9u32.div_ceil(cpus),
+                    _ => 8u32.div_ceil(cpus),
                 };
                 assert!(entries.len() <= room as usize, "{}: {name}", r.who);
                 for key in entries.keys() {

@@ -437,7 +437,9 @@ impl HashTable {
     /// Takes an LRU node for unpublished element `e`, retiring what that evicted.
     fn lru_pop(&self, lru: &Lru, e: *mut Elem) -> Result<u32, MapError> {
         let mut evicted = Vec::new();
-        let node = lru.pop(e as usize, |victim| self.unlink_elem(victim, &mut evicted));
+        let node = lru.pop(current_cpu(), e as usize, |victim| {
+            self.unlink_elem(victim, &mut evicted)
+        });
         for v in evicted {
             // SAFETY: unlinked by us, and its node is on a free list.
             unsafe { retire_elem(&self.pool, v as *mut u8) };

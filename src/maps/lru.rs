@@ -63,7 +63,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicUsize};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{MapError, current_cpu};
+use super::MapError;
 
 /// The reference bit of an element's LRU word.
 pub(crate) const REF: u32 = 1 << 31;
@@ -514,12 +514,17 @@ impl Lru {
 
     // ------------------------------------------------------------------------- public face
 
-    /// Takes a node for element `elem` (unlinked, its header written), evicting as the kernel
-    /// does; `unlink(element)` removes an element from the table if it is linked there and says
-    /// whether it did (the caller retires what it removed, after this returns). The node's index
-    /// is now in the element's LRU word. `None`: every node is being inserted right now.
-    pub(crate) fn pop<F: FnMut(usize) -> bool>(&self, elem: usize, mut unlink: F) -> Option<u32> {
-        let cpu = current_cpu();
+    /// Takes a node for element `elem` (unlinked, its header written) on CPU slot `cpu`,
+    /// evicting as the kernel does; `unlink(element)` removes an element from the table if it is
+    /// linked there and says whether it did (the caller retires what it removed, after this
+    /// returns). The node's index is now in the element's LRU word. `None`: every node is being
+    /// inserted right now.
+    pub(crate) fn pop<F: FnMut(usize) -> bool>(
+        &self,
+        cpu: u32,
+        elem: usize,
+        mut unlink: F,
+    ) -> Option<u32> {
         match &self.flavour {
             Flavour::Common { global, locals } => {
                 self.pop_common(global, locals, cpu, elem, &mut unlink)
@@ -675,6 +680,242 @@ impl Lru {
                 let mut st = lock(&l.state);
                 self.move_within(l, &mut st, i, FREE);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+impl Lru {
+    /// Walks every list (no other thread may use the LRU): each node is on exactly one, with
+    /// links both ways, the kind of its list, and the counts right. Returns the elements of the
+    /// nodes in use (pending, active or inactive).
+    fn check(&self) -> std::collections::HashSet<usize> {
+        let mut seen = vec![false; self.nodes.len()];
+        let mut used = std::collections::HashSet::new();
+        let mut walk = |head: u32, kind: u8| {
+            let (mut n, mut prev, mut cur) = (0, head, self.next(head));
+            while cur != head {
+                assert_eq!(self.prev(cur), prev, "node {cur}: back link");
+                assert_eq!(self.kind(cur), kind, "node {cur}: kind");
+                assert!(
+                    !std::mem::replace(&mut seen[cur as usize], true),
+                    "node {cur} twice"
+                );
+                if kind != FREE && kind != LOCAL_FREE {
+                    assert!(used.insert(self.elem(cur)), "node {cur}: element twice");
+                }
+                (n, prev, cur) = (n + 1, cur, self.next(cur));
+            }
+            assert_eq!(self.prev(head), prev, "list {head}: tail link");
+            n
+        };
+        // Nodes on a list triple, counting the never used ones.
+        let triple = |l: &Lists, walk: &mut dyn FnMut(u32, u8) -> u32| {
+            let st = lock(&l.state);
+            let mut n = st.virgin_end - st.virgin;
+            for kind in [ACTIVE, INACTIVE] {
+                let k = walk(l.heads[kind as usize], kind);
+                assert_eq!(k, st.counts[kind as usize], "count of kind {kind}");
+                n += k;
+            }
+            n + walk(l.heads[FREE as usize], FREE)
+        };
+        let on_lists = match &self.flavour {
+            Flavour::Common { global, locals } => {
+                let mut n = triple(global, &mut walk);
+                for loc in locals.iter() {
+                    n += walk(loc.free, LOCAL_FREE) + walk(loc.pending, PENDING);
+                }
+                n
+            }
+            Flavour::PerCpu(cpus) => cpus.iter().map(|c| triple(&c.0, &mut walk)).sum(),
+        };
+        let sentinels = self.nodes.iter().filter(|n| n.kind.load(Relaxed) == HEAD);
+        assert_eq!(
+            on_lists as usize,
+            self.nodes.len() - sentinels.count(),
+            "every node is on a list or never used"
+        );
+        used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+
+    /// Elements reduced to their LRU word, and a table that is a set of linked elements.
+    struct Harness {
+        lru: Lru,
+        /// Never reallocated (addresses stay put); `used` of them taken.
+        elems: Vec<AtomicU32>,
+        used: usize,
+        table: RefCell<HashSet<usize>>,
+    }
+
+    impl Harness {
+        fn new(entries: u32, cpus: usize) -> Harness {
+            Harness {
+                lru: Lru::new(entries, cpus, false, 0).unwrap(),
+                elems: (0..64).map(|_| AtomicU32::new(0)).collect(),
+                used: 0,
+                table: RefCell::new(HashSet::new()),
+            }
+        }
+
+        /// Inserts a new element from `cpu`; its number.
+        fn insert(&mut self, cpu: u32) -> usize {
+            self.used += 1;
+            let e = self.addr(self.used - 1);
+            let table = &self.table;
+            self.lru
+                .pop(cpu, e, |victim| table.borrow_mut().remove(&victim))
+                .expect("a node");
+            self.table.borrow_mut().insert(e);
+            self.used - 1
+        }
+
+        fn addr(&self, i: usize) -> usize {
+            &self.elems[i] as *const AtomicU32 as usize
+        }
+
+        fn delete(&mut self, i: usize) {
+            assert!(self.table.borrow_mut().remove(&self.addr(i)));
+            self.lru.push(node_of(self.elems[i].load(Relaxed)));
+        }
+
+        fn present(&self, i: usize) -> bool {
+            self.table.borrow().contains(&self.addr(i))
+        }
+    }
+
+    #[test]
+    fn a_cpu_with_nothing_free_steals_round_robin() {
+        // 3 entries over 4 CPUs: batches of one node. CPUs 0-2 each hold one pending element
+        // and nothing is left on the global lists.
+        let mut h = Harness::new(3, 4);
+        let (a, b, c) = (h.insert(0), h.insert(1), h.insert(2));
+        touch(&h.elems[b]);
+        // CPU 3 starts stealing at itself, then CPU 0: its oldest unreferenced pending element.
+        let d = h.insert(3);
+        assert!(!h.present(a) && h.present(b) && h.present(c) && h.present(d));
+        // CPU 0, now with nothing, steals from CPU 1: its only pending element is referenced,
+        // taken all the same (before looking at CPU 2).
+        let e = h.insert(0);
+        assert!(!h.present(b) && h.present(c) && h.present(e));
+        // A pending element deleted goes to its CPU's local free list, where CPU 1 steals it
+        // (starting at itself, then CPU 2) without evicting anything.
+        h.delete(c);
+        let f = h.insert(1);
+        assert!(h.present(d) && h.present(e) && h.present(f));
+        assert_eq!(h.table.borrow().len(), 3);
+        // Each thief's next search starts after the CPU it stole from.
+        let Flavour::Common { locals, .. } = &h.lru.flavour else {
+            unreachable!()
+        };
+        let next: Vec<u32> = locals.iter().map(|l| l.next_steal.load(Relaxed)).collect();
+        assert_eq!(next, [2, 3, 2, 1]);
+    }
+
+    #[test]
+    fn refills_move_batches_and_evict_the_inactive_tail() {
+        // 8 entries over 2 CPUs: batches of two.
+        let mut h = Harness::new(8, 2);
+        let first: Vec<usize> = (0..8).map(|_| h.insert(0)).collect();
+        assert!(first.iter().all(|&i| h.present(i)));
+        // A referenced element moves to the active list at the next flush and survives.
+        touch(&h.elems[first[0]]);
+        let _ = h.insert(0);
+        // The refill flushed the last two pending elements and evicted a batch of two from the
+        // inactive tail: the oldest unreferenced ones, 1 and 2.
+        let gone: Vec<usize> = first.iter().copied().filter(|&i| !h.present(i)).collect();
+        assert_eq!(gone, [first[1], first[2]]);
+    }
+
+    #[test]
+    fn concurrent_pops_and_pushes_keep_the_lists_whole() {
+        use std::collections::HashMap;
+        use std::sync::Mutex;
+        const CPUS: usize = 4;
+        const THREADS: usize = 6;
+        const OPS: usize = 20_000;
+        for per_cpu_lists in [false, true] {
+            let lru = Lru::new(64, CPUS, per_cpu_lists, 0).unwrap();
+            // Elements are never reused (one per insertion), so a stale address is harmless.
+            let elems: Vec<AtomicU32> = (0..THREADS * OPS).map(|_| AtomicU32::new(0)).collect();
+            // key -> element: the "hash table", its lock standing for the bucket locks.
+            let table = Mutex::new(HashMap::<u32, usize>::new());
+            let unlink = |e: usize| {
+                let mut t = table.lock().unwrap();
+                let key = t.iter().find(|&(_, &v)| v == e).map(|(&k, _)| k);
+                key.map(|k| t.remove(&k)).is_some()
+            };
+            let word = |e: usize| {
+                // SAFETY: `e` is an element of `elems`, alive for the whole test.
+                unsafe { &*(e as *const AtomicU32) }
+            };
+            std::thread::scope(|s| {
+                for t in 0..THREADS {
+                    let (lru, elems, table) = (&lru, &elems, &table);
+                    s.spawn(move || {
+                        // Threads 4 and 5 share CPUs 0 and 1 with threads 0 and 1.
+                        let cpu = (t % CPUS) as u32;
+                        let mut rng = 0x9e37_79b9_u64 * (t as u64 + 1);
+                        for i in 0..OPS {
+                            rng ^= rng << 13;
+                            rng ^= rng >> 7;
+                            rng ^= rng << 17;
+                            let key = (rng >> 8) as u32 % 100;
+                            match rng % 4 {
+                                0 => {
+                                    let found = table.lock().unwrap().get(&key).copied();
+                                    if let Some(e) = found {
+                                        touch(word(e));
+                                    }
+                                }
+                                1 | 2 => {
+                                    let e = &elems[t * OPS + i] as *const AtomicU32 as usize;
+                                    let Some(node) = lru.pop(cpu, e, unlink) else {
+                                        continue;
+                                    };
+                                    let old = {
+                                        let mut tab = table.lock().unwrap();
+                                        if rng % 4 == 2 && tab.contains_key(&key) {
+                                            // BPF_NOEXIST refused: the node goes back.
+                                            Some(e)
+                                        } else {
+                                            tab.insert(key, e)
+                                        }
+                                    };
+                                    if let Some(o) = old {
+                                        if o != e {
+                                            touch(word(e));
+                                        }
+                                        lru.push(node_of(word(o).load(Relaxed)));
+                                    }
+                                    let _ = node;
+                                }
+                                _ => {
+                                    let old = table.lock().unwrap().remove(&key);
+                                    if let Some(o) = old {
+                                        lru.push(node_of(word(o).load(Relaxed)));
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            let used = lru.check();
+            let linked: std::collections::HashSet<usize> =
+                table.into_inner().unwrap().into_values().collect();
+            assert_eq!(
+                used, linked,
+                "per-CPU lists {per_cpu_lists}: nodes in use = linked elements"
+            );
+            assert!(!linked.is_empty());
         }
     }
 }
