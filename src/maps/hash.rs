@@ -1,35 +1,49 @@
 //! `BPF_MAP_TYPE_HASH`, `PERCPU_HASH`, `LRU_HASH` and `LRU_PERCPU_HASH` (the kernel's
-//! `hashtab.c`, with the update semantics of its non-preallocated maps).
+//! `hashtab.c`, with the update semantics of its non-preallocated maps, and for LRU maps the
+//! eviction of its preallocated ones).
 //!
 //! # Structure
 //! `roundup_pow_of_two(max_entries)` buckets, each one word: the address of the first element of
 //! a singly linked list, with bit 0 as the bucket's spin lock. Readers (lookups, inside a run)
 //! walk lists with acquire loads and never lock; writers lock the bucket, allocate and link or
 //! unlink, and unlock with the release store that publishes the new head. An element is one
-//! allocation: a 16-byte header (`next`, `hash`, the LRU stamp), the key (padded to 8 bytes), then
+//! allocation: a 16-byte header (`next`, `hash`, the LRU word), the key (padded to 8 bytes), then
 //! the value (per-CPU: one 8-byte-rounded value per slot). An element is immutable while linked
-//! except for its `next` link, its LRU stamp and its value bytes (which programs own); an update of
-//! a non-per-CPU map links a new element in the old one's place, in the list position it had, and
-//! retires the old one (see the module docs of `maps`).
+//! except for its `next` link, its LRU reference bit and its value bytes (which programs own); an
+//! update of a non-per-CPU map links a new element in the old one's place, in the list position
+//! it had, and retires the old one (see the module docs of `maps`).
 //!
 //! # Count
-//! `count` is exact: a new element is only linked after a compare-and-swap raised the count while
-//! it was below `max_entries` (the kernel's percpu counter may overshoot by a little under
-//! contention; this does not).
+//! Plain and per-CPU maps: `count` is exact: a new element is only linked after a
+//! compare-and-swap raised the count while it was below `max_entries` (the kernel's percpu
+//! counter may overshoot by a little under contention; this does not). LRU maps have no count:
+//! their `max_entries` LRU nodes bound the elements, as the kernel's preallocated ones do.
 //!
-//! # LRU (approximate, like the kernel's)
-//! Every insertion stamps its element with a tick of a global clock (which advances by 2 per
-//! insertion), and a **BPF-side** lookup re-stamps the element with the current clock when it
-//! differs (a relaxed load and, at most once per insertion, a store: lookups never write a shared
-//! line). Host lookups do not count as a use, as in the kernel. An update that needs room in a full
-//! map first evicts: it samples buckets from a rotating hand until it has seen
-//! [`LRU_SAMPLE`] elements (or every bucket), and evicts the oldest stamp. For maps of up to
-//! about [`LRU_SAMPLE`] elements that is exactly the least recently used one (elements used
-//! between the same two insertions tie); larger maps evict the oldest of a sample, which never
-//! evicts a recently used element while older ones are in the sample. As in the kernel, an update
-//! of a full map that replaces an existing key, or that its flags then refuse, has evicted all the
-//! same (room is made before the bucket is locked and the flags are checked), and
-//! `BPF_F_NO_COMMON_LRU` is accepted but the list is common.
+//! # LRU (the kernel's, exactly)
+//! LRU maps evict with the kernel's `bpf_lru_list` algorithm, re-implemented in `maps::lru`
+//! (its module docs describe it): second-chance active and inactive lists, per-CPU free and
+//! pending lists refilled in batches, and stealing from other CPUs; with `BPF_F_NO_COMMON_LRU`,
+//! one set of lists per CPU, each with its share of the entries. The same operations from the
+//! same CPUs leave the same contents as in Linux. What the hash table adds:
+//! * an element's LRU word holds its node's index and the *reference bit*; a **BPF-side** lookup
+//!   sets the bit (a relaxed load and, only when unset, a relaxed store: a hot element's line is
+//!   not written again and again; no lock). Host lookups do not, as in the kernel;
+//! * an update takes a node (the LRU may evict to free one) *before* it locks the bucket and
+//!   checks the flags, so a full map evicts even when the update replaces a key or its flags
+//!   refuse it, as in the kernel. An LRU_HASH update always links a fresh element with a fresh
+//!   node, referenced when it replaces a key, and frees the old one's node; an LRU_PERCPU_HASH
+//!   update of an existing key writes the value in place, sets the reference bit and frees the
+//!   node it took (with `BPF_EXIST` it takes none). A delete frees the element's node;
+//! * the LRU evicts through [`unlink_elem`](HashTable::unlink_elem) (the kernel's
+//!   `htab_lru_map_delete_node`), which locks the element's bucket while the LRU holds its list
+//!   lock: locks nest LRU lists → bucket, and no bucket lock is held while calling the LRU;
+//! * nodes are reused at once (as the kernel reuses preallocated elements) but elements are not:
+//!   an evicted, deleted or replaced element is retired only after its node is free again, and
+//!   goes through reclaim's grace period like any other, so the value-pointer invariant holds.
+//!
+//! The kernel sizes the batches by its possible CPUs (`/sys/devices/system/cpu/possible`), not
+//! by the CPUs the process may use, so the LRU does too (`cpu::kernel_possible_cpus`); CPU slots
+//! ([`current_cpu`]) pick the per-CPU lists.
 
 use std::alloc::Layout;
 use std::hash::{BuildHasher, RandomState};
@@ -50,6 +64,9 @@ use super::{
 
 /// Bit 0 of a bucket word: locked.
 const LOCKED: usize = 1;
+
+/// Attempts of an LRU update to find a node while other threads hold them all (see `lru_pop`).
+const LRU_POP_TRIES: u32 = 256;
 
 #[repr(C)]
 struct Elem {
@@ -416,10 +433,13 @@ impl HashTable {
     }
 
     /// Unlinks element `e` if it is linked (the LRU evicting its node), collecting it in
-    /// `evicted` for retirement. The LRU calls this only for a live element (lru module docs).
-    fn unlink_elem(&self, e: usize, evicted: &mut Vec<*mut Elem>) -> bool {
+    /// `evicted` for retirement.
+    ///
+    /// # Safety
+    /// `e` is alive (the LRU passes only elements whose nodes it holds: lru module docs).
+    unsafe fn unlink_elem(&self, e: usize, evicted: &mut Vec<*mut Elem>) -> bool {
         let p = e as *mut Elem;
-        // SAFETY: alive, per the LRU's contract; `hash` is immutable.
+        // SAFETY: the caller's contract; `hash` is immutable.
         let hash = unsafe { (*p).hash };
         let mut b = self.lock(hash);
         match self.find_elem(&b, p) {
@@ -435,24 +455,50 @@ impl HashTable {
     }
 
     /// Takes an LRU node for unpublished element `e`, retiring what that evicted.
-    fn lru_pop(&self, lru: &Lru, e: *mut Elem) -> Result<u32, MapError> {
+    ///
+    /// # Safety
+    /// `e` came from [`alloc_elem`](Self::alloc_elem); it is given back or retired only after
+    /// its node was given back with [`lru_push`](Self::lru_push).
+    unsafe fn lru_pop(&self, lru: &Lru, e: *mut Elem) -> Result<u32, MapError> {
+        let cpu = current_cpu();
         let mut evicted = Vec::new();
-        let node = lru.pop(current_cpu(), e as usize, |victim| {
-            self.unlink_elem(victim, &mut evicted)
-        });
+        // A pop finds nothing only while the nodes it could take are in flight in other threads
+        // (being inserted, or deleted and not yet given back): always so briefly, so it retries
+        // before failing. Threads sharing a CPU slot make this likelier than in the kernel, where
+        // a CPU runs one program at a time; one thread alone never gets here.
+        let mut spins = 0;
+        let node = loop {
+            // SAFETY: `e` has its LRU word at the offset the LRU was made with and outlives its
+            // node's use (our contract; every element of the map follows the same rule).
+            let node = unsafe {
+                lru.pop(cpu, e as usize, |victim| {
+                    // SAFETY: the LRU passes elements it holds nodes of: alive.
+                    self.unlink_elem(victim, &mut evicted)
+                })
+            };
+            if node.is_some() || spins == LRU_POP_TRIES {
+                break node;
+            }
+            backoff(&mut spins);
+        };
         for v in evicted {
             // SAFETY: unlinked by us, and its node is on a free list.
             unsafe { retire_elem(&self.pool, v as *mut u8) };
         }
         node.ok_or(MapError::NoMemory(
-            "no free LRU node: every entry is being inserted by another thread right now; retry",
+            "no free LRU node: every entry is being inserted or deleted by other threads right now; retry",
         ))
     }
 
-    /// Gives back the LRU node of element `e`, which the caller unlinked (or never linked).
-    fn lru_push(lru: &Lru, e: *mut Elem) {
-        // SAFETY: the caller still owns `e` (not retired yet); its word names its node.
-        lru.push(lru::node_of(unsafe { (*e).lru.load(Ordering::Relaxed) }));
+    /// Gives back the LRU node of element `e`.
+    ///
+    /// # Safety
+    /// `e` got its node from [`lru_pop`](Self::lru_pop), and the caller alone unlinked it from
+    /// its bucket (or never linked it); it is retired or given back only after this.
+    unsafe fn lru_push(lru: &Lru, e: *mut Elem) {
+        // SAFETY: the caller's contract: `e` is alive and its word names its node, which is ours
+        // to give back.
+        unsafe { lru.push(lru::node_of((*e).lru.load(Ordering::Relaxed))) };
     }
 
     /// `bpf_map_lookup_elem` (and `bpf_map_lookup_percpu_elem` with `cpu`).
@@ -657,7 +703,8 @@ impl HashTable {
     ) -> Result<(), MapError> {
         // SAFETY: forwarded contract.
         let new = unsafe { self.alloc_elem(key, hash, value, false) }?;
-        if let Err(e) = self.lru_pop(lru, new) {
+        // SAFETY: `new` is fresh; it is given back or retired below only after its node.
+        if let Err(e) = unsafe { self.lru_pop(lru, new) } {
             // SAFETY: never published.
             unsafe { unused_elem(&self.pool, new as *mut u8) };
             return Err(e);
@@ -693,14 +740,18 @@ impl HashTable {
             // Unlocked here (before the LRU's locks: they nest outside bucket locks).
         };
         if result.is_err() {
-            Self::lru_push(lru, new);
-            // SAFETY: never published, and its node is free again.
-            unsafe { unused_elem(&self.pool, new as *mut u8) };
+            // SAFETY: `new` was never linked; given back only after its node.
+            unsafe {
+                Self::lru_push(lru, new);
+                unused_elem(&self.pool, new as *mut u8);
+            }
         }
         if !old.is_null() {
-            Self::lru_push(lru, old);
-            // SAFETY: unlinked just now, by us, and its node is free.
-            unsafe { retire_elem(&self.pool, old as *mut u8) };
+            // SAFETY: we unlinked `old` just now; retired only after its node is free.
+            unsafe {
+                Self::lru_push(lru, old);
+                retire_elem(&self.pool, old as *mut u8);
+            }
         }
         result
     }
@@ -724,7 +775,8 @@ impl HashTable {
         if flags != BPF_EXIST {
             // SAFETY: forwarded contract.
             new = unsafe { self.alloc_elem(key, hash, value, all_cpus) }?;
-            if let Err(e) = self.lru_pop(lru, new) {
+            // SAFETY: `new` is fresh; it is given back below only after its node.
+            if let Err(e) = unsafe { self.lru_pop(lru, new) } {
                 // SAFETY: never published.
                 unsafe { unused_elem(&self.pool, new as *mut u8) };
                 return Err(e);
@@ -746,8 +798,8 @@ impl HashTable {
                         }
                     }
                     None => {
-                        // SAFETY: `new` is ours and unpublished (not null: BPF_EXIST found
-                        // nothing above, so the flags refused).
+                        // SAFETY: `new` is ours and unpublished (allocated: the flags let a
+                        // missing key through, so they are not BPF_EXIST).
                         unsafe { (*new).next.store(b.first, Ordering::Relaxed) };
                         b.first = new as usize;
                         linked = true;
@@ -757,9 +809,11 @@ impl HashTable {
             r
         };
         if !new.is_null() && !linked {
-            Self::lru_push(lru, new);
-            // SAFETY: never published, and its node is free again.
-            unsafe { unused_elem(&self.pool, new as *mut u8) };
+            // SAFETY: `new` was never linked; given back only after its node.
+            unsafe {
+                Self::lru_push(lru, new);
+                unused_elem(&self.pool, new as *mut u8);
+            }
         }
         result
     }
@@ -789,7 +843,8 @@ impl HashTable {
             }
         };
         match &self.lru {
-            Some(lru) => Self::lru_push(lru, old),
+            // SAFETY: we unlinked `old` just now; it is retired below, after its node is free.
+            Some(lru) => unsafe { Self::lru_push(lru, old) },
             None => self.unreserve(),
         }
         // SAFETY: unlinked just now, by us (and its node, if any, is free).

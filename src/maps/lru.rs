@@ -302,11 +302,12 @@ impl Lru {
     }
 
     /// The element's LRU word of node `i`, which is on an active, inactive or pending list
-    /// (whose lock the caller holds).
+    /// (whose lock the caller holds), or was just given its element.
     fn word(&self, i: u32) -> &AtomicU32 {
         let e = self.n(i).elem.load(Relaxed);
-        // SAFETY: a node on those lists has a live element (module docs, "Element lifetime"),
-        // which keeps an aligned AtomicU32 at `word_offset`.
+        debug_assert!(e != 0 && !matches!(self.kind(i), FREE | LOCAL_FREE | HEAD));
+        // SAFETY: such a node has a live element (module docs, "Element lifetime", which `pop`'s
+        // and `push`'s contracts uphold), keeping an aligned AtomicU32 at `word_offset`.
         unsafe { &*((e + self.word_offset) as *const AtomicU32) }
     }
 
@@ -318,9 +319,11 @@ impl Lru {
         self.word(i).store(i, Relaxed);
     }
 
-    /// Gives node `i` to element `elem`: the element's word names the node, unreferenced.
-    fn assign(&self, i: u32, elem: usize, cpu: u32) {
+    /// Gives node `i` (off every list) to element `elem` as a node of `kind`: the element's word
+    /// names the node, unreferenced.
+    fn assign(&self, i: u32, elem: usize, cpu: u32, kind: u8) {
         let n = self.n(i);
+        n.kind.store(kind, Relaxed);
         n.elem.store(elem, Relaxed);
         n.cpu.store(cpu, Relaxed);
         self.clear_ref(i);
@@ -519,7 +522,12 @@ impl Lru {
     /// linked there and says whether it did (the caller retires what it removed, after this
     /// returns). The node's index is now in the element's LRU word. `None`: every node is being
     /// inserted right now.
-    pub(crate) fn pop<F: FnMut(usize) -> bool>(
+    ///
+    /// # Safety
+    /// `elem` is the address of an element with an `AtomicU32` at `word_offset`, and stays alive
+    /// until its node has been given back with [`push`](Self::push); so does every element
+    /// given to an earlier `pop` whose node was not given back yet.
+    pub(crate) unsafe fn pop<F: FnMut(usize) -> bool>(
         &self,
         cpu: u32,
         elem: usize,
@@ -539,9 +547,8 @@ impl Lru {
                     self.shrink(l, &mut st, PERCPU_FREE_TARGET, free, FREE, &mut unlink);
                 }
                 let i = self.take_free(l, &mut st)?;
-                self.assign(i, elem, cpu);
                 Self::count(&mut st, INACTIVE, true);
-                self.set_kind(i, INACTIVE);
+                self.assign(i, elem, cpu, INACTIVE);
                 self.link_after(i, l.heads[INACTIVE as usize]);
                 Some(i)
             }
@@ -620,8 +627,7 @@ impl Lru {
     }
 
     fn add_pending(&self, loc: &Local, cpu: u32, i: u32, elem: usize) {
-        self.assign(i, elem, cpu);
-        self.set_kind(i, PENDING);
+        self.assign(i, elem, cpu, PENDING);
         self.link_after(i, loc.pending);
     }
 
@@ -657,7 +663,12 @@ impl Lru {
 
     /// Gives back node `i`, whose element the caller unlinked from the table (or never linked).
     /// The element may be retired once this returns.
-    pub(crate) fn push(&self, i: u32) {
+    ///
+    /// # Safety
+    /// Node `i` came from [`pop`](Self::pop) and was not given back since: its element's word
+    /// names it, and the caller is the one thread that took that element out of the table (or
+    /// the one that never put it there).
+    pub(crate) unsafe fn push(&self, i: u32) {
         match &self.flavour {
             Flavour::Common { global, locals } => {
                 // Still pending: back to its CPU's local free list. The kind is checked again
@@ -770,9 +781,12 @@ mod tests {
             self.used += 1;
             let e = self.addr(self.used - 1);
             let table = &self.table;
-            self.lru
-                .pop(cpu, e, |victim| table.borrow_mut().remove(&victim))
-                .expect("a node");
+            // SAFETY: the harness's elements (a word at offset 0) live as long as the LRU.
+            unsafe {
+                self.lru
+                    .pop(cpu, e, |victim| table.borrow_mut().remove(&victim))
+            }
+            .expect("a node");
             self.table.borrow_mut().insert(e);
             self.used - 1
         }
@@ -783,7 +797,8 @@ mod tests {
 
         fn delete(&mut self, i: usize) {
             assert!(self.table.borrow_mut().remove(&self.addr(i)));
-            self.lru.push(node_of(self.elems[i].load(Relaxed)));
+            // SAFETY: we just took the element out of the table; its word names its node.
+            unsafe { self.lru.push(node_of(self.elems[i].load(Relaxed))) };
         }
 
         fn present(&self, i: usize) -> bool {
@@ -877,7 +892,8 @@ mod tests {
                                 }
                                 1 | 2 => {
                                     let e = &elems[t * OPS + i] as *const AtomicU32 as usize;
-                                    let Some(node) = lru.pop(cpu, e, unlink) else {
+                                    // SAFETY: `elems` outlives the LRU's use; each is used once.
+                                    let Some(node) = (unsafe { lru.pop(cpu, e, unlink) }) else {
                                         continue;
                                     };
                                     let old = {
@@ -893,14 +909,16 @@ mod tests {
                                         if o != e {
                                             touch(word(e));
                                         }
-                                        lru.push(node_of(word(o).load(Relaxed)));
+                                        // SAFETY: we took `o` out of the table (or it never entered it).
+                                        unsafe { lru.push(node_of(word(o).load(Relaxed))) };
                                     }
                                     let _ = node;
                                 }
                                 _ => {
                                     let old = table.lock().unwrap().remove(&key);
                                     if let Some(o) = old {
-                                        lru.push(node_of(word(o).load(Relaxed)));
+                                        // SAFETY: we took `o` out of the table (or it never entered it).
+                                        unsafe { lru.push(node_of(word(o).load(Relaxed))) };
                                     }
                                 }
                             }
