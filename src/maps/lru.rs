@@ -11,18 +11,23 @@
 //! kernel reuses its preallocated element.
 //!
 //! # Lists
-//! *Common* flavour (the default): a global free, active and inactive list, and per CPU slot a
+//! "CPUs" here are the machine's possible CPUs, as the kernel counts them
+//! (`cpu::kernel_possible_cpus`: batch sizes and per-CPU shares depend on the count), and a
+//! thread uses the lists of its CPU slot ([`crate::maps::current_cpu`]).
+//!
+//! *Common* flavour (the default): a global free, active and inactive list, and per CPU a
 //! local free list and a *pending* list. An insertion takes a node from its CPU's local free list
 //! (refilling it from the global lists, see below) and puts it at the head of the CPU's pending
 //! list. A refill, under the global lock: moves every pending node to the head of the active
 //! (reference bit set) or inactive list, oldest first; *rotates* (below); moves up to
 //! `target_free` nodes from the global free list to the local one (`target_free` =
 //! `max_entries / possible CPUs / 2`, clamped to 1..=128); and if that was fewer, *shrinks* the
-//! inactive list for the rest. If even that finds nothing, the insertion *steals*: round robin
-//! over the CPUs from the one after the last stolen from, a node from a CPU's local free list,
-//! else its oldest pending node without the reference bit, else its oldest pending node.
+//! inactive list for the rest. If even that finds nothing, the insertion *steals*, round robin
+//! over the CPUs starting where its CPU's previous search ended (at first: itself): a node from
+//! a CPU's local free list, else its oldest pending node without the reference bit, else its
+//! oldest pending node.
 //!
-//! *Per-CPU* flavour (`BPF_F_NO_COMMON_LRU`): each CPU slot has its own free, active and inactive
+//! *Per-CPU* flavour (`BPF_F_NO_COMMON_LRU`): each CPU has its own free, active and inactive
 //! lists holding `max_entries / possible CPUs` nodes. An insertion rotates its CPU's lists,
 //! shrinks for 4 nodes when its free list is empty, and takes the first free node onto the head
 //! of its inactive list. It never steals.
@@ -44,14 +49,17 @@
 //!
 //! # Locks and orderings
 //! Each list is guarded by its lock: the global lock (common), a CPU's local lock (its free and
-//! pending lists), a CPU's list lock (per-CPU flavour). Locks nest local → global → bucket, never
-//! the other way, and never two local locks at once. A node's fields are relaxed atomics: they are
-//! only written by the holder of the lock of the list the node is on (or by the thread that took
-//! the node off every list), so the locks' acquire and release order every access that matters;
-//! atomics make the unlocked reads (a node's kind before taking the lock that then confirms it)
-//! well defined. The reference bit is the exception: lookups set it without a lock (a relaxed
+//! pending lists), a CPU's list lock (per-CPU flavour). Locks nest local → global → bucket (and
+//! per-CPU list → bucket), never the other way, and never two local locks at once. A node's
+//! fields are relaxed atomics: they are only written by the holder of the lock of the list the
+//! node is on (or by the thread that took the node off every list), so the locks' acquire and
+//! release order every access that matters; atomics make the unlocked reads (a node's kind
+//! before taking the lock that then confirms it) well defined. An element's header is written
+//! before its node is taken, so whoever reaches it through the node, under a lock taken after
+//! that, sees it. The reference bit is the exception: lookups set it without a lock (a relaxed
 //! load, and a relaxed store when unset), and the LRU clears it under its lock; either may win a
-//! race, as in the kernel, and the outcome is only a guess about use.
+//! race, as in the kernel, and the outcome is only a guess about use. Stores of the word keep its
+//! node index, which never changes for an element, so no race can corrupt it.
 //!
 //! # Element lifetime
 //! While a node is on an active, inactive or pending list its element is alive: an element is
