@@ -87,3 +87,50 @@ fn assign() -> u32 {
     let _ = HOLD.try_with(|h| h.0.set(slot));
     slot
 }
+
+/// The machine's possible CPUs as the kernel counts them (`num_possible_cpus()`): the CPUs
+/// listed in `/sys/devices/system/cpu/possible`, as libbpf reads them, or [`possible_cpus`] when
+/// that file is unreadable; never fewer than [`possible_cpus`]. Unlike [`possible_cpus`] it does
+/// not shrink with the process's CPU affinity or quota. LRU maps size their per-CPU lists by it,
+/// because the kernel's eviction batches depend on it (`lru` module docs).
+pub(crate) fn kernel_possible_cpus() -> u32 {
+    static KERNEL: OnceLock<u32> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        std::fs::read_to_string("/sys/devices/system/cpu/possible")
+            .ok()
+            .and_then(|s| count_cpu_list(&s))
+            .unwrap_or(0)
+            .max(possible_cpus())
+    })
+}
+
+/// The number of CPUs in a kernel CPU list such as `0-3,8,10-11`.
+fn count_cpu_list(s: &str) -> Option<u32> {
+    let mut n = 0u32;
+    for part in s.trim().split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?),
+            None => {
+                let a = part.parse::<u32>().ok()?;
+                (a, a)
+            }
+        };
+        n = n.checked_add(b.checked_sub(a)?.checked_add(1)?)?;
+    }
+    (n > 0).then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_count_like_the_kernel() {
+        assert_eq!(count_cpu_list("0-1\n"), Some(2));
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("0-3,8,10-11"), Some(7));
+        assert_eq!(count_cpu_list(""), None);
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert!(kernel_possible_cpus() >= possible_cpus());
+    }
+}

@@ -1,35 +1,49 @@
 //! `BPF_MAP_TYPE_HASH`, `PERCPU_HASH`, `LRU_HASH` and `LRU_PERCPU_HASH` (the kernel's
-//! `hashtab.c`, with the update semantics of its non-preallocated maps).
+//! `hashtab.c`, with the update semantics of its non-preallocated maps, and for LRU maps the
+//! eviction of its preallocated ones).
 //!
 //! # Structure
 //! `roundup_pow_of_two(max_entries)` buckets, each one word: the address of the first element of
 //! a singly linked list, with bit 0 as the bucket's spin lock. Readers (lookups, inside a run)
 //! walk lists with acquire loads and never lock; writers lock the bucket, allocate and link or
 //! unlink, and unlock with the release store that publishes the new head. An element is one
-//! allocation: a 16-byte header (`next`, `hash`, the LRU stamp), the key (padded to 8 bytes), then
+//! allocation: a 16-byte header (`next`, `hash`, the LRU word), the key (padded to 8 bytes), then
 //! the value (per-CPU: one 8-byte-rounded value per slot). An element is immutable while linked
-//! except for its `next` link, its LRU stamp and its value bytes (which programs own); an update of
-//! a non-per-CPU map links a new element in the old one's place, in the list position it had, and
-//! retires the old one (see the module docs of `maps`).
+//! except for its `next` link, its LRU reference bit and its value bytes (which programs own); an
+//! update of a non-per-CPU map links a new element in the old one's place, in the list position
+//! it had, and retires the old one (see the module docs of `maps`).
 //!
 //! # Count
-//! `count` is exact: a new element is only linked after a compare-and-swap raised the count while
-//! it was below `max_entries` (the kernel's percpu counter may overshoot by a little under
-//! contention; this does not).
+//! Plain and per-CPU maps: `count` is exact: a new element is only linked after a
+//! compare-and-swap raised the count while it was below `max_entries` (the kernel's percpu
+//! counter may overshoot by a little under contention; this does not). LRU maps have no count:
+//! their `max_entries` LRU nodes bound the elements, as the kernel's preallocated ones do.
 //!
-//! # LRU (approximate, like the kernel's)
-//! Every insertion stamps its element with a tick of a global clock (which advances by 2 per
-//! insertion), and a **BPF-side** lookup re-stamps the element with the current clock when it
-//! differs (a relaxed load and, at most once per insertion, a store: lookups never write a shared
-//! line). Host lookups do not count as a use, as in the kernel. An update that needs room in a full
-//! map first evicts: it samples buckets from a rotating hand until it has seen
-//! [`LRU_SAMPLE`] elements (or every bucket), and evicts the oldest stamp. For maps of up to
-//! about [`LRU_SAMPLE`] elements that is exactly the least recently used one (elements used
-//! between the same two insertions tie); larger maps evict the oldest of a sample, which never
-//! evicts a recently used element while older ones are in the sample. As in the kernel, an update
-//! of a full map that replaces an existing key, or that its flags then refuse, has evicted all the
-//! same (room is made before the bucket is locked and the flags are checked), and
-//! `BPF_F_NO_COMMON_LRU` is accepted but the list is common.
+//! # LRU (the kernel's, exactly)
+//! LRU maps evict with the kernel's `bpf_lru_list` algorithm, re-implemented in `maps::lru`
+//! (its module docs describe it): second-chance active and inactive lists, per-CPU free and
+//! pending lists refilled in batches, and stealing from other CPUs; with `BPF_F_NO_COMMON_LRU`,
+//! one set of lists per CPU, each with its share of the entries. The same operations from the
+//! same CPUs leave the same contents as in Linux. What the hash table adds:
+//! * an element's LRU word holds its node's index and the *reference bit*; a **BPF-side** lookup
+//!   sets the bit (a relaxed load and, only when unset, a relaxed store: a hot element's line is
+//!   not written again and again; no lock). Host lookups do not, as in the kernel;
+//! * an update takes a node (the LRU may evict to free one) *before* it locks the bucket and
+//!   checks the flags, so a full map evicts even when the update replaces a key or its flags
+//!   refuse it, as in the kernel. An LRU_HASH update always links a fresh element with a fresh
+//!   node, referenced when it replaces a key, and frees the old one's node; an LRU_PERCPU_HASH
+//!   update of an existing key writes the value in place, sets the reference bit and frees the
+//!   node it took (with `BPF_EXIST` it takes none). A delete frees the element's node;
+//! * the LRU evicts through [`unlink_elem`](HashTable::unlink_elem) (the kernel's
+//!   `htab_lru_map_delete_node`), which locks the element's bucket while the LRU holds its list
+//!   lock: locks nest LRU lists → bucket, and no bucket lock is held while calling the LRU;
+//! * nodes are reused at once (as the kernel reuses preallocated elements) but elements are not:
+//!   an evicted, deleted or replaced element is retired only after its node is free again, and
+//!   goes through reclaim's grace period like any other, so the value-pointer invariant holds.
+//!
+//! The kernel sizes the batches by its possible CPUs (`/sys/devices/system/cpu/possible`), not
+//! by the CPUs the process may use, so the LRU does too (`cpu::kernel_possible_cpus`); CPU slots
+//! ([`current_cpu`]) pick the per-CPU lists.
 
 use std::alloc::Layout;
 use std::hash::{BuildHasher, RandomState};
@@ -37,27 +51,29 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
+use super::cpu::kernel_possible_cpus;
+use super::lru::{self, Lru};
 use super::mem::{
     ElemPool, alloc_elem as pool_alloc, copy_from_map, copy_to_map, free_elem, retire_elem, round8,
     unused_elem,
 };
 use super::{
-    BPF_EXIST, BPF_F_ZERO_SEED, BPF_NOEXIST, MapError, MapSpec, MapType, check_update_flags,
-    current_cpu,
+    BPF_EXIST, BPF_F_NO_COMMON_LRU, BPF_F_ZERO_SEED, BPF_NOEXIST, MapError, MapSpec, MapType,
+    check_update_flags, current_cpu,
 };
-use crate::reclaim::ReadGuard;
-
-/// Elements an LRU eviction looks at before choosing.
-pub const LRU_SAMPLE: usize = 32;
 
 /// Bit 0 of a bucket word: locked.
 const LOCKED: usize = 1;
+
+/// Attempts of an LRU update to find a node while other threads hold them all (see `lru_pop`).
+const LRU_POP_TRIES: u32 = 256;
 
 #[repr(C)]
 struct Elem {
     next: AtomicUsize,
     hash: u32,
-    stamp: AtomicU32,
+    /// LRU maps: the element's node and reference bit (see `lru`); 0 otherwise.
+    lru: AtomicU32,
 }
 
 const HDR: usize = std::mem::size_of::<Elem>();
@@ -76,13 +92,12 @@ pub(crate) struct HashTable {
     stride: usize,
     ncpus: usize,
     percpu: bool,
-    lru: bool,
     elem_size: usize,
     max_entries: u32,
     seed: u64,
+    /// Elements linked (non-LRU maps; an LRU map's nodes bound its elements).
     count: Padded<AtomicU32>,
-    clock: Padded<AtomicU32>,
-    hand: AtomicUsize,
+    lru: Option<Lru>,
     pool: Arc<ElemPool>,
 }
 
@@ -173,7 +188,7 @@ unsafe fn keys_eq(a: *const u8, b: *const u8, len: usize) -> bool {
 impl HashTable {
     pub(crate) fn new(spec: &MapSpec, ncpus: usize) -> Result<HashTable, MapError> {
         let percpu = spec.map_type.is_percpu();
-        let lru = matches!(spec.map_type, MapType::LruHash | MapType::LruPercpuHash);
+        let is_lru = matches!(spec.map_type, MapType::LruHash | MapType::LruPercpuHash);
         let n_buckets = (spec.max_entries as usize).next_power_of_two();
         let oom = MapError::NoMemory("the bucket array does not fit in memory: use fewer entries");
         let buckets_layout = Layout::array::<AtomicUsize>(n_buckets).map_err(|_| oom)?;
@@ -186,6 +201,26 @@ impl HashTable {
         let stride = round8(value_size);
         let value_off = HDR + round8(key_size);
         let value_area = if percpu { stride * ncpus } else { stride };
+        let lru = if is_lru {
+            // `spec.max_entries` is already what `lru::entries` makes of it.
+            let per_cpu_lists = spec.flags & BPF_F_NO_COMMON_LRU != 0;
+            let lru = Lru::new(
+                spec.max_entries,
+                kernel_possible_cpus() as usize,
+                per_cpu_lists,
+                std::mem::offset_of!(Elem, lru),
+            );
+            match lru {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    // SAFETY: allocated above with this layout, not shared.
+                    unsafe { std::alloc::dealloc(buckets.as_ptr() as *mut u8, buckets_layout) };
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let seed = if spec.flags & BPF_F_ZERO_SEED != 0 {
             0
         } else {
@@ -201,13 +236,11 @@ impl HashTable {
             stride,
             ncpus,
             percpu,
-            lru,
             elem_size: value_off + value_area,
             max_entries: spec.max_entries,
             seed,
             count: Padded(AtomicU32::new(0)),
-            clock: Padded(AtomicU32::new(0)),
-            hand: AtomicUsize::new(0),
+            lru,
             pool: ElemPool::new(value_off + value_area, spec.max_entries),
         })
     }
@@ -355,13 +388,12 @@ impl HashTable {
             ));
         };
         let e = p as *mut Elem;
-        let stamp = if self.lru { self.tick() } else { 0 };
         // SAFETY: an unused element of elem_size bytes; the sources have the sizes above.
         unsafe {
             e.write(Elem {
                 next: AtomicUsize::new(0),
                 hash,
-                stamp: AtomicU32::new(stamp),
+                lru: AtomicU32::new(0),
             });
             std::ptr::copy_nonoverlapping(key, Self::key_of(e), self.key_size);
             let v = self.value_of(e);
@@ -400,93 +432,73 @@ impl HashTable {
         self.count.0.fetch_sub(1, Ordering::Relaxed);
     }
 
-    fn tick(&self) -> u32 {
-        self.clock.0.fetch_add(2, Ordering::Relaxed).wrapping_add(1)
-    }
-
-    #[inline(always)]
-    fn touch(&self, e: *mut Elem) {
-        let now = self.clock.0.load(Ordering::Relaxed);
-        // SAFETY: the caller found `e` in its run.
-        let stamp = unsafe { &(*e).stamp };
-        if stamp.load(Ordering::Relaxed) != now {
-            stamp.store(now, Ordering::Relaxed);
+    /// Unlinks element `e` if it is linked (the LRU evicting its node), collecting it in
+    /// `evicted` for retirement.
+    ///
+    /// # Safety
+    /// `e` is alive (the LRU passes only elements whose nodes it holds: lru module docs).
+    unsafe fn unlink_elem(&self, e: usize, evicted: &mut Vec<*mut Elem>) -> bool {
+        let p = e as *mut Elem;
+        // SAFETY: the caller's contract; `hash` is immutable.
+        let hash = unsafe { (*p).hash };
+        let mut b = self.lock(hash);
+        match self.find_elem(&b, p) {
+            Some(link) => {
+                // SAFETY: linked, so alive.
+                let next = unsafe { (*p).next.load(Ordering::Relaxed) };
+                Self::set_link(&mut b, link, next);
+                evicted.push(p);
+                true
+            }
+            None => false,
         }
     }
 
-    /// Makes room for one element in an LRU map: raises the count, evicting as needed.
-    fn reserve_lru(&self) -> Result<(), MapError> {
-        for attempt in 0..1000 {
-            if self.reserve_count() {
-                return Ok(());
+    /// Takes an LRU node for unpublished element `e`, retiring what that evicted.
+    ///
+    /// # Safety
+    /// `e` came from [`alloc_elem`](Self::alloc_elem); it is given back or retired only after
+    /// its node was given back with [`lru_push`](Self::lru_push).
+    unsafe fn lru_pop(&self, lru: &Lru, e: *mut Elem) -> Result<u32, MapError> {
+        let cpu = current_cpu();
+        let mut evicted = Vec::new();
+        // A pop finds nothing only while the nodes it could take are in flight in other threads
+        // (being inserted, or deleted and not yet given back): always so briefly, so it retries
+        // before failing. Threads sharing a CPU slot make this likelier than in the kernel, where
+        // a CPU runs one program at a time; one thread alone never gets here.
+        let mut spins = 0;
+        let node = loop {
+            // SAFETY: `e` has its LRU word at the offset the LRU was made with and outlives its
+            // node's use (our contract; every element of the map follows the same rule).
+            let node = unsafe {
+                lru.pop(cpu, e as usize, |victim| {
+                    // SAFETY: the LRU passes elements it holds nodes of: alive.
+                    self.unlink_elem(victim, &mut evicted)
+                })
+            };
+            if node.is_some() || spins == LRU_POP_TRIES {
+                break node;
             }
-            if !self.evict_one() && attempt > 8 {
-                std::thread::yield_now();
-            }
+            backoff(&mut spins);
+        };
+        for v in evicted {
+            // SAFETY: unlinked by us, and its node is on a free list.
+            unsafe { retire_elem(&self.pool, v as *mut u8) };
         }
-        Err(MapError::NoMemory(
-            "the LRU map found nothing to evict while full (heavy concurrent churn): retry",
+        node.ok_or(MapError::NoMemory(
+            "no free LRU node: every entry is being inserted or deleted by other threads right now; retry",
         ))
     }
 
-    /// Evicts the oldest of a sample (module docs). Whether it unlinked an element.
-    fn evict_one(&self) -> bool {
-        let victim = {
-            let _run = ReadGuard::new();
-            let now = self.clock.0.load(Ordering::Relaxed);
-            let start = self.hand.load(Ordering::Relaxed);
-            let (mut best, mut best_age) = (std::ptr::null_mut::<Elem>(), 0u32);
-            let (mut seen, mut scanned) = (0, 0);
-            while scanned <= self.mask {
-                let mut e = self
-                    .bucket_at(start.wrapping_add(scanned))
-                    .load(Ordering::Acquire)
-                    & !LOCKED;
-                scanned += 1;
-                while e != 0 {
-                    let p = e as *mut Elem;
-                    // SAFETY: we are in a run: reachable elements are alive.
-                    let (age, next) = unsafe {
-                        (
-                            now.wrapping_sub((*p).stamp.load(Ordering::Relaxed)),
-                            (*p).next.load(Ordering::Acquire),
-                        )
-                    };
-                    if best.is_null() || age > best_age {
-                        (best, best_age) = (p, age);
-                    }
-                    seen += 1;
-                    e = next;
-                }
-                if seen >= LRU_SAMPLE {
-                    break;
-                }
-            }
-            self.hand
-                .store(start.wrapping_add(scanned), Ordering::Relaxed);
-            if best.is_null() {
-                return false;
-            }
-            // Still in the run: `best` cannot be freed (and its address reused) before we
-            // locked its bucket and checked it is linked.
-            // SAFETY: as above.
-            let hash = unsafe { (*best).hash };
-            let mut b = self.lock(hash);
-            match self.find_elem(&b, best) {
-                Some(link) => {
-                    // SAFETY: linked, so alive.
-                    let next = unsafe { (*best).next.load(Ordering::Relaxed) };
-                    Self::set_link(&mut b, link, next);
-                    best
-                }
-                // Deleted or replaced meanwhile.
-                None => return false,
-            }
-        };
-        self.unreserve();
-        // SAFETY: unlinked just now, by us.
-        unsafe { retire_elem(&self.pool, victim as *mut u8) };
-        true
+    /// Gives back the LRU node of element `e`.
+    ///
+    /// # Safety
+    /// `e` got its node from [`lru_pop`](Self::lru_pop), and the caller alone unlinked it from
+    /// its bucket (or never linked it); it is retired or given back only after this.
+    unsafe fn lru_push(lru: &Lru, e: *mut Elem) {
+        // SAFETY: the caller's contract: `e` is alive and its word names its node, which is ours
+        // to give back.
+        unsafe { lru.push(lru::node_of((*e).lru.load(Ordering::Relaxed))) };
     }
 
     /// `bpf_map_lookup_elem` (and `bpf_map_lookup_percpu_elem` with `cpu`).
@@ -503,8 +515,9 @@ impl HashTable {
         if e.is_null() {
             return std::ptr::null_mut();
         }
-        if self.lru {
-            self.touch(e);
+        if self.lru.is_some() {
+            // SAFETY: found in our run, so alive until it ends.
+            lru::touch(unsafe { &(*e).lru });
         }
         let v = self.value_of(e);
         if self.percpu {
@@ -553,24 +566,65 @@ impl HashTable {
         check_update_flags(flags)?;
         // SAFETY: forwarded contract.
         let hash = unsafe { self.hash(key) };
-        if self.lru {
-            // Room first: eviction locks other buckets (the kernel's prealloc_lru_pop).
-            self.reserve_lru()?;
+        // SAFETY: forwarded contract.
+        unsafe {
+            match &self.lru {
+                Some(lru) if self.percpu => {
+                    self.update_lru_percpu(lru, key, hash, value, flags, all_cpus)
+                }
+                Some(lru) => self.update_lru(lru, key, hash, value, flags),
+                None => self.update_plain(key, hash, value, flags, all_cpus),
+            }
         }
-        let mut reserved = self.lru;
+    }
+
+    /// The flags' verdict on a bucket lookup.
+    fn check_flags(found: bool, flags: u64) -> Result<(), MapError> {
+        match (found, flags) {
+            (true, BPF_NOEXIST) => Err(MapError::Exists(
+                "the key exists and BPF_NOEXIST was given: use BPF_ANY or BPF_EXIST to replace it",
+            )),
+            (false, BPF_EXIST) => Err(MapError::NotFound(
+                "the key does not exist and BPF_EXIST was given: use BPF_ANY or BPF_NOEXIST to create it",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes a per-CPU value in place (`pcpu_copy_value`).
+    ///
+    /// # Safety
+    /// `e` is linked in a bucket we hold locked; `value` as for [`alloc_elem`](Self::alloc_elem).
+    unsafe fn copy_percpu(&self, e: *mut Elem, value: *const u8, all_cpus: bool) {
+        let v = self.value_of(e);
+        // SAFETY: the caller's contract.
+        unsafe {
+            if all_cpus {
+                copy_to_map(v, value, self.ncpus * self.stride);
+            } else {
+                let cpu = current_cpu() as usize;
+                copy_to_map(v.add(cpu * self.stride), value, self.value_size);
+            }
+        }
+    }
+
+    /// Plain and per-CPU hash maps.
+    ///
+    /// # Safety
+    /// As for [`alloc_elem`](Self::alloc_elem).
+    unsafe fn update_plain(
+        &self,
+        key: *const u8,
+        hash: u32,
+        value: *const u8,
+        flags: u64,
+        all_cpus: bool,
+    ) -> Result<(), MapError> {
         // A non-per-CPU update always links a new element: allocate it outside the lock.
         let mut new = std::ptr::null_mut::<Elem>();
         if !self.percpu {
             // SAFETY: forwarded contract.
-            match unsafe { self.alloc_elem(key, hash, value, all_cpus) } {
-                Ok(e) => new = e,
-                Err(err) => {
-                    if reserved {
-                        self.unreserve();
-                    }
-                    return Err(err);
-                }
-            }
+            new = unsafe { self.alloc_elem(key, hash, value, all_cpus) }?;
         }
         let mut linked = false;
         let mut old = std::ptr::null_mut::<Elem>();
@@ -579,28 +633,12 @@ impl HashTable {
             // SAFETY: forwarded contract.
             let found = unsafe { self.find_link(&b, hash, key) };
             match found {
-                Some(_) if flags == BPF_NOEXIST => Err(MapError::Exists(
-                    "the key exists and BPF_NOEXIST was given: use BPF_ANY or BPF_EXIST to replace it",
-                )),
-                None if flags == BPF_EXIST => Err(MapError::NotFound(
-                    "the key does not exist and BPF_EXIST was given: use BPF_ANY or BPF_NOEXIST to create it",
-                )),
+                _ if Self::check_flags(found.is_some(), flags).is_err() => {
+                    Self::check_flags(found.is_some(), flags)
+                }
                 Some((_, e)) if self.percpu => {
-                    // pcpu_copy_value: in place.
-                    let v = self.value_of(e);
-                    // SAFETY: linked, so alive; the sources have the sizes of the contract.
-                    unsafe {
-                        if all_cpus {
-                            copy_to_map(v, value, self.ncpus * self.stride);
-                        } else {
-                            let cpu = current_cpu() as usize;
-                            copy_to_map(v.add(cpu * self.stride), value, self.value_size);
-                        }
-                    }
-                    if self.lru {
-                        // SAFETY: linked, so alive.
-                        unsafe { (*e).stamp.store(self.tick(), Ordering::Relaxed) };
-                    }
+                    // SAFETY: linked in our locked bucket; forwarded contract.
+                    unsafe { self.copy_percpu(e, value, all_cpus) };
                     Ok(())
                 }
                 Some((link, e)) => {
@@ -615,41 +653,29 @@ impl HashTable {
                     old = e;
                     Ok(())
                 }
+                None if !self.reserve_count() => Err(MapError::TooBig(
+                    "the hash map is full (max_entries elements): delete some, or use an LRU map to evict",
+                )),
                 None => {
-                    let room = if reserved {
-                        reserved = false;
-                        true
-                    } else {
-                        self.reserve_count()
-                    };
-                    if !room {
-                        Err(MapError::TooBig(
-                            "the hash map is full (max_entries elements): delete some, or use an LRU map to evict",
-                        ))
-                    } else {
-                        if self.percpu {
-                            // SAFETY: forwarded contract.
-                            match unsafe { self.alloc_elem(key, hash, value, all_cpus) } {
-                                Ok(e) => new = e,
-                                Err(err) => {
-                                    self.unreserve();
-                                    return Err(err);
-                                }
+                    if self.percpu {
+                        // SAFETY: forwarded contract.
+                        match unsafe { self.alloc_elem(key, hash, value, all_cpus) } {
+                            Ok(e) => new = e,
+                            Err(err) => {
+                                self.unreserve();
+                                return Err(err);
                             }
                         }
-                        // SAFETY: `new` is ours and unpublished.
-                        unsafe { (*new).next.store(b.first, Ordering::Relaxed) };
-                        b.first = new as usize;
-                        linked = true;
-                        Ok(())
                     }
+                    // SAFETY: `new` is ours and unpublished.
+                    unsafe { (*new).next.store(b.first, Ordering::Relaxed) };
+                    b.first = new as usize;
+                    linked = true;
+                    Ok(())
                 }
             }
             // Unlocked here, publishing a new head.
         };
-        if reserved {
-            self.unreserve();
-        }
         if !new.is_null() && !linked {
             // SAFETY: never published.
             unsafe { unused_elem(&self.pool, new as *mut u8) };
@@ -661,7 +687,138 @@ impl HashTable {
         result
     }
 
-    /// `htab_map_delete_elem`.
+    /// `htab_lru_map_update_elem`: a new element with a fresh node, always (taken before the
+    /// bucket is locked, so a full map evicts even when the flags then refuse the update); it
+    /// replaces an existing element with the reference bit set, and the old node is freed.
+    ///
+    /// # Safety
+    /// As for [`alloc_elem`](Self::alloc_elem).
+    unsafe fn update_lru(
+        &self,
+        lru: &Lru,
+        key: *const u8,
+        hash: u32,
+        value: *const u8,
+        flags: u64,
+    ) -> Result<(), MapError> {
+        // SAFETY: forwarded contract.
+        let new = unsafe { self.alloc_elem(key, hash, value, false) }?;
+        // SAFETY: `new` is fresh; it is given back or retired below only after its node.
+        if let Err(e) = unsafe { self.lru_pop(lru, new) } {
+            // SAFETY: never published.
+            unsafe { unused_elem(&self.pool, new as *mut u8) };
+            return Err(e);
+        }
+        let mut old = std::ptr::null_mut::<Elem>();
+        let result = {
+            let mut b = self.lock(hash);
+            // SAFETY: forwarded contract.
+            let found = unsafe { self.find_link(&b, hash, key) };
+            let r = Self::check_flags(found.is_some(), flags);
+            if r.is_ok() {
+                match found {
+                    Some((link, e)) => {
+                        // SAFETY: `new` is ours and unpublished (its node names it, but the
+                        // LRU only reads its word meanwhile); `e` is linked.
+                        unsafe {
+                            lru::touch(&(*new).lru);
+                            (*new)
+                                .next
+                                .store((*e).next.load(Ordering::Relaxed), Ordering::Relaxed);
+                        }
+                        Self::set_link(&mut b, link, new as usize);
+                        old = e;
+                    }
+                    None => {
+                        // SAFETY: as above.
+                        unsafe { (*new).next.store(b.first, Ordering::Relaxed) };
+                        b.first = new as usize;
+                    }
+                }
+            }
+            r
+            // Unlocked here (before the LRU's locks: they nest outside bucket locks).
+        };
+        if result.is_err() {
+            // SAFETY: `new` was never linked; given back only after its node.
+            unsafe {
+                Self::lru_push(lru, new);
+                unused_elem(&self.pool, new as *mut u8);
+            }
+        }
+        if !old.is_null() {
+            // SAFETY: we unlinked `old` just now; retired only after its node is free.
+            unsafe {
+                Self::lru_push(lru, old);
+                retire_elem(&self.pool, old as *mut u8);
+            }
+        }
+        result
+    }
+
+    /// `__htab_lru_percpu_map_update_elem`: takes a node first unless the flag is `BPF_EXIST`
+    /// (evicting as needed), then updates an existing element in place (setting its reference
+    /// bit, and freeing the node taken) or links a new one.
+    ///
+    /// # Safety
+    /// As for [`alloc_elem`](Self::alloc_elem).
+    unsafe fn update_lru_percpu(
+        &self,
+        lru: &Lru,
+        key: *const u8,
+        hash: u32,
+        value: *const u8,
+        flags: u64,
+        all_cpus: bool,
+    ) -> Result<(), MapError> {
+        let mut new = std::ptr::null_mut::<Elem>();
+        if flags != BPF_EXIST {
+            // SAFETY: forwarded contract.
+            new = unsafe { self.alloc_elem(key, hash, value, all_cpus) }?;
+            // SAFETY: `new` is fresh; it is given back below only after its node.
+            if let Err(e) = unsafe { self.lru_pop(lru, new) } {
+                // SAFETY: never published.
+                unsafe { unused_elem(&self.pool, new as *mut u8) };
+                return Err(e);
+            }
+        }
+        let mut linked = false;
+        let result = {
+            let mut b = self.lock(hash);
+            // SAFETY: forwarded contract.
+            let found = unsafe { self.find_link(&b, hash, key) };
+            let r = Self::check_flags(found.is_some(), flags);
+            if r.is_ok() {
+                match found {
+                    Some((_, e)) => {
+                        // SAFETY: linked in our locked bucket; forwarded contract.
+                        unsafe {
+                            lru::touch(&(*e).lru);
+                            self.copy_percpu(e, value, all_cpus);
+                        }
+                    }
+                    None => {
+                        // SAFETY: `new` is ours and unpublished (allocated: the flags let a
+                        // missing key through, so they are not BPF_EXIST).
+                        unsafe { (*new).next.store(b.first, Ordering::Relaxed) };
+                        b.first = new as usize;
+                        linked = true;
+                    }
+                }
+            }
+            r
+        };
+        if !new.is_null() && !linked {
+            // SAFETY: `new` was never linked; given back only after its node.
+            unsafe {
+                Self::lru_push(lru, new);
+                unused_elem(&self.pool, new as *mut u8);
+            }
+        }
+        result
+    }
+
+    /// `htab_map_delete_elem` (and the LRU's, which frees the element's node).
     ///
     /// # Safety
     /// `key` readable for `key_size` bytes.
@@ -685,8 +842,12 @@ impl HashTable {
                 }
             }
         };
-        self.unreserve();
-        // SAFETY: unlinked just now, by us.
+        match &self.lru {
+            // SAFETY: we unlinked `old` just now; it is retired below, after its node is free.
+            Some(lru) => unsafe { Self::lru_push(lru, old) },
+            None => self.unreserve(),
+        }
+        // SAFETY: unlinked just now, by us (and its node, if any, is free).
         unsafe { retire_elem(&self.pool, old as *mut u8) };
         Ok(())
     }

@@ -57,6 +57,7 @@ mod array;
 mod cpu;
 mod hash;
 pub mod helpers;
+mod lru;
 mod mem;
 mod ringbuf;
 mod typed;
@@ -88,7 +89,7 @@ pub const BPF_F_LOCK: u64 = 4;
 
 /// Map flag: do not preallocate hash elements (accepted; elements are always allocated on update).
 pub const BPF_F_NO_PREALLOC: u32 = 1 << 0;
-/// Map flag: one LRU list per CPU (LRU hash maps; accepted, one common list is used).
+/// Map flag: one LRU list per CPU (LRU hash maps): each CPU evicts among its share of the entries.
 pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// Map flag: a NUMA node is given (accepted where the kernel accepts it, ignored).
 pub const BPF_F_NUMA_NODE: u32 = 1 << 2;
@@ -386,7 +387,9 @@ impl Drop for RawMap {
 }
 
 impl RawMap {
-    /// The spec the map was created with.
+    /// The spec the map was created with, with `max_entries` as the kernel sets it (an LRU map
+    /// with `BPF_F_NO_COMMON_LRU` rounds it up to a multiple of the machine's possible CPUs, see
+    /// the `lru` notes in the hash map docs).
     pub fn spec(&self) -> &MapSpec {
         &self.spec
     }
@@ -580,6 +583,17 @@ fn validate_name(name: &str) -> Result<(), MapError> {
     Ok(())
 }
 
+/// `max_entries` as the kernel sets it: an LRU map with `BPF_F_NO_COMMON_LRU` has it rounded up to
+/// a multiple of the machine's possible CPUs, so that each CPU's list has the same share.
+fn entries(spec: &MapSpec) -> u32 {
+    let lru = matches!(spec.map_type, MapType::LruHash | MapType::LruPercpuHash);
+    lru::entries(
+        spec.max_entries,
+        lru && spec.flags & BPF_F_NO_COMMON_LRU != 0,
+        cpu::kernel_possible_cpus(),
+    )
+}
+
 /// The checks of `map_create` and each type's `map_alloc_check`, in the kernel's order where two
 /// errnos could apply.
 fn validate(spec: &MapSpec) -> Result<(), MapError> {
@@ -704,8 +718,9 @@ fn validate(spec: &MapSpec) -> Result<(), MapError> {
                 ));
             }
             // htab_map_alloc: n_buckets = roundup_pow_of_two(max_entries) may not exceed
-            // U32_MAX / sizeof(struct bucket) (16 bytes).
-            let n_buckets = (spec.max_entries as u64).next_power_of_two();
+            // U32_MAX / sizeof(struct bucket) (16 bytes); max_entries as adjusted for per-CPU
+            // LRU lists.
+            let n_buckets = (entries(spec) as u64).next_power_of_two();
             if n_buckets > (u32::MAX / 16) as u64 {
                 return Err(MapError::TooBig(
                     "max_entries is over 2^27: the bucket array would overflow; use fewer entries",
@@ -740,6 +755,10 @@ impl Map {
     /// and allocates the map. Arrays are zeroed; hash maps start empty.
     pub fn create(spec: &MapSpec) -> Result<Map, MapError> {
         validate(spec)?;
+        let spec = &MapSpec {
+            max_entries: entries(spec),
+            ..spec.clone()
+        };
         let ncpus = possible_cpus() as usize;
         let t = spec.map_type;
         let value_len = if t.is_percpu() {
