@@ -224,3 +224,43 @@ fn a_tracer_sees_its_cookie_and_the_traced_programs_address() {
     assert_eq!(word(1), target.jit().entry() as u64, "bpf_get_func_ip");
     assert_eq!(word(2), 3, "the tracer ran while attached only");
 }
+
+#[test]
+fn tail_calls_through_static_program_arrays_on_every_engine() {
+    for engine in ENGINES {
+        let Some(loaded) = load("run/tail_direct") else {
+            return;
+        };
+        let run = |name: &str, first: u8| {
+            let mut packet = [0u8; 14];
+            packet[0] = first;
+            loaded
+                .program(name)
+                .unwrap()
+                .run_xdp(engine, &packet)
+                .unwrap()
+                .retval
+        };
+        assert_eq!(run("constant", 0), 3, "{engine:?}: slot 1 is to_tx");
+        assert_eq!(run("computed", 1), 3, "{engine:?}");
+        assert_eq!(run("computed", 2), 2, "{engine:?}: slot 2 is to_pass");
+        assert_eq!(
+            run("computed", 3),
+            0,
+            "{engine:?}: an empty slot falls through"
+        );
+        // Emptying the slot turns the direct jump back into a fall-through.
+        loaded.map("slots").unwrap().prog_array_clear(1).unwrap();
+        assert_eq!(run("constant", 0), 0, "{engine:?}");
+    }
+    // x86-64: the constant tail call is a direct jump site in the JIT code.
+    if let Some(loaded) = load("run/tail_direct") {
+        let sites = |name: &str| {
+            let prog = loaded.program(name).unwrap().jit().unwrap();
+            prog.jit().direct_tail_call_sites().len()
+        };
+        let direct = cfg!(target_arch = "x86_64") as usize;
+        assert_eq!(sites("constant"), direct);
+        assert_eq!(sites("computed"), 0);
+    }
+}

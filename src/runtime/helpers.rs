@@ -2,7 +2,7 @@
 //! buffer helpers of [`crate::maps::helpers`], the XDP helpers of [`super::xdp`], and the
 //! general ones here (time, randomness, the current task, `bpf_trace_printk`).
 //!
-//! `bpf_loop` (181) never reaches a helper: the load step inlines it ([`super::rewrite`]).
+//! `bpf_loop` (181) never reaches a helper: the load step inlines it (`runtime/rewrite.rs`).
 //! `bpf_tail_call` (12) is run by the engines themselves.
 
 use std::sync::atomic::{AtomicU64, Ordering};

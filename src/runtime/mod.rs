@@ -6,7 +6,7 @@
 //!    …) get their initial value;
 //! 2. for each program, rewrites each pseudo `lddw` into a plain one: a map's address
 //!    ([`Map::as_raw`]) or the address of a global variable inside its map's value;
-//! 3. runs what the kernel's verifier would do to it ([`rewrite`]): the context conversion
+//! 3. runs what the kernel's verifier would do to it (`rewrite.rs`): the context conversion
 //!    (`struct xdp_md` loads become loads of [`xdp::XdpContext`]) and the inlining of
 //!    `bpf_loop` into a loop over its callback;
 //! 4. refuses a call of a helper livebpf does not have for the program's type, naming it.
@@ -32,7 +32,7 @@ use std::sync::{Arc, OnceLock};
 
 use thiserror::Error;
 
-use crate::exec::{ExecError, HelperContext, MemRegion, RunEnv, TailTarget};
+use crate::exec::{DirectTailCall, ExecError, HelperContext, MemRegion, RunEnv, TailTarget};
 use crate::helpers::Helpers;
 use crate::isa::Program;
 use crate::jit::{JitError, JitOptions};
@@ -218,6 +218,8 @@ struct ProgramInner {
     global_maps: Vec<Map>,
     /// Their addresses: the maps helpers accept.
     map_addrs: Vec<*const crate::maps::RawMap>,
+    /// Tail calls with a constant map and index, for the JITs.
+    direct_tail_calls: Vec<DirectTailCall>,
     /// Compiled on first use.
     jit: OnceLock<Prog>,
     jit_trusted: OnceLock<Prog>,
@@ -489,6 +491,21 @@ fn prepare(
         t => t.clone(),
     };
     let rewritten = rewrite::rewrite(program.clone(), &ctx_type, ret_index, &funcs, &err)?;
+    // Tail calls through a constant program array and index become direct jumps in JIT code,
+    // poked when the slot changes (x86-64; elsewhere a hint the code checks and ignores).
+    let direct_tail_calls: Vec<DirectTailCall> = rewritten
+        .constant_tail_calls
+        .iter()
+        .filter_map(|&(pc, map, index)| {
+            let m = handles.iter().find(|m| m.as_raw() as u64 == map)?;
+            let index = u32::try_from(index).ok()?;
+            (m.map_type() == MapType::ProgArray).then(|| DirectTailCall {
+                pc,
+                map: m.clone(),
+                index,
+            })
+        })
+        .collect();
     let helpers = opts
         .helpers
         .clone()
@@ -526,6 +543,7 @@ fn prepare(
                 .collect(),
             jit: OnceLock::new(),
             jit_trusted: OnceLock::new(),
+            direct_tail_calls,
         }),
     })
 }
@@ -635,11 +653,17 @@ impl LoadedProgram {
         }
         // Two threads may compile at once; one result is kept, the other dropped. A failure is
         // not cached: it is reported to each caller.
-        let prog = Prog::load_with_env(&self.inner.program, &self.inner.helpers, opts, self.env())
-            .map_err(|source| RuntimeError::Jit {
-                program: self.inner.name.clone(),
-                source,
-            })?;
+        let prog = Prog::load_full(
+            &self.inner.program,
+            &self.inner.helpers,
+            opts,
+            self.env(),
+            &self.inner.direct_tail_calls,
+        )
+        .map_err(|source| RuntimeError::Jit {
+            program: self.inner.name.clone(),
+            source,
+        })?;
         Ok(cache.get_or_init(|| prog).clone())
     }
 

@@ -23,6 +23,8 @@ use super::xdp;
 
 /// `BPF_FUNC_bpf_loop`.
 pub(crate) const BPF_LOOP: u32 = 181;
+/// `BPF_FUNC_tail_call`.
+const TAIL_CALL: u32 = 12;
 /// The kernel's `BPF_MAX_LOOPS`.
 pub(crate) const BPF_MAX_LOOPS: i32 = 1 << 23;
 
@@ -35,13 +37,20 @@ enum Val {
     Ctx,
     /// The address of the function starting at this instruction index.
     Func(usize),
+    /// A known 64-bit constant (a map's address, a tail call's index).
+    Const(u64),
     /// Different things on different paths, or a modified context pointer.
     Mixed,
 }
 
 impl Val {
     fn merge(self, other: Val) -> Val {
-        if self == other { self } else { Val::Mixed }
+        match (self, other) {
+            (a, b) if a == b => a,
+            // Two scalars that differ are just a scalar: only pointers the pass follows mix.
+            (Val::Other | Val::Const(_), Val::Other | Val::Const(_)) => Val::Other,
+            _ => Val::Mixed,
+        }
     }
 }
 
@@ -113,6 +122,8 @@ struct Facts {
     ctx_accesses: Vec<CtxAccess>,
     /// `call bpf_loop` instruction → callback's first instruction.
     loops: BTreeMap<usize, usize>,
+    /// `call bpf_tail_call` instruction → its map address and index, when both are constants.
+    tail_calls: BTreeMap<usize, Option<(u64, u64)>>,
 }
 
 fn helper_name(id: u32) -> String {
@@ -141,6 +152,7 @@ fn analyse(
     let mut facts = Facts {
         ctx_accesses: Vec::new(),
         loops: BTreeMap::new(),
+        tail_calls: BTreeMap::new(),
     };
     let flow =
         |states: &mut Vec<Option<State>>, work: &mut VecDeque<usize>, to: usize, s: &State| {
@@ -168,14 +180,19 @@ fn analyse(
             } => {
                 let v = match (width, op, src) {
                     (Width::W64, AluOp::Mov, Source::Reg(r)) => s.reg(r),
+                    (Width::W64, AluOp::Mov, Source::Imm(i)) => Val::Const(i as i64 as u64),
+                    (Width::W32, AluOp::Mov, Source::Imm(i)) => Val::Const(i as u32 as u64),
                     _ if matches!(s.reg(dst), Val::Ctx | Val::Func(_)) => Val::Mixed,
                     _ => Val::Other,
                 };
                 s.set(dst, v);
             }
             Insn::Neg { dst, .. } | Insn::Endian { dst, .. } => s.set(dst, Val::Other),
-            Insn::LoadImm64 { dst, .. } => {
-                s.set(dst, funcs.get(&i).map_or(Val::Other, |&t| Val::Func(t)));
+            Insn::LoadImm64 { dst, imm } => {
+                s.set(
+                    dst,
+                    funcs.get(&i).map_or(Val::Const(imm), |&t| Val::Func(t)),
+                );
             }
             Insn::Load {
                 size,
@@ -238,6 +255,14 @@ fn analyse(
                 }
             }
             Insn::Call { id } => {
+                if id == TAIL_CALL {
+                    // The last visit sees the merged state of every path.
+                    let known = match (s.regs[2], s.regs[3]) {
+                        (Val::Const(map), Val::Const(index)) => Some((map, index)),
+                        _ => None,
+                    };
+                    facts.tail_calls.insert(i, known);
+                }
                 for arg in 1..=5u8 {
                     let v = s.regs[arg as usize];
                     let is_loop_callback = id == BPF_LOOP && arg == 2;
@@ -338,13 +363,15 @@ fn check_base(
             insn,
             format!("{base} holds a function address and is dereferenced"),
         )),
-        Val::Other => Ok(()),
+        Val::Other | Val::Const(_) => Ok(()),
     }
 }
 
 /// The rewritten program and what it needs.
 pub(crate) struct Rewritten {
     pub(crate) program: Program,
+    /// `bpf_tail_call`s with a constant map and index: (slot of the call, map address, index).
+    pub(crate) constant_tail_calls: Vec<(usize, u64, u64)>,
 }
 
 /// Converts context accesses and inlines `bpf_loop` (see the module docs). `funcs`: as for
@@ -383,7 +410,16 @@ pub(crate) fn rewrite(
     insns.extend(tail);
     let program = Program::new(insns).map_err(|e| err(0, format!("rewritten program: {e}")))?;
     debug_assert_eq!(program.slot_count(), slots);
-    Ok(Rewritten { program })
+    // Instructions before the appended stubs keep their slots.
+    let constant_tail_calls = facts
+        .tail_calls
+        .iter()
+        .filter_map(|(&i, &known)| known.map(|(map, index)| (program.slot_of(i), map, index)))
+        .collect();
+    Ok(Rewritten {
+        program,
+        constant_tail_calls,
+    })
 }
 
 /// The kernel's `bpf_loop` as a subprogram: r1 = nr_loops, r3 = ctx, r4 = flags (r2, the

@@ -4,7 +4,7 @@
 //!
 //! A program reads `struct xdp_md`, whose fields are 32-bit offsets in the UAPI; the kernel's
 //! context conversion turns each field load into a load of the real pointer in its `xdp_buff`.
-//! livebpf does the same ([`convert_access`]): the program's `r1` points at an [`XdpContext`]
+//! livebpf does the same (`convert_access`): the program's `r1` points at an [`XdpContext`]
 //! and each `ldxw` of an `xdp_md` field becomes a load of the matching field here.
 //!
 //! The frame is one page, laid out as the kernel's test run lays it out: [`XDP_PACKET_HEADROOM`]
@@ -220,7 +220,8 @@ unsafe fn context<'a>(hctx: *mut HelperContext, ctx: u64) -> Option<&'a mut XdpC
 /// `long bpf_xdp_adjust_head(struct xdp_md *ctx, int delta)`.
 ///
 /// # Safety
-/// A context helper of the runtime's runs ([`super::run_state`]).
+/// A context helper: `hctx` is the calling run's context, and its user pointer is null or
+/// the state the runtime gives the runs it starts (true of runs from [`super::LoadedProgram`]).
 pub unsafe extern "C" fn xdp_adjust_head(
     ctx: u64,
     delta: u64,
@@ -258,7 +259,8 @@ pub unsafe extern "C" fn xdp_adjust_head(
 /// `long bpf_xdp_adjust_tail(struct xdp_md *ctx, int delta)`.
 ///
 /// # Safety
-/// A context helper of the runtime's runs ([`super::run_state`]).
+/// A context helper: `hctx` is the calling run's context, and its user pointer is null or
+/// the state the runtime gives the runs it starts (true of runs from [`super::LoadedProgram`]).
 pub unsafe extern "C" fn xdp_adjust_tail(
     ctx: u64,
     delta: u64,
@@ -288,7 +290,8 @@ pub unsafe extern "C" fn xdp_adjust_tail(
 /// `long bpf_xdp_adjust_meta(struct xdp_md *ctx, int delta)`.
 ///
 /// # Safety
-/// A context helper of the runtime's runs ([`super::run_state`]).
+/// A context helper: `hctx` is the calling run's context, and its user pointer is null or
+/// the state the runtime gives the runs it starts (true of runs from [`super::LoadedProgram`]).
 pub unsafe extern "C" fn xdp_adjust_meta(
     ctx: u64,
     delta: u64,

@@ -274,7 +274,9 @@ impl Prog {
         Prog::load_full(program, helpers, opts, ProgEnv::default(), direct)
     }
 
-    fn load_full(
+    /// [`Prog::load_with_env`] and [`Prog::load_with`] together: an environment for tracer runs
+    /// and direct tail calls.
+    pub fn load_full(
         program: &Program,
         helpers: &Helpers,
         opts: JitOptions,
