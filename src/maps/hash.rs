@@ -101,6 +101,38 @@ pub(crate) struct HashTable {
     pool: Arc<ElemPool>,
 }
 
+/// The elements one LRU pop evicted, to retire once the LRU's locks are released: usually a
+/// few (a batch is at most 128), so without an allocation per eviction.
+struct Evicted {
+    inline: [*mut Elem; 16],
+    len: usize,
+    more: Vec<*mut Elem>,
+}
+
+impl Default for Evicted {
+    fn default() -> Evicted {
+        Evicted {
+            inline: [std::ptr::null_mut(); 16],
+            len: 0,
+            more: Vec::new(),
+        }
+    }
+}
+
+impl Evicted {
+    fn push(&mut self, e: *mut Elem) {
+        if self.len < self.inline.len() {
+            self.inline[self.len] = e;
+            self.len += 1;
+        } else {
+            if self.more.is_empty() {
+                self.more.reserve(128);
+            }
+            self.more.push(e);
+        }
+    }
+}
+
 /// Where the link to an element is: the bucket word or the previous element's `next`.
 #[derive(Clone, Copy)]
 enum Link {
@@ -437,7 +469,7 @@ impl HashTable {
     ///
     /// # Safety
     /// `e` is alive (the LRU passes only elements whose nodes it holds: lru module docs).
-    unsafe fn unlink_elem(&self, e: usize, evicted: &mut Vec<*mut Elem>) -> bool {
+    unsafe fn unlink_elem(&self, e: usize, evicted: &mut Evicted) -> bool {
         let p = e as *mut Elem;
         // SAFETY: the caller's contract; `hash` is immutable.
         let hash = unsafe { (*p).hash };
@@ -461,7 +493,7 @@ impl HashTable {
     /// its node was given back with [`lru_push`](Self::lru_push).
     unsafe fn lru_pop(&self, lru: &Lru, e: *mut Elem) -> Result<u32, MapError> {
         let cpu = current_cpu();
-        let mut evicted = Vec::new();
+        let mut evicted = Evicted::default();
         // A pop finds nothing only while the nodes it could take are in flight in other threads
         // (being inserted, or deleted and not yet given back): always so briefly, so it retries
         // before failing. Threads sharing a CPU slot make this likelier than in the kernel, where
@@ -481,7 +513,7 @@ impl HashTable {
             }
             backoff(&mut spins);
         };
-        for v in evicted {
+        for &v in evicted.inline[..evicted.len].iter().chain(&evicted.more) {
             // SAFETY: unlinked by us, and its node is on a free list.
             unsafe { retire_elem(&self.pool, v as *mut u8) };
         }

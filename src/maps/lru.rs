@@ -148,6 +148,17 @@ pub(crate) struct Lru {
     target_free: u32,
 }
 
+/// `cpu` as an index of `n` lists. Slots are below `possible_cpus()`, never above the list
+/// count; a modulo only in case (a division is slow on the update path).
+#[inline]
+fn in_range(cpu: u32, n: usize) -> u32 {
+    if (cpu as usize) < n {
+        cpu
+    } else {
+        cpu % n as u32
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // No list operation panics midway; a poisoned lock's lists are consistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -546,7 +557,7 @@ impl Lru {
                 self.pop_common(global, locals, cpu, elem, &mut unlink)
             }
             Flavour::PerCpu(cpus) => {
-                let cpu = cpu % cpus.len() as u32;
+                let cpu = in_range(cpu, cpus.len());
                 let l = &cpus[cpu as usize].0;
                 let mut st = lock(&l.state);
                 self.rotate(l, &mut st);
@@ -572,7 +583,7 @@ impl Lru {
         unlink: &mut F,
     ) -> Option<u32> {
         let ncpus = locals.len() as u32;
-        let cpu = cpu % ncpus;
+        let cpu = in_range(cpu, locals.len());
         let loc = &locals[cpu as usize];
         {
             let _l = lock(&loc.lock);
@@ -587,7 +598,7 @@ impl Lru {
             }
         }
         // Nothing free anywhere: steal from the CPUs' local lists, round robin.
-        let first = loc.next_steal.load(Relaxed) % ncpus;
+        let first = loc.next_steal.load(Relaxed);
         let mut steal = first;
         let got = loop {
             let victim = &locals[steal as usize];
@@ -596,7 +607,7 @@ impl Lru {
                 self.pop_local_free(victim)
                     .or_else(|| self.pop_pending(victim, unlink))
             };
-            steal = (steal + 1) % ncpus;
+            steal = if steal + 1 == ncpus { 0 } else { steal + 1 };
             if got.is_some() || steal == first {
                 break got;
             }

@@ -49,7 +49,8 @@
 //! refuses it for values without one), `BPF_F_RDONLY_PROG`/`BPF_F_WRONLY_PROG` enforcement (the
 //! verifier's job: the flags are accepted and recorded), NUMA placement (`BPF_F_NUMA_NODE` is
 //! accepted where the kernel accepts it, and ignored), preallocation (`BPF_F_NO_PREALLOC` is
-//! accepted; elements are always allocated on update, so a full map fails only on the count), and
+//! accepted; elements are always allocated on update, so a full map fails only on the count; LRU
+//! maps do preallocate their LRU nodes, and evict exactly as the kernel does), and
 //! a map shared across `fork` (a ring buffer's pages are shared with the child, its positions are
 //! not: use a ring buffer on one side of a fork only).
 
@@ -157,7 +158,8 @@ pub enum MapType {
     PercpuHash = 5,
     /// `BPF_MAP_TYPE_PERCPU_ARRAY`.
     PercpuArray = 6,
-    /// `BPF_MAP_TYPE_LRU_HASH`: evicts the least recently used element instead of failing.
+    /// `BPF_MAP_TYPE_LRU_HASH`: evicts (the kernel's approximation of) the least recently used
+    /// elements instead of failing.
     LruHash = 9,
     /// `BPF_MAP_TYPE_LRU_PERCPU_HASH`.
     LruPercpuHash = 10,
