@@ -98,14 +98,16 @@ impl<'p> Interpreter<'p> {
 
     /// As [`Interpreter::run`], and also returns how many instructions were executed.
     pub fn run_counted(&self, mem: &mut [u8]) -> Result<(u64, u64), ExecError> {
-        self.run_on(mem, &mut new_stack())
+        let mut stack = new_stack();
+        self.run_on(mem, stack.as_mut_ptr() as u64)
     }
 
-    /// As [`Interpreter::run`], with `stack` as the run's stack (zeroed first): for callers that
-    /// need to know where it lies, e.g. to recognise a result that points into it.
+    /// As [`Interpreter::run`], with `stack` as the run's stack (whatever it holds: the run
+    /// zeroes what it can reach): for callers that need to know where it lies, e.g. to
+    /// recognise a result that points into it.
     pub fn run_with_stack(&self, mem: &mut [u8], stack: &mut Stack) -> Result<u64, ExecError> {
-        stack.fill(0);
-        self.run_on(mem, stack).map(|(r0, _)| r0)
+        self.run_on(mem, stack.as_mut_ptr() as u64)
+            .map(|(r0, _)| r0)
     }
 
     /// Runs the program in `env` (see [`RunEnv`]), as [`crate::jit::JitProgram::run_env`] does:
@@ -127,12 +129,13 @@ impl<'p> Interpreter<'p> {
     /// # Safety
     /// As for [`Interpreter::run_env`].
     pub unsafe fn run_env_counted(&self, env: &RunEnv<'_>) -> Result<(u64, u64), ExecError> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.run_env_on(env, &mut new_stack()) }
+        let mut stack = new_stack();
+        // SAFETY: forwarded from the caller; the stack is the run's own.
+        unsafe { self.run_env_on(env, stack.as_mut_ptr() as u64) }
     }
 
-    /// Runs on `mem` with a zeroed `stack`, counting instructions.
-    fn run_on(&self, mem: &mut [u8], stack: &mut Stack) -> Result<(u64, u64), ExecError> {
+    /// Runs on `mem` with the stack at `stack_base`, counting instructions.
+    fn run_on(&self, mem: &mut [u8], stack_base: u64) -> Result<(u64, u64), ExecError> {
         let (addr, len) = (mem.as_mut_ptr() as u64, mem.len() as u64);
         let input = [MemRegion::new(addr, len, true)];
         let regions: &[MemRegion] = if mem.is_empty() { &[] } else { &input };
@@ -141,18 +144,21 @@ impl<'p> Interpreter<'p> {
             regions,
         );
         // SAFETY: the only region is `mem`, borrowed exclusively for the run; the extra regions
-        // were vouched for by `with_region`'s callers; there are no maps and no user pointer.
-        unsafe { self.run_env_on(&env, stack) }
+        // were vouched for by `with_region`'s callers; there are no maps and no user pointer;
+        // the stack is the caller's, borrowed exclusively for the run.
+        unsafe { self.run_env_on(&env, stack_base) }
     }
 
-    /// Runs in `env` on a zeroed `stack`, counting instructions.
+    /// Runs in `env` on the stack at `stack_base`, counting instructions.
     ///
     /// # Safety
-    /// As for [`Interpreter::run_env`].
+    /// As for [`Interpreter::run_env`], and `stack_base` is the start of `TOTAL_STACK` bytes,
+    /// 8-aligned, writable and used by nothing else during the run (their contents do not
+    /// matter).
     unsafe fn run_env_on(
         &self,
         env: &RunEnv<'_>,
-        stack: &mut Stack,
+        stack_base: u64,
     ) -> Result<(u64, u64), ExecError> {
         let first = env.regions.first().copied();
         let rest = env.regions.get(1..).unwrap_or(&[]);
@@ -163,7 +169,6 @@ impl<'p> Interpreter<'p> {
             joined = rest.iter().chain(&self.extra_regions).copied().collect();
             &joined
         };
-        let stack_base = stack.as_mut_ptr() as u64;
         let mut m = Machine {
             regs: [0; 11],
             // The context only records these addresses; `extra` and `self.helpers` outlive it.
@@ -179,6 +184,8 @@ impl<'p> Interpreter<'p> {
         m.ctx.set_env(env);
         m.regs[1..6].copy_from_slice(&env.args);
         m.regs[10] = stack_base + TOTAL_STACK as u64;
+        m.ctx
+            .enter_function(m.regs[10], self.program.stack_reach(0));
         let code = Code {
             program: self.program,
             targets: &self.targets,
@@ -319,6 +326,9 @@ impl<'p> Interpreter<'p> {
                                 helpers: &target.helpers,
                             };
                             m.enter_tail_call();
+                            let fp = m.regs[10];
+                            m.ctx.enter_tail_call(fp, m.regs[1]);
+                            m.ctx.enter_function(fp, code.program.stack_reach(0));
                             next = 0;
                         }
                     }
@@ -341,6 +351,8 @@ impl<'p> Interpreter<'p> {
                     });
                     m.regs[10] -= STACK_SIZE as u64;
                     next = code.targets[i];
+                    let reach = code.program.stack_reach(next);
+                    m.ctx.enter_function(m.regs[10], reach);
                 }
                 Insn::Exit => match frames.pop() {
                     None => return Ok(m.regs[0]),
@@ -357,10 +369,9 @@ impl<'p> Interpreter<'p> {
     }
 }
 
-fn new_stack() -> Box<Stack> {
-    vec![0; TOTAL_STACK / 8]
-        .try_into()
-        .expect("exactly TOTAL_STACK bytes")
+/// A stack for one run, not zeroed: the run zeroes what it can reach.
+fn new_stack() -> Box<std::mem::MaybeUninit<Stack>> {
+    Box::new_uninit()
 }
 
 /// Runs `program` once on `mem` with the given helpers and no budget.
@@ -421,8 +432,8 @@ impl Machine {
         self.check(pc, addr, size, Access::Load)?;
         let p = addr as *const u8;
         // SAFETY: `check` proved [addr, addr + size) lies inside a live region: the caller's input
-        // slice, the stack vector owned by `run`, or a region the embedder vouched for. Unaligned
-        // reads are used because eBPF allows unaligned access.
+        // slice, the part of the run's stack it has zeroed (hence initialised), or a region the
+        // embedder vouched for. Unaligned reads are used because eBPF allows unaligned access.
         let v = unsafe {
             match size {
                 Size::B => p.read() as u64,

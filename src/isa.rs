@@ -7,6 +7,10 @@
 
 use thiserror::Error;
 
+mod reach;
+
+pub use reach::StackReach;
+
 /// Size in bytes of one instruction slot.
 pub const INSN_SIZE: usize = 8;
 /// Highest register number; r10 is the read-only frame pointer.
@@ -1256,6 +1260,8 @@ pub struct Program {
     slot_of: Vec<usize>,
     /// For each slot, the index of the instruction starting there (`None` inside an `lddw`).
     insn_at: Vec<Option<usize>>,
+    /// Each function's entry instruction and its stack reach, sorted ([`Program::stack_reach`]).
+    reach: Vec<(usize, StackReach)>,
 }
 
 impl Program {
@@ -1318,11 +1324,14 @@ impl Program {
                 kind: DecodeErrorKind::FallsOffEnd,
             });
         }
-        Ok(Program {
+        let mut program = Program {
             insns,
             slot_of,
             insn_at,
-        })
+            reach: Vec::new(),
+        };
+        program.reach = reach::analyse(&program);
+        Ok(program)
     }
 
     /// Decodes and validates wire bytes.
@@ -1363,6 +1372,16 @@ impl Program {
         let target = self.insns[i].jump_target(self.slot_of[i])?;
         // Validated in `new`.
         self.insn_at(target as usize)
+    }
+
+    /// How far below its r10 the function entered at instruction `entry` (0, or a local call's
+    /// target) can touch the stack, proven statically (see the module `reach` for the rules);
+    /// [`StackReach::Unbounded`] for an index that is not a function entry. Engines zero this
+    /// much of a frame when the function is entered, instead of the whole stack per run.
+    pub fn stack_reach(&self, entry: usize) -> StackReach {
+        self.reach
+            .binary_search_by_key(&entry, |&(e, _)| e)
+            .map_or(StackReach::Unbounded, |k| self.reach[k].1)
     }
 
     /// The program's wire bytes, as [`encode_program`] gives them.

@@ -16,6 +16,10 @@ use crate::helpers::Helpers;
 use crate::maps::RawMap;
 
 /// A run's stack: [`TOTAL_STACK`] bytes, 16-aligned (atomics on it need natural alignment).
+///
+/// Its contents before a run do not matter: a run sees only the part it has zeroed itself
+/// (each function's proven reach, when it is entered: see [`crate::exec`]), so a stack can be
+/// reused by any number of runs without being cleared.
 #[repr(C, align(16))]
 pub struct JitStack(pub(crate) [u64; TOTAL_STACK / 8]);
 
@@ -174,8 +178,14 @@ impl Grants {
 /// [`fail`]: HelperContext::fail
 #[repr(C)]
 pub struct HelperContext {
-    /// Lowest stack address; r10 starts at `stack_base + TOTAL_STACK`.
-    stack_base: u64,
+    // Fields generated code reads on hot paths come first, within an 8-bit displacement.
+    /// The run's stack window is `[stack_low, stack_base + TOTAL_STACK)`: the bytes it has
+    /// zeroed (or written since). It starts empty and grows down as functions are entered
+    /// ([`HelperContext::reserve_stack`]); below it nothing may be read.
+    stack_low: u64,
+    /// For access sizes 1, 2, 4, 8: the window's length `- size + 1` (0 when shorter), so that
+    /// an access is inside it iff `addr - stack_low < stack_bound[log2 size]` (unsigned).
+    stack_bound: [u64; 4],
     /// Start of the first region, the one checked inline (0 when there is none).
     mem_start: u64,
     /// For access sizes 1, 2, 4, 8: `len - size + 1`, or 0 when the region is smaller, so that an
@@ -184,12 +194,14 @@ pub struct HelperContext {
     /// `mem_bound` for stores and atomics: all zero when the region is read-only, so that every
     /// write to it takes the slow path, which decides.
     store_bound: [u64; 4],
-    /// A BPF-to-BPF call fails when r10 ≤ this (all [`crate::exec::MAX_CALL_DEPTH`] frames used).
-    fp_limit: u64,
     /// Back edges and calls the run may still take, decremented by code compiled with a budget.
     budget_left: u64,
     /// Non-zero once the run has an error: generated code tests it after context helper calls.
     failed: u64,
+    /// Lowest stack address; r10 starts at `stack_base + TOTAL_STACK`.
+    stack_base: u64,
+    /// A BPF-to-BPF call fails when r10 ≤ this (all [`crate::exec::MAX_CALL_DEPTH`] frames used).
+    fp_limit: u64,
     /// Slot index of the helper call in progress; generated code stores it (and `call_id`,
     /// the next 4 bytes) before each call that may read it.
     call_pc: u32,
@@ -227,6 +239,8 @@ pub struct HelperContext {
 
 /// Offsets of [`HelperContext`] fields used by generated code.
 pub(crate) const CTX_STACK_BASE: i32 = std::mem::offset_of!(HelperContext, stack_base) as i32;
+pub(crate) const CTX_STACK_LOW: i32 = std::mem::offset_of!(HelperContext, stack_low) as i32;
+pub(crate) const CTX_STACK_BOUND: i32 = std::mem::offset_of!(HelperContext, stack_bound) as i32;
 pub(crate) const CTX_MEM_START: i32 = std::mem::offset_of!(HelperContext, mem_start) as i32;
 pub(crate) const CTX_MEM_BOUND: i32 = std::mem::offset_of!(HelperContext, mem_bound) as i32;
 pub(crate) const CTX_FP_LIMIT: i32 = std::mem::offset_of!(HelperContext, fp_limit) as i32;
@@ -249,6 +263,11 @@ pub(crate) const fn ctx_bound(size: usize, access: Access) -> i32 {
         Access::Store | Access::Atomic => CTX_STORE_BOUND,
     };
     base + 8 * size.trailing_zeros() as i32
+}
+
+/// The stack bound generated code compares an access of `size` bytes with (see `stack_bound`).
+pub(crate) const fn ctx_stack_bound(size: usize) -> i32 {
+    CTX_STACK_BOUND + 8 * size.trailing_zeros() as i32
 }
 
 impl HelperContext {
@@ -278,6 +297,8 @@ impl HelperContext {
         let budget = budget.unwrap_or(u64::MAX);
         HelperContext {
             stack_base,
+            stack_low: stack_base + TOTAL_STACK as u64,
+            stack_bound: [0; 4],
             // An empty region has no address (r1 = 0 for an empty input), as in the interpreter.
             mem_start: if mem_len == 0 { 0 } else { first.start },
             mem_bound,
@@ -361,11 +382,61 @@ impl HelperContext {
         {
             return true;
         }
-        if contains(self.stack_base, TOTAL_STACK as u64) {
+        if contains(self.stack_low, self.stack_top() - self.stack_low) {
             return true;
         }
         let ok = |r: &MemRegion| contains(r.start, r.len) && (!writes || r.writable);
         self.extra().iter().any(ok) || self.grants.iter().any(|g| ok(&g.region))
+    }
+
+    fn stack_top(&self) -> u64 {
+        self.stack_base + TOTAL_STACK as u64
+    }
+
+    /// Makes the run's stack window reach down to `need` (at least the stack's base): zeroes
+    /// what it adds. Every engine calls it when a function is entered, with the function's r10
+    /// minus its [`StackReach`](crate::isa::StackReach), so that what a run can read of its
+    /// stack is zero or what the run itself wrote — never an earlier run's data.
+    pub(crate) fn reserve_stack(&mut self, need: u64) {
+        let need = need.max(self.stack_base);
+        if need >= self.stack_low {
+            return;
+        }
+        // SAFETY: `[stack_base, stack_base + TOTAL_STACK)` is the run's own stack, writable
+        // and used by nothing else during the run (the contract of every constructor), and
+        // `[need, stack_low)` lies inside it. The stack is only touched by raw accesses (JIT
+        // code, the interpreter's checked pointer accesses), never through Rust references.
+        unsafe {
+            std::ptr::write_bytes(need as *mut u8, 0, (self.stack_low - need) as usize);
+        }
+        self.stack_low = need;
+        let len = self.stack_top() - need;
+        self.stack_bound = [1u64, 2, 4, 8].map(|n| len.saturating_sub(n - 1));
+    }
+
+    /// Prepares the stack for a run's entry function, whose r10 is the stack's top.
+    pub(crate) fn enter_run(&mut self, reach: crate::isa::StackReach) {
+        self.enter_function(self.stack_top(), reach);
+    }
+
+    /// [`reserve_stack`](Self::reserve_stack) for a function entered with r10 = `fp` that
+    /// reaches `reach` below it.
+    pub(crate) fn enter_function(&mut self, fp: u64, reach: crate::isa::StackReach) {
+        let need = match reach {
+            crate::isa::StackReach::Bytes(n) => fp.saturating_sub(n as u64),
+            crate::isa::StackReach::Unbounded => self.stack_base,
+        };
+        self.reserve_stack(need);
+    }
+
+    /// At a tail call's entry: the target reuses the frame at `fp` and gets `r1` from its
+    /// caller. Its own analysis cannot see where r1 points, nor, when the frame is not the
+    /// entry frame, which BPF caller its exit returns pointers to; both cases get the whole
+    /// stack (rare: a stack pointer as the context, a tail call from a subprogram).
+    pub(crate) fn enter_tail_call(&mut self, fp: u64, r1: u64) {
+        if fp != self.stack_top() || r1.wrapping_sub(self.stack_base) < TOTAL_STACK as u64 {
+            self.reserve_stack(self.stack_base);
+        }
     }
 
     fn extra(&self) -> &[MemRegion] {
@@ -588,14 +659,29 @@ pub struct RunContext<'a> {
 }
 
 impl<'a> RunContext<'a> {
-    /// A context for one run over `mem` (writable), with `stack` (zero it first for the
-    /// interpreter's semantics), `extra` regions, the `helpers` of the run's entry program and
+    /// A context for one run over `mem` (writable), with `stack` (its contents do not matter:
+    /// the run zeroes what it reaches), `extra` regions, the `helpers` of the run's entry program and
     /// the run's `budget` of back edges and calls (only code compiled with a budget counts; give
     /// it the program's [`JitProgram::budget`](crate::jit::JitProgram::budget); `None` is as
     /// good as unlimited). The run counts as checked ([`HelperContext::is_checked`]).
     pub fn new(
         mem: &'a mut [u8],
         stack: &'a mut JitStack,
+        extra: &'a [MemRegion],
+        helpers: &'a Helpers,
+        budget: Option<u64>,
+    ) -> RunContext<'a> {
+        // SAFETY: the stack is borrowed exclusively for `'a`.
+        unsafe { RunContext::over_stack(mem, stack, extra, helpers, budget) }
+    }
+
+    /// [`RunContext::new`] on a stack given by address, which may be uninitialised memory.
+    ///
+    /// # Safety
+    /// `stack` is valid for reads and writes of a `JitStack`, and nothing else uses it, for `'a`.
+    pub(crate) unsafe fn over_stack(
+        mem: &'a mut [u8],
+        stack: *mut JitStack,
         extra: &'a [MemRegion],
         helpers: &'a Helpers,
         budget: Option<u64>,
@@ -608,7 +694,7 @@ impl<'a> RunContext<'a> {
         let input = MemRegion::new(mem_start, mem.len() as u64, true);
         RunContext::wrap(HelperContext::from_parts(
             input,
-            stack.base(),
+            stack as u64,
             extra,
             helpers,
             budget,
@@ -620,11 +706,12 @@ impl<'a> RunContext<'a> {
     ///
     /// # Safety
     /// The regions and maps of `env` are valid as `run_env` requires for the whole run
-    /// ([`JitProgram::run_env`](crate::jit::JitProgram::run_env)).
+    /// ([`JitProgram::run_env`](crate::jit::JitProgram::run_env)); `stack` as for
+    /// [`RunContext::over_stack`].
     pub(crate) unsafe fn from_env(
         env: &'a RunEnv<'a>,
         extra: &'a [MemRegion],
-        stack: &'a mut JitStack,
+        stack: *mut JitStack,
         helpers: &'a Helpers,
         budget: Option<u64>,
     ) -> RunContext<'a> {
@@ -633,7 +720,7 @@ impl<'a> RunContext<'a> {
             .first()
             .copied()
             .unwrap_or(MemRegion::new(0, 0, true));
-        let mut state = HelperContext::from_parts(first, stack.base(), extra, helpers, budget);
+        let mut state = HelperContext::from_parts(first, stack as u64, extra, helpers, budget);
         state.set_env(env);
         RunContext::wrap(state)
     }
@@ -707,6 +794,18 @@ impl RunContext<'static> {
         let state = unsafe { &mut (*ctx).state };
         state.grants.release();
         state.take_error()
+    }
+
+    /// Prepares the stack of a context made by [`RunContext::init_raw`] for its entry function.
+    ///
+    /// # Safety
+    /// As for `init_raw`: `ctx` is initialised, its stack valid, and nothing else uses them.
+    pub(crate) unsafe fn enter_run_raw(
+        ctx: *mut RunContext<'static>,
+        reach: crate::isa::StackReach,
+    ) {
+        // SAFETY: per the contract.
+        unsafe { (*ctx).state.enter_run(reach) };
     }
 
     /// Sets whether the run counts as checked (a trusted tracer's run is not).

@@ -1,13 +1,33 @@
 //! The execution contract every engine (interpreter, JITs) follows, the state of a run, and the
 //! errors a run can end with.
 //!
-//! A run starts from a [`RunEnv`]: r1–r5 are [`RunEnv::args`] and r10 is the top of a fresh stack
+//! A run starts from a [`RunEnv`]: r1–r5 are [`RunEnv::args`] and r10 is the top of a stack
 //! frame of [`STACK_SIZE`] bytes (the older entry points, `run(mem)`, make r1 the address of the
-//! input memory, 0 when there is none, and r2 its length). Each BPF-to-BPF call gets a fresh
-//! frame; at most [`MAX_CALL_DEPTH`] frames are live. The program may touch the run's regions, the
-//! stack and the regions helpers grant it ([`HelperContext::grant`]); anything else ends a checked
-//! run with [`ExecError::OutOfBounds`]. The per-run state every engine keeps is a
-//! [`HelperContext`] (see [`context`]).
+//! input memory, 0 when there is none, and r2 its length). Each BPF-to-BPF call moves r10 down
+//! one frame; at most [`MAX_CALL_DEPTH`] frames are live. The program may touch the run's
+//! regions, its stack window and the regions helpers grant it ([`HelperContext::grant`]);
+//! anything else ends a checked run with [`ExecError::OutOfBounds`]. The per-run state every
+//! engine keeps is a [`HelperContext`] (see [`context`]).
+//!
+//! # The stack window
+//!
+//! No engine clears the [`TOTAL_STACK`] bytes per run. Instead, every function — the entry,
+//! each BPF-to-BPF callee, a tail call's target, a freplace program — extends the run's *stack
+//! window* down to `r10 - reach` when it is entered, zeroing what it adds, where `reach` is
+//! the function's [`StackReach`](crate::isa::StackReach) (proven statically; the whole stack
+//! when it cannot be). The rule every engine keeps identically:
+//! - a run can read only its window: bytes that are zero or that the run itself wrote, never an
+//!   earlier run's or another program's data;
+//! - every access through an address the program derived from r10 lies inside the window (the
+//!   analysis proves it; tail calls whose context points into the stack, or made from a
+//!   subprogram, get the whole stack);
+//! - anything else that lands in the stack below the window — an address a helper handed back
+//!   — is out of bounds for a checked run, as Linux's verifier sizes each frame to what the
+//!   program uses. Trusted code is not checked: a helper that returns stack addresses to it
+//!   must not exist (none of livebpf's does).
+//!
+//! Within one run frames are not cleared between calls: a callee sees what an earlier callee
+//! at the same depth left (as in the interpreter since the beginning).
 
 pub mod context;
 pub mod tail;

@@ -83,7 +83,7 @@ use thiserror::Error;
 
 pub(crate) use crate::exec::context::{
     CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_MEM_START,
-    CTX_STACK_BASE, CTX_TAIL_CALLS, ctx_bound,
+    CTX_STACK_BASE, CTX_STACK_LOW, CTX_TAIL_CALLS, ctx_bound, ctx_stack_bound,
 };
 use crate::exec::tail::{JitTail, TailCode};
 use crate::exec::{Access, DirectTailCall, ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
@@ -254,6 +254,9 @@ pub(crate) mod rt {
     /// `bpf_tail_call` with the map in `arg` and the index in the context's `arg2`: returns the
     /// target's tail entry, 1 to fall through, or fails.
     pub const TAIL_CALL: u32 = 5;
+    /// Extend the run's stack window down to `arg` (zeroing it), for a function being
+    /// entered; returns 1.
+    pub const STACK: u32 = 6;
 
     /// The highest slot index `info` can carry.
     pub const MAX_PC: usize = (1 << 24) - 1;
@@ -331,6 +334,10 @@ fn runtime_dispatch(ctx: *mut RunContext<'static>, arg: u64, info: u64) -> u64 {
                 }
                 None => ExecError::UnknownHelper { pc, id: arg },
             }
+        }
+        rt::STACK => {
+            ctx.reserve_stack(arg);
+            return 1;
         }
         rt::BUDGET => ExecError::BudgetExhausted {
             pc,
@@ -795,36 +802,39 @@ impl JitProgram {
         mem: &mut [u8],
         extra: &[MemRegion],
     ) -> Result<u64, ExecError> {
-        let mut stack = JitStack::new();
-        // SAFETY: forwarded from the caller.
-        unsafe { self.run_on(mem, &mut stack, extra) }
+        let mut stack = std::mem::MaybeUninit::<JitStack>::uninit();
+        // SAFETY: forwarded from the caller; the stack is this run's own.
+        unsafe { self.run_on(mem, stack.as_mut_ptr(), extra) }
     }
 
-    /// As [`JitProgram::run`], with `stack` as the run's stack (zeroed first): for callers that
-    /// need to know where the run's stack lies (e.g. to recognise a result that points into it).
+    /// As [`JitProgram::run`], with `stack` as the run's stack (whatever it holds: the run
+    /// zeroes what it can reach): for callers that need to know where the run's stack lies
+    /// (e.g. to recognise a result that points into it).
     pub fn run_with_stack(&self, mem: &mut [u8], stack: &mut JitStack) -> Result<u64, ExecError> {
-        stack.zero();
-        // SAFETY: no extra regions, so the contract of `run_on` holds trivially.
+        // SAFETY: no extra regions; the stack is borrowed exclusively.
         unsafe { self.run_on(mem, stack, &[]) }
     }
 
-    /// Runs on `stack`, which the caller zeroed.
+    /// Runs on `stack` (any contents).
     ///
     /// # Safety
-    /// As for [`JitProgram::run_with_regions`].
+    /// As for [`JitProgram::run_with_regions`], and `stack` as for
+    /// [`RunContext::over_stack`] for the run.
     unsafe fn run_on(
         &self,
         mem: &mut [u8],
-        stack: &mut JitStack,
+        stack: *mut JitStack,
         extra: &[MemRegion],
     ) -> Result<u64, ExecError> {
-        let mut ctx = RunContext::new(mem, stack, extra, &self.helpers, self.budget);
+        // SAFETY: forwarded from the caller.
+        let mut ctx =
+            unsafe { RunContext::over_stack(mem, stack, extra, &self.helpers, self.budget) };
         let args = [ctx.mem_addr(), ctx.mem_len(), 0, 0, 0];
         self.execute(args, &mut ctx)
     }
 
-    /// Runs the program in `env`: r1..r5 = `env.args`, the stack `stack` (zeroed first, as
-    /// every engine starts a run), the regions, user pointer and maps of `env` (see
+    /// Runs the program in `env`: r1..r5 = `env.args`, the stack `stack` (whatever it holds:
+    /// the run zeroes what it can reach), the regions, user pointer and maps of `env` (see
     /// [`RunEnv`]).
     ///
     /// # Safety
@@ -833,19 +843,18 @@ impl JitProgram {
     /// alive for the whole run; `env.user` is valid for whatever the registered context helpers
     /// do with it.
     pub unsafe fn run_env(&self, env: &RunEnv<'_>, stack: &mut JitStack) -> Result<u64, ExecError> {
-        stack.zero();
-        // SAFETY: forwarded from the caller.
+        // SAFETY: forwarded from the caller; the stack is borrowed exclusively.
         unsafe { self.run_env_on(env, stack) }
     }
 
-    /// [`JitProgram::run_env`] on a stack the caller zeroed.
+    /// [`JitProgram::run_env`] on a stack given by address (any contents, maybe uninitialised).
     ///
     /// # Safety
-    /// As for `run_env`.
+    /// As for `run_env`, and `stack` as for [`RunContext::over_stack`] for the run.
     pub(crate) unsafe fn run_env_on(
         &self,
         env: &RunEnv<'_>,
-        stack: &mut JitStack,
+        stack: *mut JitStack,
     ) -> Result<u64, ExecError> {
         let extra = env.regions.get(1..).unwrap_or(&[]);
         // SAFETY: forwarded from the caller.
@@ -857,8 +866,11 @@ impl JitProgram {
     /// Runs the program with `args` in r1..r5 and no input memory (a traced function's
     /// arguments; in checked mode the program can only dereference its stack).
     pub fn call(&self, args: [u64; 5]) -> Result<u64, ExecError> {
-        let mut stack = JitStack::new();
-        let mut ctx = RunContext::new(&mut [], &mut stack, &[], &self.helpers, self.budget);
+        let mut stack = std::mem::MaybeUninit::<JitStack>::uninit();
+        // SAFETY: the stack is this run's own.
+        let mut ctx = unsafe {
+            RunContext::over_stack(&mut [], stack.as_mut_ptr(), &[], &self.helpers, self.budget)
+        };
         self.execute(args, &mut ctx)
     }
 
@@ -867,7 +879,9 @@ impl JitProgram {
     /// wait for it ([`crate::reclaim`]).
     fn execute(&self, args: [u64; 5], ctx: &mut RunContext<'_>) -> Result<u64, ExecError> {
         let _online = crate::reclaim::ReadGuard::new();
-        ctx.state().set_checked(self.checked);
+        let state = ctx.state();
+        state.set_checked(self.checked);
+        state.enter_run(self.program.stack_reach(0));
         let [r1, r2, r3, r4, r5] = args;
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         let r0 = {

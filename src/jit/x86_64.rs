@@ -16,8 +16,10 @@
 //!           pop r15 .. rbx; pop rbp; ret
 //!  fault:   xor eax, eax; jmp epilogue        error unwinding: rbp is the entry frame's
 //!  thunk:   saves registers, calls runtime_call(ctx, r11, r10), restores them; on 0 -> fault
-//!  tail:    xor eax/esi/edx/ecx/r8d/ebx/r13d/r14d/r15d     tail entry: r1 and r10 are kept
-//!  body:    one block per eBPF instruction
+//!  tail:    [whole stack if r1 points into it or r10 is not the top]   tail entry: r1 and
+//!           xor eax/esi/edx/ecx/r8d/ebx/r13d/r14d/r15d                 r10 are kept
+//!  body:    [lea r11, [r9-reach]; cmp r11, [r12+stack_low]; jae ok; runtime STACK]
+//!           one block per eBPF instruction
 //! ```
 //!
 //! The entry is [`IMAGE_ALIGN`]-aligned, so the nop never crosses an 8-byte boundary and a
@@ -73,14 +75,15 @@
 //! # BPF-to-BPF calls
 //!
 //! `call local` checks the depth (r10 must stay above `fp_limit`), pushes r6–r9 and r10,
-//! subtracts [`STACK_SIZE`] from r10 and does a native `call`; `exit` is `ret`, and the caller
-//! pops the saved registers, exactly the interpreter's frame save/restore.
+//! subtracts [`STACK_SIZE`] from r10, extends the stack window to the callee's reach (as at
+//! `body`, only when the reach is not zero) and does a native `call`; `exit` is `ret`, and the
+//! caller pops the saved registers, exactly the interpreter's frame save/restore.
 //!
 //! # Checked mode
 //!
-//! Each access computes its address into r11 and compares it inline with the stack and the input
-//! memory (two subtract-and-compare pairs against the context; fully skipped for r10-relative
-//! accesses inside the current frame, which are always in bounds). Anything else takes the
+//! Each access computes its address into r11 and compares it inline with the stack window and
+//! the input memory (two subtract-and-compare pairs against the context; fully skipped for
+//! r10-relative accesses inside the current frame, which the window always covers). Anything else takes the
 //! out-of-line slow path: the thunk calls `super::runtime_call`, which scans the extra regions
 //! and either lets the access go on or records the interpreter's `OutOfBounds` error, after
 //! which the code unwinds to the entry frame (`lea rsp, [rbp-40]`) and returns. Atomics and
@@ -100,13 +103,15 @@ use asm::{AluOp as X, Asm, Cond, Gpr, Label, Mem, OpSize, ShiftOp};
 
 use super::{
     CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_MEM_START,
-    CTX_STACK_BASE, CTX_TAIL_CALLS, JitError, ctx_bound, rt,
+    CTX_STACK_BASE, CTX_STACK_LOW, CTX_TAIL_CALLS, JitError, ctx_bound, ctx_stack_bound, rt,
 };
 use crate::exec::MAX_TAIL_CALL_CNT;
 use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
 use crate::helpers::{Helper, Helpers};
 use crate::interp::{alu32, alu64};
-use crate::isa::{AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, Width};
+use crate::isa::{
+    AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, StackReach, Width,
+};
 
 /// Offset of the patch site from the entry.
 pub const PATCH_SITE_OFFSET: usize = 0;
@@ -332,7 +337,23 @@ impl Gen<'_> {
 
         // Tail entry: a tail call jumps here with r1 = its ctx argument and the caller's frame
         // (rsp at the current function's return address, r10, r12); the rest start at zero.
+        // The whole stack when r1 points into it or the frame is not the entry frame
+        // (`HelperContext::enter_tail_call`).
         let tail_entry = a.len();
+        let whole = a.new_label();
+        let reserved = a.new_label();
+        a.mov_rr(true, ADDR, Gpr::Rdi);
+        a.alu_rm(X::Sub, true, ADDR, Mem::new(CTX, CTX_STACK_BASE));
+        a.alu_ri(X::Cmp, true, ADDR, TOTAL_STACK as i32);
+        a.jcc_short(Cond::B, whole);
+        a.load(OpSize::Q, ADDR, Mem::new(CTX, CTX_STACK_BASE));
+        a.alu_ri(X::Add, true, ADDR, TOTAL_STACK as i32);
+        a.alu_rr(X::Cmp, true, ADDR, FP);
+        a.jcc_short(Cond::E, reserved);
+        a.bind(whole);
+        self.reserve(StackReach::Unbounded);
+        let a = &mut self.a;
+        a.bind(reserved);
         for r in [
             Gpr::Rax,
             Gpr::Rsi,
@@ -348,7 +369,27 @@ impl Gen<'_> {
         }
 
         a.bind(body);
+        self.reserve(self.program.stack_reach(0));
         tail_entry
+    }
+
+    /// Extends the run's stack window to what a function entered with the current r10 reaches
+    /// (`HelperContext::reserve_stack`): inline compare, runtime call the first time only.
+    fn reserve(&mut self, reach: StackReach) {
+        let a = &mut self.a;
+        match reach {
+            StackReach::Bytes(0) => return,
+            StackReach::Bytes(n) => {
+                let n = (n as usize).min(TOTAL_STACK) as i32;
+                a.lea(ADDR, Mem::new(FP, -n));
+            }
+            StackReach::Unbounded => a.load(OpSize::Q, ADDR, Mem::new(CTX, CTX_STACK_BASE)),
+        }
+        let ok = a.new_label();
+        a.alu_rm(X::Cmp, true, ADDR, Mem::new(CTX, CTX_STACK_LOW));
+        a.jcc_short(Cond::Ae, ok);
+        self.runtime(rt::info(rt::STACK, 0, 1, Access::Load));
+        self.a.bind(ok);
     }
 
     /// Calls the runtime with request `info` (and the argument in r11); returns only if it
@@ -479,8 +520,12 @@ impl Gen<'_> {
             }
             Insn::CallLocal { .. } => {
                 let t = self.target(i)?;
+                let reach = self
+                    .program
+                    .target_of(i)
+                    .map_or(StackReach::Unbounded, |t| self.program.stack_reach(t));
                 self.count(pc);
-                self.call_local(pc, t);
+                self.call_local(pc, t, reach);
             }
             Insn::Exit => self.a.ret(),
         }
@@ -722,8 +767,8 @@ impl Gen<'_> {
         if !in_frame {
             let ok = a.new_label();
             a.mov_rr(true, TMP, ADDR);
-            a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, CTX_STACK_BASE));
-            a.alu_ri(X::Cmp, true, TMP, (TOTAL_STACK - n + 1) as i32);
+            a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, CTX_STACK_LOW));
+            a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, ctx_stack_bound(n)));
             a.jcc_short(Cond::B, ok);
             a.mov_rr(true, TMP, ADDR);
             a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, CTX_MEM_START));
@@ -905,7 +950,7 @@ impl Gen<'_> {
         a.bind(ordinary);
     }
 
-    fn call_local(&mut self, pc: usize, target: Label) {
+    fn call_local(&mut self, pc: usize, target: Label, reach: StackReach) {
         let ok = self.a.new_label();
         self.a.alu_rm(X::Cmp, true, FP, Mem::new(CTX, CTX_FP_LIMIT));
         self.a.jcc_short(Cond::A, ok);
@@ -916,6 +961,8 @@ impl Gen<'_> {
             a.push(r);
         }
         a.alu_ri(X::Sub, true, FP, STACK_SIZE as i32);
+        self.reserve(reach);
+        let a = &mut self.a;
         a.call(target);
         for r in CALL_SAVED.iter().rev() {
             a.pop(*r);

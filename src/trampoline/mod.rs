@@ -320,7 +320,7 @@ impl Prog {
         result
     }
 
-    /// Runs the program in `env` (see [`RunEnv`]) on a fresh zeroed stack, through whatever is
+    /// Runs the program in `env` (see [`RunEnv`]) on a fresh stack, through whatever is
     /// attached to it, counting it in the statistics as [`Prog::run`] does.
     ///
     /// # Safety
@@ -329,9 +329,10 @@ impl Prog {
     /// the registered context helpers do with it.
     pub unsafe fn run_env(&self, env: &RunEnv<'_>) -> Result<u64, ExecError> {
         let start = stats_enabled().then(Instant::now);
-        let mut stack = JitStack::new();
-        // SAFETY: forwarded from the caller; the stack is new, hence zeroed.
-        let result = unsafe { self.0.jit.run_env_on(env, &mut stack) };
+        let mut stack = std::mem::MaybeUninit::<JitStack>::uninit();
+        // SAFETY: forwarded from the caller; the stack is this run's own (the run zeroes what
+        // it reaches).
+        let result = unsafe { self.0.jit.run_env_on(env, stack.as_mut_ptr()) };
         self.account(start);
         result
     }
@@ -908,6 +909,9 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
         // The regions and maps live in the program, which the link keeps alive.
         RunContext::set_tracer_env_raw(ctx, &prog.env_regions, &prog.env_maps);
         RunContext::set_trace_info_raw(ctx, link.cookie, link.func_ip);
+        // The stack is reused by every tracer run at this level: the run starts by zeroing
+        // what the tracer reaches.
+        RunContext::enter_run_raw(ctx, prog.jit.program().stack_reach(0));
     }
     if stats_enabled() { now_ns() + 1 } else { 1 }
 }

@@ -30,8 +30,10 @@
 //!         ret
 //!  fault: mov x7, xzr; b epilogue
 //!  tail:  [bti j]                          tail entry (reached by `br`): r1 and r10 are kept,
+//!         [whole stack if r1 points into it or r10 is not the top]
 //!         mov x7/x1–x4/x19–x22, xzr        the rest start at zero
-//!  body:  one block per eBPF instruction
+//!  body:  [sub x11, x25, #reach; ldr x10, [x26, #stack_low]; cmp; b.hs ok; runtime STACK]
+//!         one block per eBPF instruction
 //!  cold:  out-of-line slow paths of checked accesses (set the request, call the thunk)
 //!  thunk: saves live registers (x0–x4, x7, x11, x12, x15, x30), calls
 //!         runtime_call(ctx, x11, x10), restores them; 0 -> fault,
@@ -61,7 +63,8 @@
 //! `bl` overwrites x30, so every call the body makes (helper, BPF-to-BPF, thunk) first saves x30:
 //! helper and local calls push it with the registers they preserve; the thunk is entered with
 //! `adr x12, back; b thunk` and leaves x30 alone. BPF-to-BPF calls check the depth against the
-//! context's `fp_limit`, push r6–r9, r10 and x30, and move r10 down by [`STACK_SIZE`].
+//! context's `fp_limit`, push r6–r9, r10 and x30, move r10 down by [`STACK_SIZE`] and extend
+//! the stack window to the callee's reach (as at `body`).
 //!
 //! A helper call passes the context as the sixth argument (`mov x5, x26`). Before a context
 //! helper the code stores the call's pc and id (one 64-bit store); after it, and after `callx`,
@@ -107,10 +110,12 @@ use super::enc::{
 use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
 use crate::helpers::{Helper, Helpers};
 use crate::interp::{alu32, alu64};
-use crate::isa::{AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, Width};
+use crate::isa::{
+    AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, StackReach, Width,
+};
 use crate::jit::{
     CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_MEM_START,
-    CTX_STACK_BASE, JitError, ctx_bound, rt,
+    CTX_STACK_BASE, CTX_STACK_LOW, JitError, ctx_bound, ctx_stack_bound, rt,
 };
 
 /// Bytes per instruction.
@@ -430,16 +435,60 @@ impl Gen<'_> {
         // Tail entry: a tail call branches here (`br`, hence `bti j`) with r1 = its ctx
         // argument and the caller's frame (sp, x30 = the current function's return address,
         // r10, the context); the rest start at zero.
+        // The whole stack when r1 points into it or the frame is not the entry frame
+        // (`HelperContext::enter_tail_call`).
         let tail_entry = e.words.len();
         if self.opts.bti {
             e.emit(enc::BTI_J);
         }
+        let whole = e.new_label();
+        let reserved = e.new_label();
+        e.emit(ldr_ctx(TMP, CTX_STACK_BASE));
+        e.emit(enc::sub_reg(true, ADDR, X0, TMP));
+        e.emit(enc::cmp_imm(true, ADDR, TOTAL_STACK as u32).expect("4096 encodes"));
+        e.branch(Fix::BCond(Cond::Lo), whole);
+        e.emit(enc::add_imm(true, ADDR, TMP, TOTAL_STACK as u32).expect("4096 encodes"));
+        e.emit(enc::cmp_reg(true, ADDR, BPF_FP));
+        e.branch(Fix::BCond(Cond::Eq), reserved);
+        e.bind(whole);
+        self.reserve(StackReach::Unbounded);
+        let e = &mut self.e;
+        e.bind(reserved);
         for r in [X7, X1, X2, X3, X4, X19, X20, X21, X22] {
             e.emit(enc::mov_reg(true, r, XZR));
         }
 
         e.bind(body);
+        self.reserve(self.program.stack_reach(0));
         tail_entry
+    }
+
+    /// Extends the run's stack window to what a function entered with the current r10 reaches
+    /// (`HelperContext::reserve_stack`): inline compare, a runtime call the first time only.
+    fn reserve(&mut self, reach: StackReach) {
+        let e = &mut self.e;
+        match reach {
+            StackReach::Bytes(0) => return,
+            StackReach::Bytes(n) => {
+                let n = (n as usize).min(TOTAL_STACK) as u32;
+                match enc::sub_imm(true, ADDR, BPF_FP, n) {
+                    Some(w) => e.emit(w),
+                    None => {
+                        e.emit_all(&enc::mov_imm(true, ADDR, n as u64));
+                        e.emit(enc::sub_reg(true, ADDR, BPF_FP, ADDR));
+                    }
+                }
+            }
+            StackReach::Unbounded => e.emit(ldr_ctx(ADDR, CTX_STACK_BASE)),
+        }
+        e.emit(ldr_ctx(TMP, CTX_STACK_LOW));
+        e.emit(enc::cmp_reg(true, ADDR, TMP));
+        // Inline rather than a cold stub: `b.cond` reaches only ±1 MiB, `b` to the thunk
+        // anywhere in the image.
+        let ok = e.new_label();
+        e.branch(Fix::BCond(Cond::Hs), ok);
+        self.runtime_inline(rt::info(rt::STACK, 0, 1, Access::Load));
+        self.e.bind(ok);
     }
 
     /// Cold stubs, then the thunk (only if anything calls it).
@@ -475,7 +524,12 @@ impl Gen<'_> {
         e.emit(enc::ldp(PairMode::Offset, X4, X7, SP, 32).expect("in range"));
         e.emit(enc::ldp(PairMode::Offset, X2, X3, SP, 16).expect("in range"));
         e.emit(enc::ldp(PairMode::Post, X0, X1, SP, 80).expect("in range"));
-        e.branch(Fix::Cbz(true, TMP), self.fault);
+        // `cbnz` over `b fault`: the fault is in the prologue, beyond `cbz`'s ±1 MiB in a
+        // large image.
+        let resume = e.new_label();
+        e.branch(Fix::Cbnz(true, TMP), resume);
+        e.branch(Fix::B, self.fault);
+        e.bind(resume);
         e.emit(enc::ret(BACK));
     }
 
@@ -636,8 +690,12 @@ impl Gen<'_> {
             }
             Insn::CallLocal { .. } => {
                 let t = self.target(i)?;
+                let reach = self
+                    .program
+                    .target_of(i)
+                    .map_or(StackReach::Unbounded, |t| self.program.stack_reach(t));
                 self.count(pc);
-                self.call_local(pc, t);
+                self.call_local(pc, t, reach);
             }
             Insn::Exit => self.e.emit(enc::ret(LR)),
         }
@@ -897,10 +955,11 @@ impl Gen<'_> {
         if !in_frame {
             let ok = self.e.new_label();
             let e = &mut self.e;
-            // In the stack: addr - stack_base < TOTAL_STACK - n + 1 (unsigned).
-            e.emit(ldr_ctx(TMP, CTX_STACK_BASE));
+            // In the stack window: addr - stack_low < stack_bound[log2 n] (unsigned).
+            e.emit(ldr_ctx(TMP, CTX_STACK_LOW));
             e.emit(enc::sub_reg(true, TMP, ADDR, TMP));
-            e.emit(enc::cmp_imm(true, TMP, (TOTAL_STACK - n + 1) as u32).expect("≤ 4096"));
+            e.emit(ldr_ctx(IMM, ctx_stack_bound(n)));
+            e.emit(enc::cmp_reg(true, TMP, IMM));
             e.branch(Fix::BCond(Cond::Lo), ok);
             // In the input: addr - mem_start < mem_bound[log2 n] (unsigned).
             e.emit(ldr_ctx(TMP, CTX_MEM_START));
@@ -1093,7 +1152,7 @@ impl Gen<'_> {
         e.bind(fall_through);
     }
 
-    fn call_local(&mut self, pc: usize, target: Label) {
+    fn call_local(&mut self, pc: usize, target: Label, reach: StackReach) {
         // Fails when r10 ≤ fp_limit: all frames are in use.
         self.e.emit(ldr_ctx(TMP, CTX_FP_LIMIT));
         self.e.emit(enc::cmp_reg(true, BPF_FP, TMP));
@@ -1106,6 +1165,8 @@ impl Gen<'_> {
         e.emit(enc::stp(PairMode::Offset, X21, X22, SP, 16).expect("in range"));
         e.emit(enc::stp(PairMode::Offset, BPF_FP, LR, SP, 32).expect("in range"));
         e.emit(enc::sub_imm(true, BPF_FP, BPF_FP, STACK_SIZE as u32).expect("512 encodes"));
+        self.reserve(reach);
+        let e = &mut self.e;
         e.branch(Fix::Bl, target);
         e.emit(enc::ldp(PairMode::Offset, BPF_FP, LR, SP, 32).expect("in range"));
         e.emit(enc::ldp(PairMode::Offset, X21, X22, SP, 16).expect("in range"));
@@ -1397,6 +1458,7 @@ mod tests {
         }
         // An unconditional `b` reaches ±128 MiB.
         let ja = program(Insn::Ja { off: n as i16 });
-        assert!(generate(&ja, &Helpers::conformance(), &o).is_ok());
+        let r = generate(&ja, &Helpers::conformance(), &o);
+        assert!(r.is_ok(), "{:?}", r.err());
     }
 }
