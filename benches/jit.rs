@@ -1,102 +1,21 @@
 //! JIT vs interpreter vs rbpf (JIT and interpreter) on the same programs, in one run, plus JIT
 //! compile time per instruction. Criterion reports each engine; a ratio table follows at the end.
-//!
-//! Every program gets `mov %r2, N` prepended (N = input length), because rbpf's raw VM passes only
-//! the memory address in r1.
+//! The workloads and engines are `common/workloads.rs`.
+
+#[path = "common/workloads.rs"]
+mod workloads;
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
+#[cfg(target_arch = "x86_64")]
 use livebpf::asm::assemble_program;
 #[cfg(target_arch = "x86_64")]
 use livebpf::helpers::Helpers;
 use livebpf::interp::Interpreter;
-use livebpf::isa::Program;
 #[cfg(target_arch = "x86_64")]
 use livebpf::jit::{JitOptions, JitProgram};
-
-struct Case {
-    name: &'static str,
-    program: Program,
-    input: Vec<u8>,
-}
-
-fn case(name: &'static str, src: &str, input: Vec<u8>) -> Case {
-    let src = format!("mov %r2, {}\n{src}", input.len());
-    let program = assemble_program(&src).unwrap_or_else(|e| panic!("{name}: {e}"));
-    Case {
-        name,
-        program,
-        input,
-    }
-}
-
-fn cases() -> Vec<Case> {
-    let n = 16 * 1024;
-    let mut copy = vec![0u8; n];
-    for (i, b) in copy[..n / 2].iter_mut().enumerate() {
-        *b = (i * 7) as u8;
-    }
-    let mut strings = vec![b'a'; n];
-    strings[n / 2 - 1] = 0;
-    strings[n - 1] = 0;
-    vec![
-        case("sieve", include_str!("../examples/sieve.s"), vec![0; n]),
-        case("memcpy", include_str!("programs/memcpy.s"), copy),
-        case("strcmp", include_str!("programs/strcmp.s"), strings),
-        case("switch", include_str!("programs/switch.s"), vec![0; n]),
-    ]
-}
-
-/// One engine, ready to run a case's program on a fresh copy of its input.
-type Runner = Box<dyn FnMut(&mut [u8]) -> u64>;
-
-fn engines(case: &Case) -> Vec<(&'static str, Runner)> {
-    let bytes = case.program.encode();
-    let mut out: Vec<(&'static str, Runner)> = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        let helpers = Helpers::new();
-        let checked = JitProgram::compile(&case.program, &helpers, JitOptions::checked())
-            .expect("JIT compiles");
-        out.push((
-            "livebpf-jit-checked",
-            Box::new(move |mem| checked.run(mem).expect("runs")),
-        ));
-        // SAFETY: the benchmark programs only touch their input memory, within bounds (their
-        // results match the checked engines, which the assertion in `bench_case` verifies).
-        let trusted_opts = unsafe { JitOptions::trusted() };
-        let trusted =
-            JitProgram::compile(&case.program, &helpers, trusted_opts).expect("JIT compiles");
-        out.push((
-            "livebpf-jit-trusted",
-            Box::new(move |mem| trusted.run(mem).expect("runs")),
-        ));
-    }
-    let program = case.program.clone();
-    out.push((
-        "livebpf-interp",
-        Box::new(move |mem| Interpreter::new(&program).run(mem).expect("runs")),
-    ));
-    let rbpf_bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    let vm = rbpf::EbpfVmRaw::new(Some(rbpf_bytes)).expect("rbpf accepts the program");
-    out.push((
-        "rbpf-interp",
-        Box::new(move |mem| vm.execute_program(mem).expect("rbpf runs")),
-    ));
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut vm = rbpf::EbpfVmRaw::new(Some(rbpf_bytes)).expect("rbpf accepts the program");
-        vm.jit_compile().expect("rbpf JIT compiles");
-        out.push((
-            "rbpf-jit",
-            // SAFETY: rbpf's JIT runs the same in-bounds programs; see above.
-            Box::new(move |mem| unsafe { vm.execute_program_jit(mem) }.expect("rbpf runs")),
-        ));
-    }
-    out
-}
+use workloads::{Case, cases, engines, ns_per_run};
 
 fn bench_case(c: &mut Criterion, case: &Case, table: &mut Vec<(String, Vec<(&'static str, f64)>)>) {
     let (expected, executed) = Interpreter::new(&case.program)
@@ -118,20 +37,6 @@ fn bench_case(c: &mut Criterion, case: &Case, table: &mut Vec<(String, Vec<(&'st
     }
     group.finish();
     table.push((format!("{} ({executed} insns)", case.name), row));
-}
-
-/// A quick independent timing for the ratio table (criterion keeps its estimates to itself).
-fn ns_per_run(run: &mut Runner, input: &[u8]) -> f64 {
-    let mut mem = input.to_vec();
-    let budget = Duration::from_millis(300);
-    let start = Instant::now();
-    let mut runs = 0u64;
-    while start.elapsed() < budget {
-        mem.copy_from_slice(input);
-        black_box(run(&mut mem));
-        runs += 1;
-    }
-    start.elapsed().as_nanos() as f64 / runs as f64
 }
 
 #[cfg(target_arch = "x86_64")]

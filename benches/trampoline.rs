@@ -3,43 +3,16 @@
 //! grace periods against crossbeam-epoch's pin; and runner throughput while another thread
 //! attaches and detaches in a loop, as a fraction of the undisturbed throughput.
 
+#[path = "common/tracing.rs"]
+mod tracing;
+
 use std::hint::black_box;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use livebpf::asm::assemble_program;
-use livebpf::helpers::Helpers;
-use livebpf::jit::JitOptions;
 use livebpf::reclaim;
-use livebpf::trampoline::{AttachKind, Prog, attach};
-
-fn load(src: &str) -> Prog {
-    Prog::load(
-        &assemble_program(src).expect("assembles"),
-        &Helpers::new(),
-        JitOptions::checked(),
-    )
-    .expect("loads")
-}
-
-fn target() -> Prog {
-    load("mov %r0, %r1\nadd %r0, %r2\nexit")
-}
-
-fn empty() -> Prog {
-    load("mov %r0, 0\nexit")
-}
-
-fn ns_per_call(prog: &Prog) -> f64 {
-    let n = 2_000_000u64;
-    let start = Instant::now();
-    for i in 0..n {
-        black_box(prog.call([i, 1, 0, 0, 0]).expect("runs"));
-    }
-    start.elapsed().as_nanos() as f64 / n as f64
-}
+use livebpf::trampoline::{AttachKind, attach};
+use tracing::{empty, ns_per_call, target, throughput};
 
 fn calls(c: &mut Criterion) -> Vec<(&'static str, f64)> {
     let tracer = empty();
@@ -114,45 +87,6 @@ fn attach_latency(c: &mut Criterion) {
     reclaim::flush().expect("flush outside a run");
 }
 
-/// Runs per second of `threads` runners for `window`, optionally while this thread attaches
-/// and detaches an empty fentry in a loop.
-fn throughput(threads: usize, window: Duration, churn: bool) -> (f64, u64) {
-    let prog = target();
-    let tracer = empty();
-    let stop = Arc::new(AtomicBool::new(false));
-    let total = Arc::new(AtomicU64::new(0));
-    let runners: Vec<_> = (0..threads)
-        .map(|_| {
-            let (prog, stop, total) = (prog.clone(), stop.clone(), total.clone());
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    black_box(prog.call([n, 1, 0, 0, 0]).expect("runs"));
-                    n += 1;
-                }
-                total.fetch_add(n, Ordering::Relaxed);
-            })
-        })
-        .collect();
-    let start = Instant::now();
-    let mut cycles = 0u64;
-    while start.elapsed() < window {
-        if churn {
-            drop(attach(AttachKind::Fentry, &prog, &tracer, 0).expect("attaches"));
-            cycles += 1;
-        } else {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    for r in runners {
-        r.join().expect("runner");
-    }
-    let secs = start.elapsed().as_secs_f64();
-    reclaim::flush().expect("flush outside a run");
-    (total.load(Ordering::Relaxed) as f64 / secs, cycles)
-}
-
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     let table = calls(&mut c);
@@ -166,10 +100,10 @@ fn main() {
     }
     // One runner: this machine has two cores, one of them attaching.
     let window = Duration::from_secs(2);
-    let (calm, _) = throughput(1, window, false);
-    let (busy, cycles) = throughput(1, window, true);
+    let (calm, _) = throughput(1, window, Some(0));
+    let (busy, cycles) = throughput(1, window, None);
     println!(
-        "runner throughput: {:.1} M runs/s undisturbed, {:.1} M runs/s during {} attach/detach cycles: {:.1}% of undisturbed",
+        "runner throughput: {:.1} M runs/s undisturbed, {:.1} M runs/s during {:.0} attach/detach cycles/s: {:.1}% of undisturbed",
         calm / 1e6,
         busy / 1e6,
         cycles,

@@ -41,13 +41,13 @@
 
 #[cfg(target_arch = "aarch64")]
 mod arm64;
+mod clock;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use thiserror::Error;
 
@@ -146,6 +146,9 @@ static STATS_ENABLED: AtomicBool = AtomicBool::new(false);
 /// Switches run statistics on or off for all programs (the kernel's `bpf_stats_enabled`). Off, a
 /// run pays one relaxed load.
 pub fn set_stats_enabled(on: bool) {
+    if on {
+        clock::calibrate();
+    }
     STATS_ENABLED.store(on, Ordering::Relaxed);
 }
 
@@ -177,7 +180,8 @@ struct ProgInner {
     env_maps: Vec<*const crate::maps::RawMap>,
     slot: usize,
     run_cnt: AtomicU64,
-    run_time_ns: AtomicU64,
+    /// Total time of counted runs, in [`clock`] ticks.
+    run_time_ticks: AtomicU64,
     misses: AtomicU64,
     errors: AtomicU64,
     /// The error of the latest failed run as a tracer.
@@ -294,7 +298,7 @@ impl Prog {
             env_maps,
             slot: alloc_slot(),
             run_cnt: AtomicU64::new(0),
-            run_time_ns: AtomicU64::new(0),
+            run_time_ticks: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -306,7 +310,7 @@ impl Prog {
     /// Runs the program on `mem` (r1 = its address, r2 = its length), through whatever is
     /// attached to it.
     pub fn run(&self, mem: &mut [u8]) -> Result<u64, ExecError> {
-        let start = stats_enabled().then(Instant::now);
+        let start = stats_enabled().then(clock::ticks);
         let result = self.0.jit.run(mem);
         self.account(start);
         result
@@ -314,7 +318,7 @@ impl Prog {
 
     /// Runs the program with `args` in r1..r5 and no input memory.
     pub fn call(&self, args: [u64; 5]) -> Result<u64, ExecError> {
-        let start = stats_enabled().then(Instant::now);
+        let start = stats_enabled().then(clock::ticks);
         let result = self.0.jit.call(args);
         self.account(start);
         result
@@ -328,7 +332,7 @@ impl Prog {
     /// run and not aliased by Rust references, its maps alive, and `env.user` valid for what
     /// the registered context helpers do with it.
     pub unsafe fn run_env(&self, env: &RunEnv<'_>) -> Result<u64, ExecError> {
-        let start = stats_enabled().then(Instant::now);
+        let start = stats_enabled().then(clock::ticks);
         let mut stack = std::mem::MaybeUninit::<JitStack>::uninit();
         // SAFETY: forwarded from the caller; the stack is this run's own (the run zeroes what
         // it reaches).
@@ -350,12 +354,12 @@ impl Prog {
         self.0.jit.tail_target(owner)
     }
 
-    fn account(&self, start: Option<Instant>) {
+    fn account(&self, start: Option<u64>) {
         if let Some(start) = start {
             self.0.run_cnt.fetch_add(1, Ordering::Relaxed);
             self.0
-                .run_time_ns
-                .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                .run_time_ticks
+                .fetch_add(clock::since(start), Ordering::Relaxed);
         }
     }
 
@@ -363,7 +367,7 @@ impl Prog {
     pub fn stats(&self) -> ProgStats {
         ProgStats {
             run_cnt: self.0.run_cnt.load(Ordering::Relaxed),
-            run_time_ns: self.0.run_time_ns.load(Ordering::Relaxed),
+            run_time_ns: clock::ticks_to_ns(self.0.run_time_ticks.load(Ordering::Relaxed)),
             misses: self.0.misses.load(Ordering::Relaxed),
             errors: self.0.errors.load(Ordering::Relaxed),
         }
@@ -913,7 +917,11 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
         // what the tracer reaches.
         RunContext::enter_run_raw(ctx, prog.jit.program().stack_reach(0));
     }
-    if stats_enabled() { now_ns() + 1 } else { 1 }
+    if stats_enabled() {
+        clock::ticks() + 1
+    } else {
+        1
+    }
 }
 
 /// Ends a tracer run started by [`tramp_prog_enter`] (`start` is what it returned).
@@ -939,8 +947,8 @@ pub(crate) unsafe extern "C" fn tramp_prog_exit(
     }
     if start > 1 {
         prog.run_cnt.fetch_add(1, Ordering::Relaxed);
-        prog.run_time_ns
-            .fetch_add(now_ns().saturating_sub(start - 1), Ordering::Relaxed);
+        prog.run_time_ticks
+            .fetch_add(clock::since(start - 1), Ordering::Relaxed);
     }
     with_trace(|t| {
         t.depth = t.depth.saturating_sub(1);
@@ -948,9 +956,4 @@ pub(crate) unsafe extern "C" fn tramp_prog_exit(
             *slot = false;
         }
     });
-}
-
-fn now_ns() -> u64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
