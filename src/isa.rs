@@ -1262,6 +1262,8 @@ pub struct Program {
     insn_at: Vec<Option<usize>>,
     /// Each function's entry instruction and its stack reach, sorted ([`Program::stack_reach`]).
     reach: Vec<(usize, StackReach)>,
+    /// Per instruction, [`Program::may_address_stack`].
+    stack_based: Vec<bool>,
 }
 
 impl Program {
@@ -1329,8 +1331,11 @@ impl Program {
             slot_of,
             insn_at,
             reach: Vec::new(),
+            stack_based: Vec::new(),
         };
-        program.reach = reach::analyse(&program);
+        let analysis = reach::analyse(&program);
+        program.reach = analysis.reach;
+        program.stack_based = analysis.stack_based;
         Ok(program)
     }
 
@@ -1382,6 +1387,14 @@ impl Program {
         self.reach
             .binary_search_by_key(&entry, |&(e, _)| e)
             .map_or(StackReach::Unbounded, |k| self.reach[k].1)
+    }
+
+    /// Whether the memory access at instruction `i` may use an address derived from its
+    /// function's r10 (false for other instructions). A hint for checked engines, which test the
+    /// likelier region first: an access whose base is not stack-derived can still land in the
+    /// stack (a pointer a caller passed), so both tests remain.
+    pub fn may_address_stack(&self, i: usize) -> bool {
+        self.stack_based.get(i).copied().unwrap_or(true)
     }
 
     /// The program's wire bytes, as [`encode_program`] gives them.

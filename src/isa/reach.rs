@@ -157,8 +157,17 @@ impl Acc {
     }
 }
 
-/// Computes the reach of every function of `insns`: sorted `(entry instruction, reach)` pairs.
-pub(super) fn analyse(program: &Program) -> Vec<(usize, StackReach)> {
+/// What the analysis finds: each function's reach, and which accesses may use an address
+/// derived from their function's r10.
+pub(super) struct Analysis {
+    /// Sorted `(entry instruction, reach)` pairs.
+    pub reach: Vec<(usize, StackReach)>,
+    /// Per instruction: a load, store or atomic whose base may derive from r10.
+    pub stack_based: Vec<bool>,
+}
+
+/// Analyses every function of `program`.
+pub(super) fn analyse(program: &Program) -> Analysis {
     let insns = program.insns();
     let mut entries: Vec<usize> = std::iter::once(0)
         .chain(
@@ -170,11 +179,13 @@ pub(super) fn analyse(program: &Program) -> Vec<(usize, StackReach)> {
     entries.sort_unstable();
     entries.dedup();
     let mut summaries = vec![NOTHING; entries.len()];
+    // Rounds only add to it, so after the last it covers the fixed point.
+    let mut stack_based = vec![false; insns.len()];
     let mut stable = false;
     for _ in 0..MAX_ROUNDS {
         let next: Vec<Summary> = entries
             .iter()
-            .map(|&e| function(program, e, &entries, &summaries))
+            .map(|&e| function(program, e, &entries, &summaries, &mut stack_based))
             .collect();
         if next == summaries {
             stable = true;
@@ -184,8 +195,9 @@ pub(super) fn analyse(program: &Program) -> Vec<(usize, StackReach)> {
     }
     if !stable {
         summaries = vec![UNBOUNDED; entries.len()];
+        stack_based = vec![true; insns.len()];
     }
-    entries
+    let reach = entries
         .into_iter()
         .zip(summaries)
         .map(|(e, s)| {
@@ -195,11 +207,30 @@ pub(super) fn analyse(program: &Program) -> Vec<(usize, StackReach)> {
             };
             (e, reach)
         })
-        .collect()
+        .collect();
+    Analysis { reach, stack_based }
+}
+
+/// The base register of a memory access.
+fn access_base(insn: &Insn) -> Option<super::Reg> {
+    match *insn {
+        Insn::Load { base, .. }
+        | Insn::Store { base, .. }
+        | Insn::Atomic { base, .. }
+        | Insn::LoadAcquire { base, .. }
+        | Insn::StoreRelease { base, .. } => Some(base),
+        _ => None,
+    }
 }
 
 /// One function's summary, given the current summaries of the functions it calls.
-fn function(program: &Program, entry: usize, entries: &[usize], summaries: &[Summary]) -> Summary {
+fn function(
+    program: &Program,
+    entry: usize,
+    entries: &[usize],
+    summaries: &[Summary],
+    stack_based: &mut [bool],
+) -> Summary {
     let insns = program.insns();
     let mut states: Vec<Option<[Val; 11]>> = vec![None; insns.len()];
     let mut changes = vec![0u32; insns.len()];
@@ -230,6 +261,9 @@ fn function(program: &Program, entry: usize, entries: &[usize], summaries: &[Sum
     while let Some(i) = work.pop() {
         let Some(mut regs) = states[i] else { continue };
         let mut successors: [Option<usize>; 2] = [Some(i + 1), None];
+        if let Some(base) = access_base(&insns[i]) {
+            stack_based[i] |= regs[base.index()].fp.is_some();
+        }
         match insns[i] {
             Insn::Alu {
                 width,
@@ -380,7 +414,11 @@ mod tests {
 
     fn reach(src: &str) -> Vec<StackReach> {
         let program = Program::new(assemble(src).expect("assembles")).expect("valid");
-        analyse(&program).into_iter().map(|(_, r)| r).collect()
+        analyse(&program)
+            .reach
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect()
     }
 
     #[test]
@@ -449,6 +487,18 @@ mod tests {
         // The callee returns an address in its own frame; the caller reads through it.
         let src = "call local f\nldxb r0, [r0]\nexit\nf:\nmov r0, r10\nadd r0, -8\nexit";
         assert_eq!(reach(src), [StackReach::Bytes(520), StackReach::Bytes(0)]);
+    }
+
+    #[test]
+    fn accesses_know_whether_their_base_may_be_the_stack() {
+        let src = "mov r3, r10\nadd r3, -8\njeq r2, 0, +1\nmov r3, r1\nstb [r3], 1\n\
+                   ldxb r0, [r1]\nldxb r0, [r10-1]\nexit";
+        let program = Program::new(assemble(src).expect("assembles")).expect("valid");
+        let based = analyse(&program).stack_based;
+        assert_eq!(
+            based,
+            [false, false, false, false, true, false, true, false]
+        );
     }
 
     #[test]

@@ -766,14 +766,25 @@ impl Gen<'_> {
         a.lea(ADDR, Mem::new(b, off));
         if !in_frame {
             let ok = a.new_label();
-            a.mov_rr(true, TMP, ADDR);
-            a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, CTX_STACK_LOW));
-            a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, ctx_stack_bound(n)));
-            a.jcc_short(Cond::B, ok);
-            a.mov_rr(true, TMP, ADDR);
-            a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, CTX_MEM_START));
-            a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, ctx_bound(n, access)));
-            a.jcc_short(Cond::B, ok);
+            // addr - start < bound (unsigned) for the stack window and the first region, the
+            // likelier first: the stack when the base may derive from r10.
+            let stack = (CTX_STACK_LOW, ctx_stack_bound(n));
+            let input = (CTX_MEM_START, ctx_bound(n, access));
+            let stack_first = self
+                .program
+                .insn_at(pc)
+                .is_none_or(|i| self.program.may_address_stack(i));
+            let order = if stack_first {
+                [stack, input]
+            } else {
+                [input, stack]
+            };
+            for (start, bound) in order {
+                a.mov_rr(true, TMP, ADDR);
+                a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, start));
+                a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, bound));
+                a.jcc_short(Cond::B, ok);
+            }
             self.runtime(rt::info(rt::BOUNDS, pc, n, access));
             self.a.bind(ok);
         }

@@ -955,16 +955,27 @@ impl Gen<'_> {
         if !in_frame {
             let ok = self.e.new_label();
             let e = &mut self.e;
-            // In the stack window: addr - stack_low < stack_bound[log2 n] (unsigned).
-            e.emit(ldr_ctx(TMP, CTX_STACK_LOW));
+            // addr - start < bound (unsigned) for the stack window and the input, the likelier
+            // first: the stack when the base may derive from r10.
+            let stack = (CTX_STACK_LOW, ctx_stack_bound(n));
+            let input = (CTX_MEM_START, ctx_bound(n, access));
+            let stack_first = self
+                .program
+                .insn_at(pc)
+                .is_none_or(|i| self.program.may_address_stack(i));
+            let [first, second] = if stack_first {
+                [stack, input]
+            } else {
+                [input, stack]
+            };
+            e.emit(ldr_ctx(TMP, first.0));
             e.emit(enc::sub_reg(true, TMP, ADDR, TMP));
-            e.emit(ldr_ctx(IMM, ctx_stack_bound(n)));
+            e.emit(ldr_ctx(IMM, first.1));
             e.emit(enc::cmp_reg(true, TMP, IMM));
             e.branch(Fix::BCond(Cond::Lo), ok);
-            // In the input: addr - mem_start < mem_bound[log2 n] (unsigned).
-            e.emit(ldr_ctx(TMP, CTX_MEM_START));
+            e.emit(ldr_ctx(TMP, second.0));
             e.emit(enc::sub_reg(true, TMP, ADDR, TMP));
-            e.emit(ldr_ctx(IMM, ctx_bound(n, access)));
+            e.emit(ldr_ctx(IMM, second.1));
             e.emit(enc::cmp_reg(true, TMP, IMM));
             self.slow_path(Some(Cond::Hs), rt::info(rt::BOUNDS, pc, n, access));
             self.e.bind(ok);
