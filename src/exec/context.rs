@@ -10,6 +10,7 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 
 use super::{Access, ExecError, MemRegion, RunEnv, STACK_SIZE, TOTAL_STACK};
 use crate::helpers::Helpers;
@@ -71,31 +72,31 @@ struct Grant {
 /// Regions granted during one run: a few inline, the rest in a vector borrowed from the thread's
 /// pool on the first spill and returned when the run ends.
 struct Grants {
-    inline: [Grant; INLINE_GRANTS],
+    /// The first `len` are initialised (left uninitialised otherwise: a run that is granted
+    /// nothing, most runs, never writes them).
+    inline: [MaybeUninit<Grant>; INLINE_GRANTS],
     len: usize,
     spill: Vec<Grant>,
 }
 
 impl Grants {
-    const EMPTY: Grant = Grant {
-        region: MemRegion {
-            start: 0,
-            len: 0,
-            writable: false,
-        },
-        record: false,
-    };
-
     fn new() -> Grants {
         Grants {
-            inline: [Grants::EMPTY; INLINE_GRANTS],
+            inline: [MaybeUninit::uninit(); INLINE_GRANTS],
             len: 0,
             spill: Vec::new(),
         }
     }
 
+    /// The inline grants in use.
+    fn used(&self) -> &[Grant] {
+        // SAFETY: the first `len` elements are initialised (`add` and `remove` keep it so), and
+        // `MaybeUninit<Grant>` has `Grant`'s layout.
+        unsafe { std::slice::from_raw_parts(self.inline.as_ptr().cast::<Grant>(), self.len) }
+    }
+
     fn iter(&self) -> impl Iterator<Item = &Grant> {
-        self.inline[..self.len].iter().chain(self.spill.iter())
+        self.used().iter().chain(self.spill.iter())
     }
 
     fn count(&self) -> usize {
@@ -108,7 +109,7 @@ impl Grants {
             return true;
         }
         if self.len < INLINE_GRANTS {
-            self.inline[self.len] = g;
+            self.inline[self.len] = MaybeUninit::new(g);
             self.len += 1;
             return true;
         }
@@ -129,13 +130,13 @@ impl Grants {
 
     /// Removes the first grant `pred` accepts and returns it.
     fn remove(&mut self, pred: impl Fn(&Grant) -> bool) -> Option<Grant> {
-        if let Some(i) = self.inline[..self.len].iter().position(&pred) {
-            let g = self.inline[i];
+        if let Some(i) = self.used().iter().position(&pred) {
+            let g = self.used()[i];
             self.inline.copy_within(i + 1..self.len, i);
             self.len -= 1;
             // Keep the inline part full while spilled regions remain.
             if let Some(last) = self.spill.pop() {
-                self.inline[self.len] = last;
+                self.inline[self.len] = MaybeUninit::new(last);
                 self.len += 1;
             }
             return Some(g);
@@ -232,6 +233,7 @@ pub struct HelperContext {
     /// entry address (what `bpf_get_attach_cookie` and `bpf_get_func_ip` return).
     attach_cookie: u64,
     func_ip: u64,
+    // `grants` and `error` stay last: `TracerTemplate::start` copies the bytes before them.
     grants: Grants,
     /// Set by `fail` and the runtime functions when a run fails.
     error: Option<ExecError>,
@@ -251,6 +253,18 @@ pub(crate) const CTX_CALL_PC: i32 = std::mem::offset_of!(HelperContext, call_pc)
 pub(crate) const CTX_HELPERS: i32 = std::mem::offset_of!(HelperContext, helpers) as i32;
 pub(crate) const CTX_ARG2: i32 = std::mem::offset_of!(HelperContext, arg2) as i32;
 pub(crate) const CTX_TAIL_CALLS: i32 = std::mem::offset_of!(HelperContext, tail_calls) as i32;
+// Every plain field precedes `grants`, then `error` ends the struct (`TracerTemplate::start`).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    let grants = offset_of!(HelperContext, grants);
+    assert!(
+        grants > offset_of!(HelperContext, func_ip) && grants > offset_of!(HelperContext, user)
+    );
+    assert!(
+        offset_of!(HelperContext, error) + size_of::<Option<ExecError>>()
+            == size_of::<HelperContext>()
+    );
+};
 // arm64 stores pc and id with one 64-bit store: id must be the upper half of an aligned word.
 const _: () = assert!(
     CTX_CALL_PC % 8 == 0 && std::mem::offset_of!(HelperContext, call_id) as i32 == CTX_CALL_PC + 4
@@ -783,11 +797,12 @@ impl RunContext<'static> {
         unsafe { ctx.write(value) };
     }
 
-    /// Ends a context made by [`RunContext::init_raw`] in place, returning the error its run
-    /// ended with, if any. Its memory then owns nothing (it need not be dropped).
+    /// Ends a context made by [`RunContext::init_raw`] (or a tracer template) in place,
+    /// returning the error its run ended with, if any. Its memory then owns nothing (it need
+    /// not be dropped).
     ///
     /// # Safety
-    /// `ctx` was initialised by `init_raw`, no code runs with it any more, and it is not used
+    /// `ctx` was initialised by `init_raw` or a tracer template, no code runs with it any more, and it is not used
     /// again (except to be initialised anew).
     pub unsafe fn take_raw(ctx: *mut RunContext<'static>) -> Option<ExecError> {
         // SAFETY: per the contract, `ctx` holds an initialised context that nothing else uses.
@@ -795,60 +810,95 @@ impl RunContext<'static> {
         state.grants.release();
         state.take_error()
     }
+}
 
-    /// Prepares the stack of a context made by [`RunContext::init_raw`] for its entry function.
+/// A tracer's run context prepared once, when the tracer is attached: everything a tracer run
+/// starts from except what differs per run (where the saved arguments and the stack are), so a
+/// run copies it instead of building a context field by field.
+pub(crate) struct TracerTemplate {
+    state: HelperContext,
+    reach: crate::isa::StackReach,
+}
+
+// SAFETY: the template only records addresses (helpers, regions, maps) that its owner keeps
+// alive, and is never run with itself: it is only read, to be copied.
+unsafe impl Send for TracerTemplate {}
+// SAFETY: as above; shared references only read it.
+unsafe impl Sync for TracerTemplate {}
+
+impl TracerTemplate {
+    /// A template for runs over an `args_len`-byte read-only argument block, with the tracer's
+    /// helpers, budget, mode, extra regions and maps, its link's cookie and the traced entry,
+    /// and the tracer's entry function's stack reach.
     ///
     /// # Safety
-    /// As for `init_raw`: `ctx` is initialised, its stack valid, and nothing else uses them.
-    pub(crate) unsafe fn enter_run_raw(
-        ctx: *mut RunContext<'static>,
-        reach: crate::isa::StackReach,
-    ) {
-        // SAFETY: per the contract.
-        unsafe { (*ctx).state.enter_run(reach) };
-    }
-
-    /// Sets whether the run counts as checked (a trusted tracer's run is not).
-    ///
-    /// # Safety
-    /// `ctx` was initialised by `init_raw` and no code runs with it right now.
-    pub(crate) unsafe fn set_checked_raw(ctx: *mut RunContext<'static>, checked: bool) {
-        // SAFETY: per the contract.
-        unsafe { (*ctx).state.set_checked(checked) };
-    }
-
-    /// Records, in a context made by [`RunContext::init_raw`], what a tracer's helpers report:
-    /// its link's cookie and the traced program's entry.
-    ///
-    /// # Safety
-    /// As for `init_raw`: `ctx` is initialised and nothing else uses it.
-    pub(crate) unsafe fn set_trace_info_raw(
-        ctx: *mut RunContext<'static>,
+    /// `helpers`, `extra` and the maps of `maps` outlive the template and every run started
+    /// from it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn new(
+        args_len: u64,
+        helpers: &Helpers,
+        budget: Option<u64>,
+        checked: bool,
+        extra: &[MemRegion],
+        maps: &[*const RawMap],
         cookie: u64,
         func_ip: u64,
-    ) {
-        // SAFETY: per the contract.
-        let state = unsafe { &mut (*ctx).state };
-        state.attach_cookie = cookie;
-        state.func_ip = func_ip;
-    }
-
-    /// Gives a context made by [`RunContext::init_raw`] more regions besides its input, and the
-    /// maps its helpers accept (a tracer's global data and maps).
-    ///
-    /// # Safety
-    /// As for `init_raw`, and `extra` and `maps` outlive the run (until `take_raw`): the
-    /// regions valid as marked, the maps alive.
-    pub(crate) unsafe fn set_tracer_env_raw(
-        ctx: *mut RunContext<'static>,
-        extra: &[MemRegion],
-        maps: &[*const crate::maps::RawMap],
-    ) {
-        // SAFETY: per the contract `ctx` is initialised and unaliased.
-        let state = unsafe { &mut (*ctx).state };
-        state.extra = extra.as_ptr();
-        state.extra_len = extra.len();
+        reach: crate::isa::StackReach,
+    ) -> TracerTemplate {
+        // The start address is set per run; any non-zero one keeps the region non-empty.
+        let mut state = HelperContext::from_parts(
+            MemRegion::new(1, args_len, false),
+            0,
+            extra,
+            helpers,
+            budget,
+        );
+        state.set_checked(checked);
         state.maps = maps.as_ptr();
         state.maps_len = maps.len();
+        state.attach_cookie = cookie;
+        state.func_ip = func_ip;
+        TracerTemplate { state, reach }
+    }
+
+    /// Starts a run in `ctx`: the template, with the argument block at `args` and the stack
+    /// `stack` (any contents: the run zeroes what the tracer reaches). Pair it with
+    /// [`RunContext::take_raw`].
+    ///
+    /// # Safety
+    /// As for [`RunContext::init_raw`]: `ctx` is valid and aligned for a `RunContext` (old
+    /// contents are overwritten, not dropped), `args` is valid for reads of the template's
+    /// length and `stack` is a `JitStack` nothing else uses, until `take_raw`.
+    pub(crate) unsafe fn start(
+        &self,
+        ctx: *mut RunContext<'static>,
+        args: u64,
+        stack: *mut JitStack,
+    ) {
+        // The plain fields come before the grants and the error (`repr(C)`): copy those bytes,
+        // then start the two afresh — fewer stores than the whole context, and no duplicate of
+        // anything that owns memory.
+        const PLAIN: usize = std::mem::offset_of!(HelperContext, grants);
+        // SAFETY: `ctx` is valid and aligned for the writes (the contract); the first `PLAIN`
+        // bytes of a `HelperContext` are its plain-data fields (integers, pointers, bools,
+        // arrays of them), so copying them is copying those values; the other two fields are
+        // then written in place, making the whole context initialised.
+        let state = unsafe {
+            let dst = std::ptr::addr_of_mut!((*ctx).state);
+            std::ptr::copy_nonoverlapping(
+                (&self.state as *const HelperContext).cast::<u8>(),
+                dst.cast::<u8>(),
+                PLAIN,
+            );
+            std::ptr::addr_of_mut!((*dst).grants).write(Grants::new());
+            std::ptr::addr_of_mut!((*dst).error).write(None);
+            &mut *dst
+        };
+        state.mem_start = args;
+        state.stack_base = stack as u64;
+        state.stack_low = state.stack_top();
+        state.fp_limit = stack as u64 + STACK_SIZE as u64;
+        state.enter_run(self.reach);
     }
 }

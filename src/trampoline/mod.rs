@@ -51,6 +51,7 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+use crate::exec::context::TracerTemplate;
 use crate::exec::{DirectTailCall, ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
 use crate::helpers::Helpers;
 use crate::isa::Program;
@@ -411,8 +412,35 @@ impl Prog {
 pub(crate) struct LinkShared {
     prog: Prog,
     cookie: u64,
-    /// The target's entry, for `bpf_get_func_ip`.
-    func_ip: u64,
+    /// The context every run of this tracer starts from (it names `prog`'s helpers and
+    /// environment, which `prog` keeps alive).
+    template: TracerTemplate,
+}
+
+impl LinkShared {
+    fn new(prog: &Prog, cookie: u64, func_ip: u64) -> LinkShared {
+        let p = &prog.0;
+        // SAFETY: the helpers, regions and maps live in the program, which the record keeps
+        // alive as long as the template.
+        let template = unsafe {
+            TracerTemplate::new(
+                (TRACE_CTX_WORDS * 8) as u64,
+                &p.helpers,
+                p.jit.budget(),
+                p.jit.is_checked(),
+                &p.env_regions,
+                &p.env_maps,
+                cookie,
+                func_ip,
+                p.jit.program().stack_reach(0),
+            )
+        };
+        LinkShared {
+            prog: prog.clone(),
+            cookie,
+            template,
+        }
+    }
 }
 
 struct LinkEntry {
@@ -678,11 +706,7 @@ pub fn attach(
         state.links.push(LinkEntry {
             id,
             kind,
-            shared: Arc::new(LinkShared {
-                prog: prog.clone(),
-                cookie,
-                func_ip: target.jit().entry() as u64,
-            }),
+            shared: Arc::new(LinkShared::new(prog, cookie, target.jit().entry() as u64)),
         });
         if let Err(e) = update_image(target, &mut state) {
             state.links.pop();
@@ -903,20 +927,11 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
         prog.misses.fetch_add(1, Ordering::Relaxed);
         return 0;
     };
-    let region = MemRegion::new(args as u64, (TRACE_CTX_WORDS * 8) as u64, false);
-    // SAFETY: `ctx` is trampoline frame space for one RunContext; the stack is this thread's for
-    // this nesting level and stays allocated while the thread lives; `region` covers the saved
-    // argument words in the same frame; the helpers live in the program, kept alive by `link`.
-    unsafe {
-        RunContext::init_raw(ctx, region, stack, &prog.helpers, prog.jit.budget());
-        RunContext::set_checked_raw(ctx, prog.jit.is_checked());
-        // The regions and maps live in the program, which the link keeps alive.
-        RunContext::set_tracer_env_raw(ctx, &prog.env_regions, &prog.env_maps);
-        RunContext::set_trace_info_raw(ctx, link.cookie, link.func_ip);
-        // The stack is reused by every tracer run at this level: the run starts by zeroing
-        // what the tracer reaches.
-        RunContext::enter_run_raw(ctx, prog.jit.program().stack_reach(0));
-    }
+    // SAFETY: `ctx` is trampoline frame space for one RunContext; `args` are the saved
+    // argument words in the same frame; the stack is this thread's for this nesting level and
+    // stays allocated while the thread lives (reused by every tracer run at this level: the
+    // run zeroes what the tracer reaches).
+    unsafe { link.template.start(ctx, args as u64, stack) };
     if stats_enabled() {
         clock::ticks() + 1
     } else {
