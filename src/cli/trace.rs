@@ -160,44 +160,19 @@ pub fn trace(args: &TraceArgs, out: &mut dyn Write) -> Result<(), CliError> {
         None => None,
     };
 
-    // The tracers' run_cnt is the evidence that they ran.
-    set_stats_enabled(true);
-    let started = Instant::now();
-    let counters: Vec<Counter> = (0..args.threads).map(|_| Counter::default()).collect();
-    let stop = AtomicBool::new(false);
-    let main = std::thread::current();
-    let (cycled, reports) = std::thread::scope(|s| {
-        let mut handles = Vec::with_capacity(args.threads);
-        for (i, counter) in counters.iter().enumerate() {
-            let (target, mem, expected, stop, main) = (&target, &mem, &expected, &stop, &main);
-            let spawned = std::thread::Builder::new()
-                .name(format!("runner-{i}"))
-                .spawn_scoped(s, move || {
-                    runner(i, target, mem, expected, stop, counter, main)
-                });
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    // The scope joins the runners already started once they see `stop`.
-                    stop.store(true, Ordering::Relaxed);
-                    return (Err(CliError::Spawn(e)), Vec::new());
-                }
-            }
+    // Each run on a fresh copy of the input (a target that writes it gives the same result
+    // every time), on a stack whose address is known (for address-valued results).
+    let (started, counters, reports) = run_traced(args, &target, &fentry, fexit.as_ref(), |_| {
+        let (base, expected, target) = (&mem, &expected, &target);
+        let mut copy = base.clone();
+        let mut stack = Box::new(JitStack::new());
+        move || {
+            copy.copy_from_slice(base);
+            let got = target.jit().run_with_stack(&mut copy, &mut stack);
+            let want = expected.value(&copy, stack.base());
+            check(&got, want, expected).map_or(Ok(()), Err)
         }
-        let cycled = cycle(args, &target, &fentry, fexit.as_ref(), &counters);
-        stop.store(true, Ordering::Relaxed);
-        let reports: Vec<Report> = handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| Report {
-                    errors: 1,
-                    first: Some("a runner thread panicked".to_string()),
-                })
-            })
-            .collect();
-        (cycled, reports)
-    });
-    cycled?;
+    })?;
     let problems = finish(
         args,
         started,
@@ -321,28 +296,19 @@ fn oracle(program: &Program, mem: &[u8], what: &Path) -> Result<Expected, CliErr
     }
 }
 
-/// Runs `target` until `stop`, each time on a fresh copy of `base` (so a target that writes its
-/// input gives the same result every time), counting completed runs in `counter` and waking
-/// `main` when the count reaches its goal.
+/// Runs `run_once` until `stop`, counting completed runs in `counter` and waking `main` when the
+/// count reaches its goal; each `Err` is a failed run (the first is kept, with where it was).
 fn runner(
     index: usize,
-    target: &Prog,
-    base: &[u8],
-    expected: &Expected,
     stop: &AtomicBool,
     counter: &Counter,
     main: &Thread,
+    mut run_once: impl FnMut() -> Result<(), String>,
 ) -> Report {
-    let mut mem = base.to_vec();
-    let mut stack = Box::new(JitStack::new());
     let mut report = Report::default();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        mem.copy_from_slice(base);
-        // On a stack whose address is known, for address-valued results.
-        let got = target.jit().run_with_stack(&mut mem, &mut stack);
-        let want = expected.value(&mem, stack.base());
-        if let Some(problem) = check(&got, want, expected) {
+        if let Err(problem) = run_once() {
             report.errors += 1;
             report
                 .first
@@ -362,6 +328,59 @@ fn runner(
         }
     }
     report
+}
+
+/// A trace's body, for both front ends: switches statistics on (the tracers' `run_cnt` is the
+/// evidence that they ran), starts `args.threads` runners — each runs what `per_thread(i)`
+/// returns over and over — and cycles the tracers on `target` meanwhile. Returns when the
+/// runners have stopped: the start time, their counters and their reports.
+fn run_traced<F, R>(
+    args: &TraceArgs,
+    target: &Prog,
+    fentry: &Tracer<'_>,
+    fexit: Option<&Tracer<'_>>,
+    per_thread: F,
+) -> Result<(Instant, Vec<Counter>, Vec<Report>), CliError>
+where
+    F: Fn(usize) -> R + Sync,
+    R: FnMut() -> Result<(), String> + Send,
+{
+    set_stats_enabled(true);
+    let started = Instant::now();
+    let counters: Vec<Counter> = (0..args.threads).map(|_| Counter::default()).collect();
+    let stop = AtomicBool::new(false);
+    let main = std::thread::current();
+    let (cycled, reports) = std::thread::scope(|s| {
+        let mut handles = Vec::with_capacity(args.threads);
+        for (i, counter) in counters.iter().enumerate() {
+            let (stop, main, per_thread) = (&stop, &main, &per_thread);
+            let spawned = std::thread::Builder::new()
+                .name(format!("runner-{i}"))
+                .spawn_scoped(s, move || runner(i, stop, counter, main, per_thread(i)));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // The scope joins the runners already started once they see `stop`.
+                    stop.store(true, Ordering::Relaxed);
+                    return (Err(CliError::Spawn(e)), Vec::new());
+                }
+            }
+        }
+        let cycled = cycle(args, target, fentry, fexit, &counters);
+        stop.store(true, Ordering::Relaxed);
+        let reports: Vec<Report> = handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| Report {
+                    errors: 1,
+                    first: Some("a runner thread panicked".to_string()),
+                })
+            })
+            .collect();
+        (cycled, reports)
+    });
+    cycled?;
+    Ok((started, counters, reports))
 }
 
 /// Why `got` is not a correct run, if it is not: it must return `want`, which is what
@@ -649,11 +668,6 @@ pub fn trace_object(args: &ObjectTraceArgs<'_>, out: &mut dyn Write) -> Result<(
         }
     };
 
-    set_stats_enabled(true);
-    let started = Instant::now();
-    let counters: Vec<Counter> = (0..args.threads).map(|_| Counter::default()).collect();
-    let stop = AtomicBool::new(false);
-    let main = std::thread::current();
     let trace_args = TraceArgs {
         target: target_path.clone(),
         fentry: args.fentry.to_path_buf(),
@@ -663,63 +677,12 @@ pub fn trace_object(args: &ObjectTraceArgs<'_>, out: &mut dyn Write) -> Result<(
         cycles: args.cycles,
         tracer_budget: args.tracer_budget,
     };
-    let (cycled, reports) = std::thread::scope(|s| {
-        let mut handles = Vec::with_capacity(args.threads);
-        for (i, counter) in counters.iter().enumerate() {
-            let (stop, main, run_once, mem) = (&stop, &main, &run_once, &mem);
-            let spawned = std::thread::Builder::new()
-                .name(format!("runner-{i}"))
-                .spawn_scoped(s, move || {
-                    let mut report = Report::default();
-                    let mut copy = mem.clone();
-                    let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        if let Err(e) = run_once(&mut copy) {
-                            report.errors += 1;
-                            report
-                                .first
-                                .get_or_insert_with(|| format!("thread {i}, run {n}: {e}"));
-                        }
-                        n += 1;
-                        counter.runs.store(n, Ordering::SeqCst);
-                        let goal = counter.goal.load(Ordering::SeqCst);
-                        if n >= goal {
-                            if n == goal {
-                                main.unpark();
-                            }
-                            std::thread::yield_now();
-                        }
-                    }
-                    report
-                });
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    return (Err(CliError::Spawn(e)), Vec::new());
-                }
-            }
-        }
-        let cycled = cycle(
-            &trace_args,
-            &target_prog,
-            &fentry,
-            fexit.as_ref(),
-            &counters,
-        );
-        stop.store(true, Ordering::Relaxed);
-        let reports: Vec<Report> = handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| Report {
-                    errors: 1,
-                    first: Some("a runner thread panicked".to_string()),
-                })
-            })
-            .collect();
-        (cycled, reports)
-    });
-    cycled?;
+    let (started, counters, reports) =
+        run_traced(&trace_args, &target_prog, &fentry, fexit.as_ref(), |_| {
+            let mut copy = mem.clone();
+            let run_once = &run_once;
+            move || run_once(&mut copy)
+        })?;
     drop(target_prog);
     let mut print_maps = |out: &mut dyn Write| -> Result<(), CliError> {
         let mut printed = Vec::new();
