@@ -148,8 +148,12 @@ impl Grants {
     /// Forgets every grant and hands the spill vector back to the thread's pool.
     fn release(&mut self) {
         self.len = 0;
+        // Most runs never spill: nothing to hand back.
+        if self.spill.capacity() == 0 {
+            return;
+        }
         let mut spill = std::mem::take(&mut self.spill);
-        if spill.capacity() != 0 {
+        {
             spill.clear();
             let _ = SPILLS.try_with(|p| {
                 let mut p = p.borrow_mut();
@@ -652,6 +656,11 @@ impl HelperContext {
 
     /// The error the run ended with, if any.
     pub(crate) fn take_error(&mut self) -> Option<ExecError> {
+        // The common case, without moving an `Option<ExecError>` around.
+        if self.error.is_none() {
+            self.failed = 0;
+            return None;
+        }
         self.failed = 0;
         self.error.take()
     }

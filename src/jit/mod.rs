@@ -545,6 +545,8 @@ pub struct JitProgram {
     helpers: Arc<Helpers>,
     checked: bool,
     budget: Option<u64>,
+    /// The entry function's stack reach, which every run starts by reserving.
+    entry_reach: crate::isa::StackReach,
     id: u64,
     patch_site: usize,
     body: usize,
@@ -665,6 +667,7 @@ impl JitProgram {
             helpers,
             checked: opts.checked,
             budget: opts.budget,
+            entry_reach: program.stack_reach(0),
             id,
             patch_site: placed.patch_site,
             body: placed.body,
@@ -881,7 +884,7 @@ impl JitProgram {
         let _online = crate::reclaim::ReadGuard::new();
         let state = ctx.state();
         state.set_checked(self.checked);
-        state.enter_run(self.program.stack_reach(0));
+        state.enter_run(self.entry_reach);
         let [r1, r2, r3, r4, r5] = args;
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         let r0 = {
