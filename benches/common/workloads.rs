@@ -11,11 +11,11 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use livebpf::asm::assemble_program;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use livebpf::helpers::Helpers;
 use livebpf::interp::Interpreter;
 use livebpf::isa::Program;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use livebpf::jit::{JitOptions, JitProgram};
 
 /// A program and the input it runs on.
@@ -61,7 +61,7 @@ pub type Runner = Box<dyn FnMut(&mut [u8]) -> u64>;
 pub fn engines(case: &Case) -> Vec<(&'static str, Runner)> {
     let bytes = case.program.encode();
     let mut out: Vec<(&'static str, Runner)> = Vec::new();
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
         let helpers = Helpers::new();
         let checked = JitProgram::compile(&case.program, &helpers, JitOptions::checked())
