@@ -7,6 +7,10 @@
 //! JIT. Context helpers get the run's context as under the JIT, and `bpf_tail_call` follows
 //! [`crate::exec::tail`]. Every run is a read-side section of [`crate::reclaim`], as a JIT run
 //! is: map values a lookup returns and tail-call targets stay valid until it ends.
+//!
+//! Each program is decoded once, when its [`Interpreter`] is made (a tail call's target when
+//! its [`TailTarget`](crate::exec::tail::TailTarget) is), into a dense form ([`Op`]) that one
+//! `match` dispatches on.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
@@ -164,7 +168,9 @@ macro_rules! define_ops {
             match (op, width, src) {
                 $(
                     (AluOp::$aop, Width::W64, Source::Reg(s)) => Op::$a64r { d, s: R::of(s) },
-                    (AluOp::$aop, Width::W64, Source::Imm(v)) => Op::$a64i { d, imm: v as i64 as u64 },
+                    (AluOp::$aop, Width::W64, Source::Imm(v)) => {
+                        Op::$a64i { d, imm: v as i64 as u64 }
+                    }
                     (AluOp::$aop, Width::W32, Source::Reg(s)) => Op::$a32r { d, s: R::of(s) },
                     (AluOp::$aop, Width::W32, Source::Imm(v)) => Op::$a32i { d, imm: v as u32 },
                 )*
@@ -179,7 +185,9 @@ macro_rules! define_ops {
                         Op::$j64i { d, imm: v as i64 as u64, t }
                     }
                     (JmpCond::$cond, Width::W32, Source::Reg(s)) => Op::$j32r { d, s: R::of(s), t },
-                    (JmpCond::$cond, Width::W32, Source::Imm(v)) => Op::$j32i { d, imm: v as u32, t },
+                    (JmpCond::$cond, Width::W32, Source::Imm(v)) => {
+                        Op::$j32i { d, imm: v as u32, t }
+                    }
                 )*
             }
         }
@@ -201,7 +209,9 @@ macro_rules! dispatch {
                 Op::$a64r { d, s } => {
                     $regs[d as usize] = alu64(AluOp::$aop, $regs[d as usize], $regs[s as usize]);
                 }
-                Op::$a64i { d, imm } => $regs[d as usize] = alu64(AluOp::$aop, $regs[d as usize], imm),
+                Op::$a64i { d, imm } => {
+                    $regs[d as usize] = alu64(AluOp::$aop, $regs[d as usize], imm);
+                }
                 Op::$a32r { d, s } => {
                     let (a, b) = ($regs[d as usize] as u32, $regs[s as usize] as u32);
                     $regs[d as usize] = alu32(AluOp::$aop, a, b) as u64;
@@ -621,28 +631,34 @@ impl<'p> Interpreter<'p> {
                     m.regs[d as usize] = (m.regs[d as usize] as u32).wrapping_neg() as u64;
                 }
                 Op::Nop => {}
-                Op::Le16 { d } => m.regs[d as usize] = m.regs[d as usize] as u16 as u64,
-                Op::Le32 { d } => m.regs[d as usize] = m.regs[d as usize] as u32 as u64,
+                Op::Le16 { d } => {
+                    m.regs[d as usize] = endian(Endian::Le, 16, m.regs[d as usize]);
+                }
+                Op::Le32 { d } => {
+                    m.regs[d as usize] = endian(Endian::Le, 32, m.regs[d as usize]);
+                }
                 Op::Be16 { d } => {
-                    m.regs[d as usize] = (m.regs[d as usize] as u16).swap_bytes() as u64;
+                    m.regs[d as usize] = endian(Endian::Be, 16, m.regs[d as usize]);
                 }
                 Op::Be32 { d } => {
-                    m.regs[d as usize] = (m.regs[d as usize] as u32).swap_bytes() as u64;
+                    m.regs[d as usize] = endian(Endian::Be, 32, m.regs[d as usize]);
                 }
-                Op::Be64 { d } => m.regs[d as usize] = m.regs[d as usize].swap_bytes(),
+                Op::Be64 { d } => {
+                    m.regs[d as usize] = endian(Endian::Be, 64, m.regs[d as usize]);
+                }
                 Op::LoadImm64 { d, imm } => m.regs[d as usize] = imm,
                 Op::LdxB { d, b, off } => m.regs[d as usize] = m.load::<u8>(at, b, off)?,
                 Op::LdxH { d, b, off } => m.regs[d as usize] = m.load::<u16>(at, b, off)?,
                 Op::LdxW { d, b, off } => m.regs[d as usize] = m.load::<u32>(at, b, off)?,
                 Op::LdxDW { d, b, off } => m.regs[d as usize] = m.load::<u64>(at, b, off)?,
                 Op::LdxSB { d, b, off } => {
-                    m.regs[d as usize] = m.load::<u8>(at, b, off)? as i8 as i64 as u64;
+                    m.regs[d as usize] = sign_extend(m.load::<u8>(at, b, off)?, Size::B);
                 }
                 Op::LdxSH { d, b, off } => {
-                    m.regs[d as usize] = m.load::<u16>(at, b, off)? as i16 as i64 as u64;
+                    m.regs[d as usize] = sign_extend(m.load::<u16>(at, b, off)?, Size::H);
                 }
                 Op::LdxSW { d, b, off } => {
-                    m.regs[d as usize] = m.load::<u32>(at, b, off)? as i32 as i64 as u64;
+                    m.regs[d as usize] = sign_extend(m.load::<u32>(at, b, off)?, Size::W);
                 }
                 Op::StxB { b, off, s } => m.store::<u8>(at, b, off, m.regs[s as usize])?,
                 Op::StxH { b, off, s } => m.store::<u16>(at, b, off, m.regs[s as usize])?,
