@@ -407,6 +407,21 @@ impl HelperContext {
         self.extra().iter().any(ok) || self.grants.iter().any(|g| ok(&g.region))
     }
 
+    /// The inline test of checked JIT code, for an access of `1 << log2` bytes at `addr` (a
+    /// store or atomic when `writes`): inside the stack window, or inside the first region
+    /// (writable for writes). True only where [`permits`](Self::permits) is (regions do not
+    /// wrap around the address space); when false, `permits` decides.
+    #[inline(always)]
+    pub(crate) fn permits_inline(&self, addr: u64, log2: usize, writes: bool) -> bool {
+        let mem_bound = if writes {
+            &self.store_bound
+        } else {
+            &self.mem_bound
+        };
+        addr.wrapping_sub(self.stack_low) < self.stack_bound[log2]
+            || addr.wrapping_sub(self.mem_start) < mem_bound[log2]
+    }
+
     fn stack_top(&self) -> u64 {
         self.stack_base + TOTAL_STACK as u64
     }

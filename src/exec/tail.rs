@@ -90,8 +90,8 @@ impl std::fmt::Debug for TailTarget {
 /// What every engine needs to run a tail call's target.
 pub(crate) struct TailCode {
     pub(crate) program: Arc<Program>,
-    /// For each instruction, the index its jump or call lands on (the interpreter's table).
-    pub(crate) targets: Box<[usize]>,
+    /// The program decoded for the interpreter.
+    pub(crate) decoded: crate::interp::Decoded,
     pub(crate) helpers: Arc<Helpers>,
     pub(crate) jit: Option<JitTail>,
 }
@@ -130,7 +130,7 @@ impl TailTarget {
     /// with `helpers`.
     pub fn interpreted(program: &Program, helpers: &Helpers) -> TailTarget {
         TailTarget(Arc::new(TailCode {
-            targets: crate::interp::jump_targets(program),
+            decoded: crate::interp::Decoded::new(program),
             program: Arc::new(program.clone()),
             helpers: Arc::new(helpers.clone()),
             jit: None,

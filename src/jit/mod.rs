@@ -984,7 +984,7 @@ impl JitProgram {
     /// [`TailTarget::from_jit`]); `owner` keeps the image alive.
     pub(crate) fn tail_target(&self, owner: Arc<dyn Any + Send + Sync>) -> TailTarget {
         TailTarget(Arc::new(TailCode {
-            targets: crate::interp::jump_targets(&self.program),
+            decoded: crate::interp::Decoded::new(&self.program),
             program: self.program.clone(),
             helpers: self.helpers.clone(),
             jit: Some(JitTail {
