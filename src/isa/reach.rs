@@ -286,8 +286,14 @@ fn function(
                             incoming: shift(d.incoming, k),
                         }
                     }
-                    (_, _, src) => {
-                        acc.escape(d);
+                    (_, op, src) => {
+                        // A move only reads its source; anything else also reads dst.
+                        if !matches!(
+                            op,
+                            AluOp::Mov | AluOp::MovSx8 | AluOp::MovSx16 | AluOp::MovSx32
+                        ) {
+                            acc.escape(d);
+                        }
                         if let Source::Reg(s) = src {
                             acc.escape(regs[s.index()]);
                         }
@@ -447,9 +453,17 @@ mod tests {
             "mov r1, r10\nadd r1, r2\nldxb r0, [r1]\nexit",
             // truncated
             "mov32 r1, r10\nmov r0, 0\nexit",
+            // sign-extended
+            "movsx3264 r1, r10\nmov r0, 0\nexit",
         ] {
             assert_eq!(reach(src), [StackReach::Unbounded], "{src}");
         }
+    }
+
+    #[test]
+    fn overwriting_a_pointer_is_not_an_escape() {
+        let src = "mov r1, r10\nstb [r1-4], 0\nmov32 r1, r2\nmovsx864 r1, r2\nmov r0, 0\nexit";
+        assert_eq!(reach(src), [StackReach::Bytes(4)]);
     }
 
     #[test]
