@@ -9,7 +9,7 @@
 //! is: map values a lookup returns and tail-call targets stay valid until it ends.
 //!
 //! Each program is decoded once, when its [`Interpreter`] is made (a tail call's target when
-//! its [`TailTarget`](crate::exec::tail::TailTarget) is), into a dense form ([`Op`]) that one
+//! its [`TailTarget`](crate::exec::tail::TailTarget) is), into a dense form (`Op`) that one
 //! `match` dispatches on.
 
 use std::ptr::NonNull;
