@@ -1075,6 +1075,12 @@ impl Gen<'_> {
                 v as u32 as u64
             }
         };
+        // Equality with zero needs no compare: `cbz`/`cbnz` (same ±1 MiB reach as `b.cond`).
+        match (cond, src) {
+            (JmpCond::Eq, Source::Imm(0)) => return self.e.branch(Fix::Cbz(w64, d), target),
+            (JmpCond::Ne, Source::Imm(0)) => return self.e.branch(Fix::Cbnz(w64, d), target),
+            _ => {}
+        }
         match (cond, src) {
             (JmpCond::Set, Source::Reg(s)) => self.e.emit(enc::tst_reg(w64, d, map(s))),
             (JmpCond::Set, Source::Imm(v)) => match enc::tst_imm(w64, d, value(v)) {
@@ -1441,6 +1447,24 @@ mod tests {
                 assert_eq!(c.insn_offsets.len(), p.insns().len());
             }
         }
+    }
+
+    #[test]
+    fn equality_with_zero_is_cbz_or_cbnz() {
+        let p = crate::asm::assemble_program(
+            "jeq %r1, 0, +1\njne32 %r2, 0, +1\njeq %r1, 1, +0\nmov %r0, 0\nexit",
+        )
+        .unwrap();
+        let c = generate(&p, &Helpers::conformance(), &opts(false, true, true, true)).unwrap();
+        let l = listing(&c.code[..c.plt]);
+        let has = |m: &str| l.iter().any(|s| s.starts_with(m));
+        assert!(has("cbz x0,") && has("cbnz w1,"), "{l:?}");
+        // Only the compare with 1 remains.
+        assert_eq!(
+            l.iter().filter(|s| s.starts_with("cmp x0")).count(),
+            1,
+            "{l:?}"
+        );
     }
 
     #[test]
