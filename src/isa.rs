@@ -1389,6 +1389,17 @@ impl Program {
             .map_or(StackReach::Unbounded, |k| self.reach[k].1)
     }
 
+    /// The stack reach of the function the local call at instruction `i` enters
+    /// ([`StackReach::Unbounded`] if `i` is not a local call).
+    pub fn callee_reach(&self, i: usize) -> StackReach {
+        match self.insns.get(i) {
+            Some(Insn::CallLocal { .. }) => self
+                .target_of(i)
+                .map_or(StackReach::Unbounded, |t| self.stack_reach(t)),
+            _ => StackReach::Unbounded,
+        }
+    }
+
     /// Whether the memory access at instruction `i` may use an address derived from its
     /// function's r10 (false for other instructions). A hint for checked engines, which test the
     /// likelier region first: an access whose base is not stack-derived can still land in the

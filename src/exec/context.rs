@@ -153,15 +153,13 @@ impl Grants {
             return;
         }
         let mut spill = std::mem::take(&mut self.spill);
-        {
-            spill.clear();
-            let _ = SPILLS.try_with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < SPILL_POOL {
-                    p.push(spill);
-                }
-            });
-        }
+        spill.clear();
+        let _ = SPILLS.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < SPILL_POOL {
+                p.push(spill);
+            }
+        });
     }
 }
 
@@ -671,11 +669,6 @@ impl HelperContext {
 
     /// The error the run ended with, if any.
     pub(crate) fn take_error(&mut self) -> Option<ExecError> {
-        // The common case, without moving an `Option<ExecError>` around.
-        if self.error.is_none() {
-            self.failed = 0;
-            return None;
-        }
         self.failed = 0;
         self.error.take()
     }
@@ -698,10 +691,10 @@ pub struct RunContext<'a> {
 
 impl<'a> RunContext<'a> {
     /// A context for one run over `mem` (writable), with `stack` (its contents do not matter:
-    /// the run zeroes what it reaches), `extra` regions, the `helpers` of the run's entry program and
-    /// the run's `budget` of back edges and calls (only code compiled with a budget counts; give
-    /// it the program's [`JitProgram::budget`](crate::jit::JitProgram::budget); `None` is as
-    /// good as unlimited). The run counts as checked ([`HelperContext::is_checked`]).
+    /// the run zeroes what it reaches), `extra` regions, the `helpers` of the run's entry program
+    /// and the run's `budget` of back edges and calls (only code compiled with a budget counts;
+    /// give it the program's [`JitProgram::budget`](crate::jit::JitProgram::budget); `None` is
+    /// as good as unlimited). The run counts as checked ([`HelperContext::is_checked`]).
     pub fn new(
         mem: &'a mut [u8],
         stack: &'a mut JitStack,
@@ -826,8 +819,8 @@ impl RunContext<'static> {
     /// not be dropped).
     ///
     /// # Safety
-    /// `ctx` was initialised by `init_raw` or a tracer template, no code runs with it any more, and it is not used
-    /// again (except to be initialised anew).
+    /// `ctx` was initialised by `init_raw` or a tracer template, no code runs with it any more,
+    /// and it is not used again (except to be initialised anew).
     pub unsafe fn take_raw(ctx: *mut RunContext<'static>) -> Option<ExecError> {
         // SAFETY: per the contract, `ctx` holds an initialised context that nothing else uses.
         let state = unsafe { &mut (*ctx).state };

@@ -493,6 +493,14 @@ mod tests {
     }
 
     #[test]
+    fn a_local_call_names_its_callee_reach() {
+        let src = "call local f\nexit\nf:\nstw [r10-12], 0\nexit";
+        let program = Program::new(assemble(src).expect("assembles")).expect("valid");
+        assert_eq!(program.callee_reach(0), StackReach::Bytes(12));
+        assert_eq!(program.callee_reach(1), StackReach::Unbounded, "not a call");
+    }
+
+    #[test]
     fn pointers_handed_back_by_a_callee_are_followed() {
         // The callee returns its argument moved down by 32; the caller stores through it.
         let src = "mov r1, r10\nadd r1, -8\ncall local f\nstb [r0], 1\nmov r0, 0\nexit\n\

@@ -83,7 +83,8 @@
 //!
 //! Each access computes its address into r11 and compares it inline with the stack window and
 //! the input memory (two subtract-and-compare pairs against the context; fully skipped for
-//! r10-relative accesses inside the current frame, which the window always covers). Anything else takes the
+//! r10-relative accesses inside the current frame, which the window always covers). Anything
+//! else takes the
 //! out-of-line slow path: the thunk calls `super::runtime_call`, which scans the extra regions
 //! and either lets the access go on or records the interpreter's `OutOfBounds` error, after
 //! which the code unwinds to the entry frame (`lea rsp, [rbp-40]`) and returns. Atomics and
@@ -520,10 +521,7 @@ impl Gen<'_> {
             }
             Insn::CallLocal { .. } => {
                 let t = self.target(i)?;
-                let reach = self
-                    .program
-                    .target_of(i)
-                    .map_or(StackReach::Unbounded, |t| self.program.stack_reach(t));
+                let reach = self.program.callee_reach(i);
                 self.count(pc);
                 self.call_local(pc, t, reach);
             }

@@ -690,10 +690,7 @@ impl Gen<'_> {
             }
             Insn::CallLocal { .. } => {
                 let t = self.target(i)?;
-                let reach = self
-                    .program
-                    .target_of(i)
-                    .map_or(StackReach::Unbounded, |t| self.program.stack_reach(t));
+                let reach = self.program.callee_reach(i);
                 self.count(pc);
                 self.call_local(pc, t, reach);
             }
