@@ -799,6 +799,76 @@ fn foreign_int3_reaches_the_application() {
     assert_exited_ok(status);
 }
 
+/// The trap handler's memory of recently poked sites must not outlive their text: once an image
+/// is freed, its bytes may become another image's code, where an old site address can be any
+/// byte — here the one right after a foreign `int3`. The handler took RIP = that address (the
+/// int3's return address) for a debugger's rewind onto a poked site, kept the trap and resumed
+/// there; in JIT code that is the middle of an instruction (a direct tail-call site repointed
+/// under running threads crashed so, inside the rel32 of its `jmp`).
+#[test]
+fn foreign_int3_before_a_freed_site_reaches_the_application() {
+    let Some(status) = in_child(
+        "foreign_int3_before_a_freed_site_reaches_the_application",
+        || {
+            set_trap_action(app_int3 as *const () as usize, libc::SA_SIGINFO, &[]);
+            const LEN: usize = 64;
+            const SITE: usize = 8;
+            let arena = CodeArena::global().unwrap();
+            let registry = Registry::global();
+            // Image A: `nop5` at SITE, poked to a jump and back, then freed.
+            let mut code = [0xc3u8; LEN];
+            code[SITE..SITE + 5].copy_from_slice(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
+            let a = arena.alloc(LEN, 16).unwrap();
+            let a_start = a.rx();
+            arena.write(&a, 0, &code).unwrap();
+            // SAFETY: A is this test's code, unregistered before it is freed; its site is a
+            // nop5 whose every state (the nop, a jump to A's own `ret`) is valid code.
+            unsafe {
+                registry
+                    .register(a_start, LEN, ImageKind::Other, 0)
+                    .unwrap();
+                registry.add_site(a_start + SITE).unwrap();
+                let jump = PokeInsn::Jump(a_start + 32);
+                assert_eq!(
+                    text_poke(a_start + SITE, PokeInsn::Nop, jump),
+                    Ok(PokeOutcome::Applied)
+                );
+                assert_eq!(
+                    text_poke(a_start + SITE, jump, PokeInsn::Nop),
+                    Ok(PokeOutcome::Applied)
+                );
+            }
+            registry.unregister(a_start).unwrap();
+            // SAFETY: nothing ran A.
+            unsafe { arena.free(a).unwrap() };
+            // Image B in A's place (this child allocates nothing else meanwhile): an int3 whose
+            // return address is A's old site, then `ret`.
+            let b = arena.alloc(LEN, 16).unwrap();
+            assert_eq!(b.rx(), a_start, "the arena reuses the block just freed");
+            let mut code = [0xc3u8; LEN];
+            code[SITE - 1] = 0xcc;
+            arena.write(&b, 0, &code).unwrap();
+            // SAFETY: B is this test's code, unregistered before it is freed.
+            unsafe { registry.register(b.rx(), LEN, ImageKind::Other, 0).unwrap() };
+            // SAFETY: `int3; ret` at B + SITE - 1 is a complete function; the application's
+            // handler returns from the int3's SIGTRAP to the `ret`.
+            let f: extern "C" fn() = unsafe { std::mem::transmute(b.rx() + SITE - 1) };
+            f();
+            assert_eq!(
+                FOREIGN_INT3.load(Ordering::SeqCst),
+                1,
+                "the int3 before a freed site was taken for livebpf's"
+            );
+            registry.unregister(b.rx()).unwrap();
+            // SAFETY: B's one call returned.
+            unsafe { arena.free(b).unwrap() };
+        },
+    ) else {
+        return;
+    };
+    assert_exited_ok(status);
+}
+
 /// A foreign int3 while SIGTRAP was ignored before livebpf kills the process, as the kernel does
 /// for a synchronous trap that is ignored.
 #[test]

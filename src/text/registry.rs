@@ -136,6 +136,11 @@ impl Registry {
         for site in inside {
             sites.remove(&site);
         }
+        if std::ptr::eq(self, Registry::global()) {
+            // Pokes reach only the global registry's sites; the poker must not remember them
+            // past their image.
+            super::poke::forget_sites(start, start + entry.len);
+        }
         Ok(entry.symbol(start, 0))
     }
 

@@ -76,6 +76,15 @@ pub use x86_64::{
     encode_x86, reinstall_trap_handler, traps_handled,
 };
 
+/// Drops what the poker remembers about the sites in `[start, end)`, whose image is leaving the
+/// global registry (x86-64: the SIGTRAP handler's recent sites).
+pub(crate) fn forget_sites(start: usize, end: usize) {
+    #[cfg(target_arch = "x86_64")]
+    x86_64::forget_sites(start, end);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, end);
+}
+
 /// Serialises all pokes (the kernel's `text_mutex`); `fork` holds it across the fork.
 pub(crate) static TEXT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

@@ -594,6 +594,21 @@ fn remember_site(site: usize) {
     RECENT_SITES[slot].store(site, Ordering::Release);
 }
 
+/// Forgets the recent sites in `[start, end)`: their image leaves the registry, and once it is
+/// freed its bytes may become another image's code, where an old site address can be the return
+/// address of a foreign `int3` or the middle of an instruction. Called by
+/// [`Registry::unregister`]; no thread can still be trapped in the image then (its owner
+/// unregisters it only when nothing runs it), so no late handler needs the entry.
+pub(crate) fn forget_sites(start: usize, end: usize) {
+    for slot in &RECENT_SITES {
+        let site = slot.load(Ordering::Relaxed);
+        if (start..end).contains(&site) {
+            // Only this value: a poke under `TEXT_LOCK` may have reused the slot meanwhile.
+            let _ = slot.compare_exchange(site, 0, Ordering::Release, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Whether `addr` is the site of the poke in progress or of a recent one. Async-signal-safe.
 fn is_poked_site(addr: usize) -> bool {
     ACTIVE_SITE.load(Ordering::Acquire) == addr
