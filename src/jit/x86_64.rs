@@ -620,7 +620,12 @@ impl Gen<'_> {
                 } else {
                     alu32(op, 0, s as u32) as u64
                 };
-                a.mov_imm(d, value);
+                if value == 0 {
+                    // No flags are live between eBPF instructions.
+                    a.alu_rr(X::Xor, false, d, d);
+                } else {
+                    a.mov_imm(d, value);
+                }
             }
         }
     }
@@ -873,6 +878,8 @@ impl Gen<'_> {
         match (cond, src) {
             (JmpCond::Set, Source::Reg(s)) => a.test_rr(w64, d, map(s)),
             (JmpCond::Set, Source::Imm(v)) => a.test_ri(w64, d, v),
+            // `test d, d` sets ZF, SF, CF = OF = 0 exactly as `cmp d, 0` does, in fewer bytes.
+            (_, Source::Imm(0)) => a.test_rr(w64, d, d),
             (_, Source::Reg(s)) => a.alu_rr(X::Cmp, w64, d, map(s)),
             (_, Source::Imm(v)) => a.alu_ri(X::Cmp, w64, d, v),
         }
@@ -1032,6 +1039,28 @@ mod tests {
         assert_eq!(l[2], "mov rbp, rsp");
         // The last instruction is the program's `exit`.
         assert_eq!(l.last().unwrap(), "ret");
+    }
+
+    #[test]
+    fn zero_constants_and_compares_with_zero_use_the_short_forms() {
+        let insns = crate::asm::assemble_program("mov %r0, 0\njeq %r1, 0, +1\nmov32 %r0, 0\nexit")
+            .unwrap()
+            .insns()
+            .to_vec();
+        let l = listing(&gen_code(insns, false));
+        // The body follows the tail entry's last register clear.
+        let start = l.iter().rposition(|s| s == "xor r15d, r15d").unwrap() + 1;
+        let body = &l[start..];
+        assert_eq!(
+            body,
+            [
+                "xor eax, eax",
+                "test rdi, rdi",
+                "je 00000000000000EDh",
+                "xor eax, eax",
+                "ret"
+            ]
+        );
     }
 
     #[test]
