@@ -7,6 +7,7 @@
 
 use thiserror::Error;
 
+mod bounds;
 mod reach;
 
 pub use reach::StackReach;
@@ -1264,6 +1265,8 @@ pub struct Program {
     reach: Vec<(usize, StackReach)>,
     /// Per instruction, [`Program::may_address_stack`].
     stack_based: Vec<bool>,
+    /// Per instruction, [`Program::in_frame`].
+    in_frame: Vec<bool>,
 }
 
 impl Program {
@@ -1332,10 +1335,12 @@ impl Program {
             insn_at,
             reach: Vec::new(),
             stack_based: Vec::new(),
+            in_frame: Vec::new(),
         };
         let analysis = reach::analyse(&program);
         program.reach = analysis.reach;
         program.stack_based = analysis.stack_based;
+        program.in_frame = bounds::analyse(&program, &program.reach);
         Ok(program)
     }
 
@@ -1406,6 +1411,15 @@ impl Program {
     /// stack (a pointer a caller passed), so both tests remain.
     pub fn may_address_stack(&self, i: usize) -> bool {
         self.stack_based.get(i).copied().unwrap_or(true)
+    }
+
+    /// Whether the memory access at instruction `i` provably lies inside its function's stack
+    /// frame, within the part every engine's stack window covers once the function is entered
+    /// (false for other instructions, and wherever it cannot be proven). Checked engines skip
+    /// the bounds test of such accesses: it could never fail. See the module `bounds` for the
+    /// range analysis behind it.
+    pub fn in_frame(&self, i: usize) -> bool {
+        self.in_frame.get(i).copied().unwrap_or(false)
     }
 
     /// The program's wire bytes, as [`encode_program`] gives them.

@@ -937,8 +937,13 @@ impl Gen<'_> {
             return;
         }
         // r10 is never written and always points at the top of a frame inside the stack, so
-        // accesses within the current frame are always in bounds.
-        let in_frame = base == Reg::R10 && disp >= -(STACK_SIZE as i64) && disp + n as i64 <= 0;
+        // accesses within the current frame are always in bounds; the range analysis proves
+        // more of them (`Program::in_frame`).
+        let in_frame = (base == Reg::R10 && disp >= -(STACK_SIZE as i64) && disp + n as i64 <= 0)
+            || self
+                .program
+                .insn_at(pc)
+                .is_some_and(|i| self.program.in_frame(i));
         if in_frame && !(aligned && n > 1) {
             if aligned {
                 self.add_disp(ADDR, b, disp);
