@@ -8,6 +8,7 @@
 use thiserror::Error;
 
 mod bounds;
+mod dataflow;
 mod reach;
 
 pub use reach::StackReach;

@@ -17,6 +17,7 @@ pub mod isa;
 pub mod jit;
 pub mod loader;
 pub mod maps;
+pub mod native;
 pub mod reclaim;
 pub mod runtime;
 pub mod text;

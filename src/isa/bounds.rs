@@ -347,35 +347,24 @@ fn function(program: &Program, entry: usize) -> Vec<Option<[Val; 11]>> {
             if next >= insns.len() {
                 continue;
             }
-            let merged = match &states[next] {
-                None => regs,
-                Some(old) => {
-                    let mut m = *old;
-                    for (slot, v) in m.iter_mut().zip(regs) {
-                        *slot = slot.join(v);
-                    }
-                    if m == *old {
-                        continue;
-                    }
-                    changes[next] += 1;
-                    // Only at loop heads: widening elsewhere would lose the bound a head's
-                    // test gives before the head itself has converged. Every cycle has an
-                    // edge to an earlier (or the same) instruction, so this terminates.
-                    if next <= i {
-                        head[next] = true;
-                    }
-                    if head[next] && changes[next] > WIDEN_AFTER {
-                        for (slot, o) in m.iter_mut().zip(old) {
-                            if slot != o {
-                                *slot = Unknown;
-                            }
-                        }
-                    }
-                    m
-                }
-            };
-            states[next] = Some(merged);
-            work.push(next);
+            // Widening only at loop heads: elsewhere it would lose the bound a head's test
+            // gives before the head itself has converged. Every cycle has an edge to an
+            // earlier (or the same) instruction, so this terminates.
+            if next <= i {
+                head[next] = true;
+            }
+            let changed = super::dataflow::merge(
+                &mut states[next],
+                regs,
+                &mut changes[next],
+                head[next],
+                WIDEN_AFTER,
+                Val::join,
+                |_| Unknown,
+            );
+            if changed {
+                work.push(next);
+            }
         }
     }
     states

@@ -378,31 +378,22 @@ fn function(
             if next >= insns.len() {
                 continue;
             }
-            let merged = match &states[next] {
-                None => regs,
-                Some(old) => {
-                    let mut m = *old;
-                    for (slot, v) in m.iter_mut().zip(regs) {
-                        *slot = slot.join(v);
-                    }
-                    if m == *old {
-                        continue;
-                    }
-                    changes[next] += 1;
-                    if changes[next] > WIDEN_AFTER {
-                        // Still growing: a pointer moves in a loop. Give up on what grew.
-                        for (slot, o) in m.iter_mut().zip(old) {
-                            if slot != o {
-                                acc.escape(*slot);
-                                *slot = SCALAR;
-                            }
-                        }
-                    }
-                    m
-                }
-            };
-            states[next] = Some(merged);
-            work.push(next);
+            // Still growing after a while: a pointer moves in a loop. Give up on what grew.
+            let changed = super::dataflow::merge(
+                &mut states[next],
+                regs,
+                &mut changes[next],
+                true,
+                WIDEN_AFTER,
+                Val::join,
+                |v| {
+                    acc.escape(v);
+                    SCALAR
+                },
+            );
+            if changed {
+                work.push(next);
+            }
         }
     }
     Summary {

@@ -1,0 +1,177 @@
+//! Native patch sites (`livebpf::native`): C functions built with the flags the module documents
+//! are found by symbol name and by address in shared objects loaded into the test process, and
+//! the builds whose entries cannot be rewritten under running threads are refused with the
+//! error that names the flags to use. The shared objects are compiled here, with the host's
+//! compilers (clang-19 and gcc on x86-64; Debian's aarch64 cross gcc for arm64 under qemu).
+//! Without a compiler a case is skipped loudly, unless `LIVEBPF_REQUIRE_CLANG=1` (CI).
+#![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+
+use std::ffi::CString;
+use std::path::PathBuf;
+use std::process::Command;
+
+use livebpf::native::{NativeError, NativeSite};
+
+const SOURCE: &str = "long FN(long a, long b) { return a * 3 + b; }\n";
+
+/// Compiles `SOURCE` with the function named `name` into a shared object with `compile` (the
+/// compiler and its flags; with `object_first`, compiled to an object then linked, for flags
+/// that refuse -fPIC), loads it, and returns the function's address; `None` without the
+/// compiler.
+fn build_and_load(name: &str, compile: &[&str], object_first: bool) -> Option<usize> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("native-sites");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, SOURCE.replace("FN", name)).unwrap();
+    let so = dir.join(format!("lib{name}.so"));
+    let run = |args: &[&str]| {
+        Command::new(compile[0])
+            .args(&compile[1..])
+            .args(args)
+            .output()
+            .map(|o| {
+                assert!(
+                    o.status.success(),
+                    "{compile:?} {args:?}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .is_ok()
+    };
+    let (src_s, so_s) = (src.to_str().unwrap(), so.to_str().unwrap());
+    let ok = if object_first {
+        let obj = dir.join(format!("{name}.o"));
+        let obj_s = obj.to_str().unwrap();
+        run(&["-O2", "-fno-pic", "-c", "-o", obj_s, src_s]) && run(&["-shared", "-o", so_s, obj_s])
+    } else {
+        run(&["-O2", "-fPIC", "-shared", "-o", so_s, src_s])
+    };
+    if !ok {
+        if std::env::var("LIVEBPF_REQUIRE_CLANG").as_deref() == Ok("1") {
+            panic!("LIVEBPF_REQUIRE_CLANG=1 but {} does not run", compile[0]);
+        }
+        eprintln!(
+            "!! WARNING: {} not found: native site case {name} SKIPPED !!",
+            compile[0]
+        );
+        return None;
+    }
+    let path = CString::new(so_s).unwrap();
+    // SAFETY: the object is our own, with no constructors; it stays loaded (never dlclosed).
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
+    assert!(!handle.is_null(), "dlopen {so_s}");
+    let sym = CString::new(name).unwrap();
+    // SAFETY: a valid handle and name.
+    let addr = unsafe { libc::dlsym(handle, sym.as_ptr()) } as usize;
+    assert_ne!(addr, 0, "dlsym {name}");
+    // It runs as built.
+    // SAFETY: the symbol is `long FN(long, long)`.
+    let f: extern "C" fn(i64, i64) -> i64 = unsafe { std::mem::transmute(addr) };
+    assert_eq!(f(5, 1), 16);
+    Some(addr)
+}
+
+/// A build that gives a site: found by name and by address alike, at `offset` after the entry,
+/// with the site's instruction recorded.
+fn assert_site(name: &str, compile: &[&str], object_first: bool, offset: usize, pad: bool) {
+    let Some(addr) = build_and_load(name, compile, object_first) else {
+        return;
+    };
+    let by_name = NativeSite::find(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let by_addr = NativeSite::at(addr).unwrap();
+    assert_eq!(by_name, by_addr);
+    assert_eq!(by_addr.function(), addr);
+    assert_eq!(by_addr.site(), addr + offset, "{name}");
+    assert_eq!(by_addr.has_landing_pad(), pad, "{name}");
+    assert!(
+        by_addr.object().ends_with(format!("lib{name}.so")),
+        "{:?}",
+        by_addr.object()
+    );
+    // SAFETY: the site's bytes, in the loaded object's text.
+    let now = unsafe { std::slice::from_raw_parts(by_addr.site() as *const u8, 5) };
+    assert_eq!(by_addr.original(), &now[..by_addr.original().len()]);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn x86_builds_with_one_nop5_are_sites() {
+    let clang = ["clang-19", "-fpatchable-function-entry=5"];
+    assert_site("ns_clang", &clang, false, 0, false);
+    let cet = [
+        "clang-19",
+        "-fpatchable-function-entry=5",
+        "-fcf-protection=full",
+    ];
+    assert_site("ns_clang_cet", &cet, false, 4, true);
+    let fentry = ["gcc", "-pg", "-mfentry", "-mnop-mcount"];
+    assert_site("ns_gcc_fentry", &fentry, true, 0, false);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn gccs_one_byte_nops_are_refused_with_the_flags_to_use() {
+    let Some(addr) = build_and_load(
+        "ns_gcc_nops",
+        &["gcc", "-fpatchable-function-entry=5"],
+        false,
+    ) else {
+        return;
+    };
+    let err = NativeSite::find("ns_gcc_nops").unwrap_err();
+    assert_eq!(err, NativeError::OneByteNops { addr });
+    let message = err.to_string();
+    assert!(
+        message.contains("clang -fpatchable-function-entry=5"),
+        "{message}"
+    );
+    assert!(message.contains("-pg -mfentry -mnop-mcount"), "{message}");
+}
+
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn arm64_builds_with_two_nops_are_sites() {
+    let gcc = ["aarch64-linux-gnu-gcc", "-fpatchable-function-entry=2"];
+    assert_site("ns_a64", &gcc, false, 0, false);
+    let bti = [
+        "aarch64-linux-gnu-gcc",
+        "-fpatchable-function-entry=2",
+        "-mbranch-protection=standard",
+    ];
+    assert_site("ns_a64_bti", &bti, false, 4, true);
+}
+
+#[test]
+fn a_build_without_patchable_entry_is_refused() {
+    #[cfg(target_arch = "x86_64")]
+    let cc = ["gcc"];
+    #[cfg(target_arch = "aarch64")]
+    let cc = ["aarch64-linux-gnu-gcc"];
+    let Some(addr) = build_and_load("ns_plain", &cc, false) else {
+        return;
+    };
+    match NativeSite::find("ns_plain") {
+        Err(NativeError::NoPatchableEntry { addr: a, bytes, .. }) => {
+            assert_eq!(a, addr);
+            assert!(!bytes.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A function of the test executable itself is found through the executable's symbol table.
+#[unsafe(no_mangle)]
+pub extern "C" fn native_sites_in_the_executable(a: u64) -> u64 {
+    a.wrapping_mul(7)
+}
+
+#[test]
+fn the_executables_own_functions_are_found() {
+    let addr = native_sites_in_the_executable as *const () as usize;
+    assert_eq!(native_sites_in_the_executable(6), 42);
+    // rustc emits no patchable entries: found, then refused for its bytes.
+    match NativeSite::find("native_sites_in_the_executable") {
+        Err(NativeError::NoPatchableEntry { addr: a, .. }) => assert_eq!(a, addr),
+        other => panic!("{other:?}"),
+    }
+}
