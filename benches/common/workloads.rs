@@ -35,7 +35,7 @@ fn case(name: &'static str, src: &str, input: Vec<u8>) -> Case {
     }
 }
 
-/// The workloads: prime sieve, 512-byte copies, string compare, switch, Collatz.
+/// The workloads: prime sieve, 512-byte copies, string compare, switch, Collatz, a stack histogram.
 pub fn cases() -> Vec<Case> {
     let n = 16 * 1024;
     let mut copy = vec![0u8; n];
@@ -45,12 +45,18 @@ pub fn cases() -> Vec<Case> {
     let mut strings = vec![b'a'; n];
     strings[n / 2 - 1] = 0;
     strings[n - 1] = 0;
+    let histogram: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
     vec![
         case("sieve", include_str!("../../examples/sieve.s"), vec![0; n]),
         case("memcpy", include_str!("../programs/memcpy.s"), copy),
         case("strcmp", include_str!("../programs/strcmp.s"), strings),
         case("switch", include_str!("../programs/switch.s"), vec![0; n]),
         case("collatz", include_str!("../programs/collatz.s"), vec![0; n]),
+        case(
+            "histogram",
+            include_str!("../programs/histogram.s"),
+            histogram,
+        ),
     ]
 }
 
