@@ -75,6 +75,36 @@ fn reads_of_unwritten_stack_are_zero_after_another_run_dirtied_it() {
 }
 
 #[test]
+fn a_bounded_index_keeps_the_window_and_reads_zero() {
+    // Reads bucket (input byte & 63) of a 64-word array at r10 - 512 before any write: the
+    // index is bounded, so the reach is the array, not the whole stack, and still zeroed.
+    let read = program(
+        "ldxb r2, [r1+0]\nand r2, 63\nlsh r2, 3\nmov r3, r10\nadd r3, -512\nadd r3, r2\n\
+         ldxdw r0, [r3+0]\nexit",
+    );
+    assert_eq!(read.stack_reach(0), StackReach::Bytes(512));
+    let h = helpers();
+    for (name, opts) in modes() {
+        let d = JitProgram::compile(&dirty(512), &h, opts).unwrap();
+        let r = JitProgram::compile(&read, &h, opts).unwrap();
+        let mut stack = Box::new(JitStack::new());
+        for byte in [0u8, 1, 17, 63, 64, 255] {
+            assert_eq!(d.run_with_stack(&mut [], &mut stack), Ok(0));
+            assert_eq!(
+                r.run_with_stack(&mut [byte], &mut stack),
+                Ok(0),
+                "{name}, {byte}"
+            );
+        }
+    }
+    let mut stack = [0x5555_5555_5555_5555u64; TOTAL_STACK / 8];
+    assert_eq!(
+        Interpreter::new(&read).run_with_stack(&mut [9], &mut stack),
+        Ok(0)
+    );
+}
+
+#[test]
 fn callee_frames_start_zeroed() {
     // The first call dirties the callee's frame; the second callee reads it.
     let src = "call local dirty\ncall local read\nexit\n\

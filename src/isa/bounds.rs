@@ -227,6 +227,19 @@ pub(super) fn analyse(program: &Program, entries: &[(usize, StackReach)]) -> Vec
     verdict.into_iter().map(|v| v == Some(true)).collect()
 }
 
+/// Each register's range, where it holds a tracked scalar.
+pub(super) type ScalarRanges = [Option<(i64, i64)>; 11];
+
+/// Per instruction of the function entered at `entry`: the range of each register that holds a
+/// tracked scalar before it (`None` for the others, and for instructions not reached). For the
+/// reach analysis, which can then follow `r10 + index` instead of giving up on it.
+pub(super) fn scalar_ranges(program: &Program, entry: usize) -> Vec<Option<ScalarRanges>> {
+    function(program, entry)
+        .into_iter()
+        .map(|state| state.map(|regs| regs.map(Val::range)))
+        .collect()
+}
+
 /// Whether the access `insn` (false for any other instruction) lies in `[r10 - floor, r10)`.
 fn in_frame(insn: &Insn, regs: &[Val; 11], floor: i64) -> bool {
     let Some((size, base, off)) = access_of(insn) else {

@@ -252,6 +252,11 @@ fn function(
     };
     states[entry] = Some(start);
     let mut work = vec![entry];
+    // What the bounds analysis proves about scalars, per instruction: a register it gives a
+    // range holds a value within it on every path. Used only for registers this analysis also
+    // finds derived from no pointer.
+    let ranges = super::bounds::scalar_ranges(program, entry);
+    let known = |i: usize, r: usize| ranges[i].and_then(|regs| regs[r]);
     let summary_of = |target: usize| {
         entries
             .binary_search(&target)
@@ -275,6 +280,31 @@ fn function(
                 let result = match (width, op, src) {
                     (Width::W64, AluOp::Mov, Source::Reg(s)) => regs[s.index()],
                     (_, AluOp::Mov, Source::Imm(_)) => SCALAR,
+                    // A pointer moved by a scalar whose range the bounds analysis knows here.
+                    (Width::W64, AluOp::Add | AluOp::Sub, Source::Reg(s))
+                        if regs[s.index()] == SCALAR
+                            && let Some((lo, hi)) = known(i, s.index()) =>
+                    {
+                        let by = if op == AluOp::Add {
+                            (lo, hi)
+                        } else {
+                            (-hi, -lo)
+                        };
+                        Val {
+                            fp: shift_by(d.fp, by),
+                            incoming: shift_by(d.incoming, by),
+                        }
+                    }
+                    (Width::W64, AluOp::Add, Source::Reg(s))
+                        if d == SCALAR
+                            && let Some(range) = known(i, dst.index()) =>
+                    {
+                        let v = regs[s.index()];
+                        Val {
+                            fp: shift_by(v.fp, range),
+                            incoming: shift_by(v.incoming, range),
+                        }
+                    }
                     (Width::W64, AluOp::Add | AluOp::Sub, Source::Imm(k)) => {
                         let k = if op == AluOp::Add {
                             k as i64
@@ -433,6 +463,26 @@ mod tests {
     fn helper_arguments_reach_their_address() {
         let src = "mov r2, r10\nadd r2, -40\ncall 1\nexit";
         assert_eq!(reach(src), [StackReach::Bytes(40)]);
+    }
+
+    #[test]
+    fn a_pointer_moved_by_a_bounded_index_stays_bounded() {
+        // r10 - 512 + (byte & 63) * 8: at most 512 below r10, either operand order.
+        let src = "ldxb r2, [r1+0]\nand r2, 63\nlsh r2, 3\nmov r3, r10\nadd r3, -512\n\
+                   add r3, r2\nstxdw [r3+0], r2\nmov r4, r2\nmov r5, r10\nadd r5, -520\n\
+                   add r4, r5\nldxdw r0, [r4+0]\nexit";
+        assert_eq!(reach(src), [StackReach::Bytes(520)]);
+        // A loop counter bounded by its test.
+        let src = "mov r2, 0\nloop:\njge r2, 16, done\nmov r3, r10\nadd r3, -64\nadd r3, r2\n\
+                   stxb [r3+0], r2\nadd r2, 1\nja loop\ndone:\nmov r0, 0\nexit";
+        assert_eq!(reach(src), [StackReach::Bytes(64)]);
+        // Subtracting an index moves the pointer down.
+        let src = "ldxb r2, [r1+0]\nand r2, 15\nmov r3, r10\nadd r3, -8\nsub r3, r2\n\
+                   stxb [r3+0], r2\nexit";
+        assert_eq!(reach(src), [StackReach::Bytes(23)]);
+        // An unbounded index still escapes.
+        let src = "ldxdw r2, [r1+0]\nmov r3, r10\nadd r3, -8\nadd r3, r2\nstxb [r3+0], r2\nexit";
+        assert_eq!(reach(src), [StackReach::Unbounded]);
     }
 
     #[test]
