@@ -22,7 +22,12 @@ fn build_and_load(name: &str, compile: &[&str], object_first: bool) -> Option<us
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("native-sites");
     std::fs::create_dir_all(&dir).unwrap();
     let src = dir.join(format!("{name}.c"));
-    std::fs::write(&src, SOURCE.replace("FN", name)).unwrap();
+    let body = if name.contains("plus_two") {
+        "long FN(long a, long b) { return a * 3 + b + 1; }\n"
+    } else {
+        SOURCE
+    };
+    std::fs::write(&src, body.replace("FN", name)).unwrap();
     let so = dir.join(format!("lib{name}.so"));
     let run = |args: &[&str]| {
         Command::new(compile[0])
@@ -67,7 +72,7 @@ fn build_and_load(name: &str, compile: &[&str], object_first: bool) -> Option<us
     // It runs as built.
     // SAFETY: the symbol is `long FN(long, long)`.
     let f: extern "C" fn(i64, i64) -> i64 = unsafe { std::mem::transmute(addr) };
-    assert_eq!(f(5, 1), 16);
+    assert_eq!(f(5, 1), 16 + name.contains("plus_two") as i64);
     Some(addr)
 }
 
@@ -106,6 +111,81 @@ fn x86_builds_with_one_nop5_are_sites() {
     assert_site("ns_clang_cet", &cet, false, 4, true);
     let fentry = ["gcc", "-pg", "-mfentry", "-mnop-mcount"];
     assert_site("ns_gcc_fentry", &fentry, true, 0, false);
+}
+
+/// The site is switched between its nop and a jump to another function while threads call it:
+/// every call returns one of the two functions' results, each poke is seen by the next call,
+/// and the original bytes come back exactly.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_native_site_is_rewritten_under_running_callers() {
+    use livebpf::native::NativeInsn;
+    use livebpf::text::poke::PokeOutcome;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let clang = ["clang-19", "-fpatchable-function-entry=5"];
+    let Some(live) = build_and_load("ns_live", &clang, false) else {
+        return;
+    };
+    let site = NativeSite::at(live).unwrap();
+    let original = site.original().to_vec();
+    // SAFETY: both are `long f(long, long)` (`a * 3 + b`).
+    let call = |f: usize, a: i64| unsafe {
+        std::mem::transmute::<usize, extern "C" fn(i64, i64) -> i64>(f)(a, 1)
+    };
+    // The replacement returns one more than `live`, so every call says which one ran.
+    let Some(triple) = build_and_load("ns_triple_plus_two", &clang, false) else {
+        return;
+    };
+    let stop = AtomicBool::new(false);
+    let (plain, replaced, bad) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                let mut a = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    match call(live, a) - a * 3 {
+                        1 => plain.fetch_add(1, Ordering::Relaxed),
+                        2 => replaced.fetch_add(1, Ordering::Relaxed),
+                        _ => bad.fetch_add(1, Ordering::Relaxed),
+                    };
+                    a = (a + 1) % 1000;
+                }
+            });
+        }
+        for _ in 0..200 {
+            // SAFETY: `triple` has `live`'s ABI, is within the same ±2 GiB (both shared
+            // objects are mapped near each other) and, like `live`, is never unloaded.
+            let on = unsafe { site.poke(NativeInsn::Original, NativeInsn::Jump(triple)) };
+            assert_eq!(on, Ok(PokeOutcome::Applied));
+            assert_eq!(call(live, 7), 23, "the jump is seen once the poke returns");
+            // SAFETY: as above.
+            let off = unsafe { site.poke(NativeInsn::Jump(triple), NativeInsn::Original) };
+            assert_eq!(off, Ok(PokeOutcome::Applied));
+            assert_eq!(call(live, 7), 22);
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "a call returned neither result"
+    );
+    assert!(plain.load(Ordering::Relaxed) > 0 && replaced.load(Ordering::Relaxed) > 0);
+    // SAFETY: the site's bytes, in the loaded object's text.
+    let now = unsafe { std::slice::from_raw_parts(site.site() as *const u8, 5) };
+    assert_eq!(now, &original[..], "the original bytes are back exactly");
+    // Asking for what the site holds already writes nothing.
+    // SAFETY: nothing is written (the site holds its nop already).
+    let wrong = unsafe { site.poke(NativeInsn::Jump(triple), NativeInsn::Original) };
+    assert_eq!(wrong, Ok(PokeOutcome::AlreadyApplied));
+    // A wrong `old` writes nothing either.
+    // SAFETY: nothing is written: the site does not hold this call.
+    let wrong = unsafe { site.poke(NativeInsn::Call(triple), NativeInsn::Jump(triple)) };
+    assert!(matches!(
+        wrong,
+        Err(livebpf::text::poke::PokeError::NotASite { .. })
+    ));
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -32,6 +32,9 @@ use std::path::{Path, PathBuf};
 
 use object::{Object, ObjectSymbol, SymbolKind};
 
+#[cfg(target_arch = "x86_64")]
+use crate::text::poke::{PokeError, PokeInsn, PokeOutcome, encode_x86};
+
 /// Why a native site could not be found or used. Nothing was written in any case.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NativeError {
@@ -178,6 +181,55 @@ impl NativeSite {
     pub fn object(&self) -> &Path {
         &self.object
     }
+
+    /// Rewrites the site from `old` to `new` while other threads may be running the function:
+    /// the int3 protocol of [`crate::text::poke`], writing through `/proc/self/mem` (native text
+    /// is file-backed and has no writable alias). The site must hold `old` (else
+    /// [`PokeError::NotASite`] with what it holds, and nothing is written); holding `new`
+    /// already gives [`PokeOutcome::AlreadyApplied`]. Every thread runs `new` once this returns.
+    /// The building block beneath attaching trampolines to native functions (x86-64 only so
+    /// far). At most 64 native sites per process can be poked: the SIGTRAP handler keeps them
+    /// all for the process's lifetime.
+    ///
+    /// # Safety
+    /// * A `Jump` target is a function with this function's ABI, a `Call` target code that
+    ///   returns to the instruction after the site with the argument registers preserved; either
+    ///   stays mapped while the site can branch there, and is within ±2 GiB (else
+    ///   [`PokeError::OutOfRange`]).
+    /// * The function's object is never unloaded once its site was poked.
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn poke(&self, old: NativeInsn, new: NativeInsn) -> Result<PokeOutcome, PokeError> {
+        let bytes = |insn: NativeInsn| -> Result<[u8; 5], PokeError> {
+            match insn {
+                NativeInsn::Original => Ok(self
+                    .original
+                    .as_slice()
+                    .try_into()
+                    .expect("an x86-64 site is 5 bytes")),
+                NativeInsn::Jump(t) => encode_x86(self.site, PokeInsn::Jump(t)),
+                NativeInsn::Call(t) => encode_x86(self.site, PokeInsn::Call(t)),
+            }
+        };
+        let insn = match new {
+            NativeInsn::Original => PokeInsn::Nop,
+            NativeInsn::Jump(t) => PokeInsn::Jump(t),
+            NativeInsn::Call(t) => PokeInsn::Call(t),
+        };
+        let (old_bytes, new_bytes) = (bytes(old)?, bytes(new)?);
+        // SAFETY: forwarded from the caller; the site was validated as this function's entry nop.
+        unsafe { crate::text::poke::native_text_poke(self.site, old_bytes, insn, new_bytes) }
+    }
+}
+
+/// What [`NativeSite::poke`] writes at a native site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NativeInsn {
+    /// The nop the function was built with, exactly as found.
+    Original,
+    /// A jump to an absolute address (the function's callers then run that code instead).
+    Jump(usize),
+    /// A call to an absolute address, which returns to the function's body.
+    Call(usize),
 }
 
 /// `len` bytes of this process's memory at `addr`, or `None` where they are not mapped.

@@ -76,6 +76,9 @@ pub use x86_64::{
     encode_x86, reinstall_trap_handler, traps_handled,
 };
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86_64::native_text_poke;
+
 /// Drops what the poker remembers about the sites in `[start, end)`, whose image is leaving the
 /// global registry (x86-64: the SIGTRAP handler's recent sites).
 pub(crate) fn forget_sites(start: usize, end: usize) {
@@ -266,6 +269,16 @@ pub enum PokeError {
     SigtrapBlocked {
         /// The kernel id of the thread.
         tid: i32,
+    },
+    /// x86-64: writing a native function's site through `/proc/self/mem` failed.
+    #[error(
+        "writing the native site at {ip:#x} failed: {reason}; livebpf writes native text through /proc/self/mem, which needs a kernel that allows it (proc_mem.force_override) and no seccomp rule against it"
+    )]
+    NativeWrite {
+        /// The site.
+        ip: usize,
+        /// What failed.
+        reason: String,
     },
     #[error(transparent)]
     /// The code arena failed.

@@ -132,22 +132,67 @@ fn read_site(arena: &CodeArena, site: usize) -> Result<[u8; 5], PokeError> {
     Ok(bytes)
 }
 
-/// Stores `bytes` at `site + at` one atomic byte at a time, then makes every thread serialise.
-fn write_and_sync(
-    arena: &CodeArena,
-    site: usize,
-    at: usize,
-    bytes: &[u8],
-) -> Result<(), PokeError> {
-    let rw = rw_alias(arena, site)?;
-    for (i, b) in bytes.iter().enumerate() {
-        // SAFETY: as in `read_site`; a single-byte store cannot tear, so a concurrent instruction
-        // fetch sees the old or the new byte.
-        unsafe { AtomicU8::from_ptr(rw.add(at + i)) }.store(*b, Ordering::Release);
+/// Where a site's bytes are written: the arena's RW alias, or (a native function's entry in
+/// file-backed text, which has no writable alias) `/proc/self/mem`, which writes through the
+/// read-only mapping as a debugger's writes do.
+enum Text<'a> {
+    Arena(&'a CodeArena),
+    Native(std::fs::File),
+}
+
+impl Text<'_> {
+    /// Stores `bytes` at `site + at` one byte at a time, then makes every thread serialise.
+    fn write_and_sync(&self, site: usize, at: usize, bytes: &[u8]) -> Result<(), PokeError> {
+        match self {
+            Text::Arena(arena) => {
+                let rw = rw_alias(arena, site)?;
+                for (i, b) in bytes.iter().enumerate() {
+                    // SAFETY: as in `read_site`; a single-byte store cannot tear, so a
+                    // concurrent instruction fetch sees the old or the new byte.
+                    unsafe { AtomicU8::from_ptr(rw.add(at + i)) }.store(*b, Ordering::Release);
+                }
+                arena.sync_text(site + at, bytes.len())?;
+            }
+            Text::Native(mem) => {
+                use std::os::unix::fs::FileExt;
+                for (i, b) in bytes.iter().enumerate() {
+                    // One byte per write: the kernel's copy cannot tear it.
+                    let addr = (site + at + i) as u64;
+                    mem.write_all_at(std::slice::from_ref(b), addr)
+                        .map_err(|e| PokeError::NativeWrite {
+                            ip: site,
+                            reason: e.to_string(),
+                        })?;
+                }
+            }
+        }
+        sync_all_threads()?;
+        Ok(())
     }
-    arena.sync_text(site + at, bytes.len())?;
-    sync_all_threads()?;
-    Ok(())
+}
+
+/// Runs the int3 protocol on `site` (the caller holds `TEXT_LOCK` and has checked that it holds
+/// `old_bytes`): int3, the tail of `new_bytes`, its first byte, each followed by a sync.
+fn rewrite(
+    text: &Text<'_>,
+    site: usize,
+    new: PokeInsn,
+    new_bytes: [u8; 5],
+) -> Result<(), PokeError> {
+    check_trap_delivery()?;
+    let (kind, target) = match new {
+        PokeInsn::Nop => (KIND_NOP, 0),
+        PokeInsn::Call(t) => (KIND_CALL, t),
+        PokeInsn::Jump(t) => (KIND_JUMP, t),
+    };
+    remember_site(site);
+    publish_active(site, kind, target);
+    let result = text
+        .write_and_sync(site, 0, &[X86_INT3])
+        .and_then(|()| text.write_and_sync(site, 1, &new_bytes[1..]))
+        .and_then(|()| text.write_and_sync(site, 0, &new_bytes[..1]));
+    publish_active(0, KIND_NOP, 0);
+    result
 }
 
 /// Rewrites the patch site at `ip` from `old` to `new`. See the module docs for the contract.
@@ -176,20 +221,73 @@ pub(super) fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeO
             },
         });
     }
-    // Before anything is written: could a thread reaching the site take our trap?
-    check_trap_delivery()?;
-    let (kind, target) = match new {
-        PokeInsn::Nop => (KIND_NOP, 0),
-        PokeInsn::Call(t) => (KIND_CALL, t),
-        PokeInsn::Jump(t) => (KIND_JUMP, t),
-    };
-    remember_site(site);
-    publish_active(site, kind, target);
-    let result = write_and_sync(arena, site, 0, &[X86_INT3])
-        .and_then(|()| write_and_sync(arena, site, 1, &new_bytes[1..]))
-        .and_then(|()| write_and_sync(arena, site, 0, &new_bytes[..1]));
-    publish_active(0, KIND_NOP, 0);
-    result.map(|()| PokeOutcome::Applied)
+    // Before anything is written (in `rewrite`): could a thread reaching the site take our trap?
+    rewrite(&Text::Arena(arena), site, new, new_bytes).map(|()| PokeOutcome::Applied)
+}
+
+/// Native sites pokes may rewrite (the entries of the host's own functions, outside the arena),
+/// for the SIGTRAP handler, which otherwise only recognises arena text. Written under
+/// `TEXT_LOCK`; a slot holds a site address or 0.
+static NATIVE_SITES: [AtomicUsize; 64] = [const { AtomicUsize::new(0) }; 64];
+
+/// Whether `addr` is a registered native site. Async-signal-safe.
+fn is_native_site(addr: usize) -> bool {
+    NATIVE_SITES
+        .iter()
+        .any(|s| s.load(Ordering::Acquire) == addr)
+}
+
+/// Rewrites the native site at `site` from `old_bytes` to `new_bytes` (a 5-byte nop, `call` or
+/// `jmp` each; `new` says which the handler emulates) with the int3 protocol, writing through
+/// `/proc/self/mem`. The site stays known to the SIGTRAP handler for the process's lifetime: a
+/// thread whose trap is handled late (after the poke) must still be recognised, and a native
+/// caller is in no read-side section that would tell when none is left.
+///
+/// # Safety
+/// `site` is the entry site of a native function whose object is never unloaded afterwards,
+/// and every state written is valid code for threads executing the function.
+pub(crate) unsafe fn native_text_poke(
+    site: usize,
+    old_bytes: [u8; 5],
+    new: PokeInsn,
+    new_bytes: [u8; 5],
+) -> Result<PokeOutcome, PokeError> {
+    install_trap_handler()?;
+    let _guard = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem")
+        .map_err(|e| PokeError::NativeWrite {
+            ip: site,
+            reason: e.to_string(),
+        })?;
+    let mut current = [0u8; 5];
+    {
+        use std::os::unix::fs::FileExt;
+        mem.read_exact_at(&mut current, site as u64)
+            .map_err(|_| PokeError::NotText { ip: site })?;
+    }
+    if current == new_bytes {
+        return Ok(PokeOutcome::AlreadyApplied);
+    }
+    if current != old_bytes {
+        return Err(PokeError::NotASite {
+            ip: site,
+            bytes: current.to_vec(),
+        });
+    }
+    if !is_native_site(site) {
+        let free = NATIVE_SITES
+            .iter()
+            .find(|s| s.load(Ordering::Relaxed) == 0)
+            .ok_or(PokeError::NativeWrite {
+                ip: site,
+                reason: "64 native sites are patched already; detach one first".into(),
+            })?;
+        free.store(site, Ordering::Release);
+    }
+    rewrite(&Text::Native(mem), site, new, new_bytes).map(|()| PokeOutcome::Applied)
 }
 
 // ---- SIGTRAP: livebpf's handler, chaining, installation, checks before a poke ----------------
@@ -691,7 +789,7 @@ unsafe fn handle_site_trap(info: *const libc::siginfo_t, uc: *mut libc::ucontext
         // executing it again traps again or runs a complete instruction.
         return Trap::Ours;
     }
-    if !arena.contains(site) {
+    if !arena.contains(site) && !is_native_site(site) {
         return Trap::Foreign;
     }
     let (handled, recent) = if int3 {
@@ -712,7 +810,8 @@ unsafe fn handle_site_trap(info: *const libc::siginfo_t, uc: *mut libc::ucontext
         // The poke this thread trapped on finished before the handler ran: if the int3 is gone,
         // re-execute the site. For a merged signal, RIP = site + 1 of a recent site that holds a
         // complete site instruction again is the proof that this thread ran the int3.
-        // SAFETY: `site` lies in the arena's RX view (checked above), which is always readable.
+        // SAFETY: `site` lies in the arena's RX view, which is always readable, or is a
+        // registered native site, whose function stays loaded while registered (checked above).
         let byte = unsafe { AtomicU8::from_ptr(site as *mut u8) }.load(Ordering::Acquire);
         if byte != X86_INT3 {
             if !int3 && !is_finished_site(arena, site) {
