@@ -32,8 +32,12 @@ use std::path::{Path, PathBuf};
 
 use object::{Object, ObjectSymbol, SymbolKind};
 
+#[cfg(target_arch = "aarch64")]
+use crate::text::poke::encode_a64;
 #[cfg(target_arch = "x86_64")]
-use crate::text::poke::{PokeError, PokeInsn, PokeOutcome, encode_x86};
+use crate::text::poke::encode_x86;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use crate::text::poke::{PokeError, PokeInsn, PokeOutcome};
 
 /// Why a native site could not be found or used. Nothing was written in any case.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -187,8 +191,8 @@ impl NativeSite {
     /// is file-backed and has no writable alias). The site must hold `old` (else
     /// [`PokeError::NotASite`] with what it holds, and nothing is written); holding `new`
     /// already gives [`PokeOutcome::AlreadyApplied`]. Every thread runs `new` once this returns.
-    /// The building block beneath attaching trampolines to native functions (x86-64 only so
-    /// far). At most 64 native sites per process can be poked: the SIGTRAP handler keeps them
+    /// The building block beneath attaching trampolines to native functions. At most 64 native
+    /// sites per process can be poked: the SIGTRAP handler keeps them
     /// all for the process's lifetime.
     ///
     /// # Safety
@@ -218,6 +222,34 @@ impl NativeSite {
         let (old_bytes, new_bytes) = (bytes(old)?, bytes(new)?);
         // SAFETY: forwarded from the caller; the site was validated as this function's entry nop.
         unsafe { crate::text::poke::native_text_poke(self.site, old_bytes, insn, new_bytes) }
+    }
+
+    /// arm64: as on x86-64, one aligned 32-bit store of `nop` or `b` (see the x86-64 version's
+    /// documentation). A `Call` would be a `bl`, which overwrites the link register the
+    /// function returns through, so it is refused ([`PokeError::NativeWrite`]).
+    ///
+    /// # Safety
+    /// As on x86-64, with ±128 MiB for the jump's reach.
+    #[cfg(target_arch = "aarch64")]
+    pub unsafe fn poke(&self, old: NativeInsn, new: NativeInsn) -> Result<PokeOutcome, PokeError> {
+        let word = |insn: NativeInsn| -> Result<u32, PokeError> {
+            match insn {
+                NativeInsn::Original => Ok(u32::from_le_bytes(
+                    self.original
+                        .as_slice()
+                        .try_into()
+                        .expect("an arm64 site is 4 bytes"),
+                )),
+                NativeInsn::Jump(t) => encode_a64(self.site, PokeInsn::Jump(t)),
+                NativeInsn::Call(_) => Err(PokeError::NativeWrite {
+                    ip: self.site,
+                    reason: "a call (bl) at an arm64 native entry would overwrite the link register the function returns through; jump instead".into(),
+                }),
+            }
+        };
+        let (old_word, new_word) = (word(old)?, word(new)?);
+        // SAFETY: forwarded from the caller; the site was validated as this function's entry nop.
+        unsafe { crate::text::poke::native_text_poke(self.site, old_word, new_word) }
     }
 }
 

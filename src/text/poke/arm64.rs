@@ -366,6 +366,69 @@ pub(super) fn text_poke(ip: usize, old: PokeInsn, new: PokeInsn) -> Result<PokeO
     Ok(PokeOutcome::Applied)
 }
 
+/// Rewrites the native site word at `site` from `old` to `new` (each a `nop` or `b` word): one
+/// aligned 32-bit store, which the Arm ARM allows under concurrently executing threads for
+/// `NOP`↔`B`. Native text is a read-only file mapping, so the page is made writable (keeping it
+/// executable: other threads go on running it) for the store and read-only again after; the
+/// store lands in the process's private copy of the page. Then the line is cleaned and
+/// invalidated and every thread context-synchronises.
+///
+/// # Safety
+/// `site` is the 4-byte-aligned entry site of a native function whose object stays loaded, its
+/// page mapped read + execute; every state written is valid code for threads executing it.
+pub(crate) unsafe fn native_text_poke(
+    site: usize,
+    old: u32,
+    new: u32,
+) -> Result<PokeOutcome, PokeError> {
+    let write_error = |reason: String| PokeError::NativeWrite { ip: site, reason };
+    if !site.is_multiple_of(4) {
+        return Err(PokeError::NotText { ip: site });
+    }
+    let _guard = TEXT_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    let current = {
+        use std::os::unix::fs::FileExt;
+        let mem = std::fs::File::open("/proc/self/mem").map_err(|e| write_error(e.to_string()))?;
+        let mut word = [0u8; 4];
+        mem.read_exact_at(&mut word, site as u64)
+            .map_err(|_| PokeError::NotText { ip: site })?;
+        u32::from_le_bytes(word)
+    };
+    if current == new {
+        return Ok(PokeOutcome::AlreadyApplied);
+    }
+    if current != old {
+        return Err(PokeError::NotASite {
+            ip: site,
+            bytes: current.to_le_bytes().to_vec(),
+        });
+    }
+    let page = crate::text::page_size();
+    let start = site & !(page - 1);
+    let protect = |prot: libc::c_int| {
+        // SAFETY: `start` is the page of a mapped native function (the contract); only its
+        // protection changes, never to one without PROT_EXEC.
+        if unsafe { libc::mprotect(start as *mut libc::c_void, page, prot) } == 0 {
+            Ok(())
+        } else {
+            Err(write_error(format!(
+                "mprotect: {}",
+                std::io::Error::last_os_error()
+            )))
+        }
+    };
+    protect(libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC)?;
+    // SAFETY: `site` is aligned and now writable; an aligned 32-bit store is single-copy atomic,
+    // so a concurrent fetch sees the old or the new word (both valid, per the contract).
+    unsafe { std::sync::atomic::AtomicU32::from_ptr(site as *mut u32) }
+        .store(new, Ordering::Release);
+    // SAFETY: the word is mapped readable.
+    unsafe { crate::text::sync_icache(site, 4) };
+    protect(libc::PROT_READ | libc::PROT_EXEC)?;
+    crate::text::sync_all_threads()?;
+    Ok(PokeOutcome::Applied)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

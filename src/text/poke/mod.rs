@@ -76,6 +76,8 @@ pub use x86_64::{
     encode_x86, reinstall_trap_handler, traps_handled,
 };
 
+#[cfg(target_arch = "aarch64")]
+pub(crate) use arm64::native_text_poke;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86_64::native_text_poke;
 
