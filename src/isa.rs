@@ -1341,7 +1341,7 @@ impl Program {
         let analysis = reach::analyse(&program);
         program.reach = analysis.reach;
         program.stack_based = analysis.stack_based;
-        program.in_frame = bounds::analyse(&program, &program.reach);
+        program.in_frame = bounds::analyse(&program, &program.reach, &analysis.bounds);
         Ok(program)
     }
 

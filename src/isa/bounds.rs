@@ -19,6 +19,7 @@
 //! the test; the interpreter checks every access anyway, and the differential tests compare.
 //! Alignment checks are not affected.
 
+use super::dataflow::memory_access;
 use super::reach::FRAME_SIZE;
 use super::{AluOp, AtomicOp, Insn, JmpCond, Program, Size, Source, StackReach, Width};
 
@@ -207,17 +208,43 @@ fn branch(
     [edge(true), edge(false)]
 }
 
+/// The state before each instruction of one function (`None`: not reached), computed once per
+/// function and shared by the reach analysis (scalar ranges) and [`analyse`] (the verdicts).
+pub(super) struct FunctionStates(Vec<Option<[Val; 11]>>);
+
+impl FunctionStates {
+    /// The states of the function entered at `entry`.
+    pub(super) fn of(program: &Program, entry: usize) -> FunctionStates {
+        FunctionStates(function(program, entry))
+    }
+
+    /// The range of register `r` before instruction `i`, where it holds a tracked scalar on
+    /// every path (`None` otherwise, and where `i` is not reached). For the reach analysis,
+    /// which can then follow `r10 + index` instead of giving up on it.
+    pub(super) fn range(&self, i: usize, r: usize) -> Option<(i64, i64)> {
+        self.0
+            .get(i)
+            .copied()
+            .flatten()
+            .and_then(|regs| regs[r].range())
+    }
+}
+
 /// Per instruction: whether the access there is in frame in every function that reaches it.
-pub(super) fn analyse(program: &Program, entries: &[(usize, StackReach)]) -> Vec<bool> {
+/// `states[k]` are the states of the function `entries[k]` enters.
+pub(super) fn analyse(
+    program: &Program,
+    entries: &[(usize, StackReach)],
+    states: &[FunctionStates],
+) -> Vec<bool> {
     let n = program.insns().len();
     let mut verdict: Vec<Option<bool>> = vec![None; n];
-    for &(entry, reach) in entries {
+    for (&(_, reach), states) in entries.iter().zip(states) {
         let floor = match reach {
             StackReach::Bytes(r) => (r as i64).min(FRAME_SIZE),
             StackReach::Unbounded => FRAME_SIZE,
         };
-        let states = function(program, entry);
-        for (i, state) in states.iter().enumerate() {
+        for (i, state) in states.0.iter().enumerate() {
             let Some(regs) = state else { continue };
             let ok = in_frame(&program.insns()[i], regs, floor);
             let v = verdict[i].get_or_insert(true);
@@ -227,50 +254,15 @@ pub(super) fn analyse(program: &Program, entries: &[(usize, StackReach)]) -> Vec
     verdict.into_iter().map(|v| v == Some(true)).collect()
 }
 
-/// Each register's range, where it holds a tracked scalar.
-pub(super) type ScalarRanges = [Option<(i64, i64)>; 11];
-
-/// Per instruction of the function entered at `entry`: the range of each register that holds a
-/// tracked scalar before it (`None` for the others, and for instructions not reached). For the
-/// reach analysis, which can then follow `r10 + index` instead of giving up on it.
-pub(super) fn scalar_ranges(program: &Program, entry: usize) -> Vec<Option<ScalarRanges>> {
-    function(program, entry)
-        .into_iter()
-        .map(|state| state.map(|regs| regs.map(Val::range)))
-        .collect()
-}
-
 /// Whether the access `insn` (false for any other instruction) lies in `[r10 - floor, r10)`.
 fn in_frame(insn: &Insn, regs: &[Val; 11], floor: i64) -> bool {
-    let Some((size, base, off)) = access_of(insn) else {
+    let Some((size, base, off)) = memory_access(insn) else {
         return false;
     };
     match regs[base.index()] {
         Fp(lo, hi) => lo + off >= -floor && hi + off + size.bytes() as i64 <= 0,
         _ => false,
     }
-}
-
-/// A memory access's size, base register and displacement.
-fn access_of(insn: &Insn) -> Option<(Size, super::Reg, i64)> {
-    Some(match *insn {
-        Insn::Load {
-            size, base, off, ..
-        }
-        | Insn::Store {
-            size, base, off, ..
-        }
-        | Insn::Atomic {
-            size, base, off, ..
-        }
-        | Insn::LoadAcquire {
-            size, base, off, ..
-        }
-        | Insn::StoreRelease {
-            size, base, off, ..
-        } => (size, base, off as i64),
-        _ => return None,
-    })
 }
 
 /// The state before each instruction of the function entered at `entry` (`None`: not reached).
@@ -396,7 +388,7 @@ mod tests {
     fn accesses(src: &str) -> Vec<bool> {
         let p = assemble_program(src).unwrap();
         (0..p.insns().len())
-            .filter(|&i| super::access_of(&p.insns()[i]).is_some())
+            .filter(|&i| super::memory_access(&p.insns()[i]).is_some())
             .map(|i| p.in_frame(i))
             .collect()
     }

@@ -1,4 +1,29 @@
-//! The join step the forward analyses over a program's registers share (`reach`, `bounds`).
+//! What the forward analyses over a program's registers share (`reach`, `bounds`): the join
+//! step, and which instructions access memory.
+
+use super::{Insn, Reg, Size};
+
+/// A memory access's size, base register and displacement (`None` for other instructions).
+pub(super) fn memory_access(insn: &Insn) -> Option<(Size, Reg, i64)> {
+    Some(match *insn {
+        Insn::Load {
+            size, base, off, ..
+        }
+        | Insn::Store {
+            size, base, off, ..
+        }
+        | Insn::Atomic {
+            size, base, off, ..
+        }
+        | Insn::LoadAcquire {
+            size, base, off, ..
+        }
+        | Insn::StoreRelease {
+            size, base, off, ..
+        } => (size, base, off as i64),
+        _ => return None,
+    })
+}
 
 /// Joins `incoming` into the state before an instruction (`None`: not reached yet) and returns
 /// whether the state changed, so that the caller queues the instruction again. `changes` counts

@@ -21,6 +21,7 @@
 //! stack addresses unless a helper hands one out, which none does; checked runs bound them
 //! anyway.
 
+use super::bounds::FunctionStates;
 use super::{AluOp, AtomicOp, Insn, Program, Source, Width};
 
 /// How far below r10 a function can reach, from [`Program::stack_reach`].
@@ -164,6 +165,8 @@ pub(super) struct Analysis {
     pub reach: Vec<(usize, StackReach)>,
     /// Per instruction: a load, store or atomic whose base may derive from r10.
     pub stack_based: Vec<bool>,
+    /// Each function's bounds-analysis states, in the order of `reach`.
+    pub bounds: Vec<FunctionStates>,
 }
 
 /// Analyses every function of `program`.
@@ -178,6 +181,11 @@ pub(super) fn analyse(program: &Program) -> Analysis {
         .collect();
     entries.sort_unstable();
     entries.dedup();
+    // The scalar ranges do not depend on the summaries: computed once, not per round.
+    let bounds: Vec<FunctionStates> = entries
+        .iter()
+        .map(|&e| FunctionStates::of(program, e))
+        .collect();
     let mut summaries = vec![NOTHING; entries.len()];
     // Rounds only add to it, so after the last it covers the fixed point.
     let mut stack_based = vec![false; insns.len()];
@@ -185,7 +193,10 @@ pub(super) fn analyse(program: &Program) -> Analysis {
     for _ in 0..MAX_ROUNDS {
         let next: Vec<Summary> = entries
             .iter()
-            .map(|&e| function(program, e, &entries, &summaries, &mut stack_based))
+            .zip(&bounds)
+            .map(|(&e, scalars)| {
+                function(program, e, scalars, &entries, &summaries, &mut stack_based)
+            })
             .collect();
         if next == summaries {
             stable = true;
@@ -208,18 +219,10 @@ pub(super) fn analyse(program: &Program) -> Analysis {
             (e, reach)
         })
         .collect();
-    Analysis { reach, stack_based }
-}
-
-/// The base register of a memory access.
-fn access_base(insn: &Insn) -> Option<super::Reg> {
-    match *insn {
-        Insn::Load { base, .. }
-        | Insn::Store { base, .. }
-        | Insn::Atomic { base, .. }
-        | Insn::LoadAcquire { base, .. }
-        | Insn::StoreRelease { base, .. } => Some(base),
-        _ => None,
+    Analysis {
+        reach,
+        stack_based,
+        bounds,
     }
 }
 
@@ -227,6 +230,7 @@ fn access_base(insn: &Insn) -> Option<super::Reg> {
 fn function(
     program: &Program,
     entry: usize,
+    scalars: &FunctionStates,
     entries: &[usize],
     summaries: &[Summary],
     stack_based: &mut [bool],
@@ -255,8 +259,7 @@ fn function(
     // What the bounds analysis proves about scalars, per instruction: a register it gives a
     // range holds a value within it on every path. Used only for registers this analysis also
     // finds derived from no pointer.
-    let ranges = super::bounds::scalar_ranges(program, entry);
-    let known = |i: usize, r: usize| ranges[i].and_then(|regs| regs[r]);
+    let known = |i: usize, r: usize| scalars.range(i, r);
     let summary_of = |target: usize| {
         entries
             .binary_search(&target)
@@ -266,7 +269,7 @@ fn function(
     while let Some(i) = work.pop() {
         let Some(mut regs) = states[i] else { continue };
         let mut successors: [Option<usize>; 2] = [Some(i + 1), None];
-        if let Some(base) = access_base(&insns[i]) {
+        if let Some((_, base, _)) = super::dataflow::memory_access(&insns[i]) {
             stack_based[i] |= regs[base.index()].fp.is_some();
         }
         match insns[i] {
