@@ -124,22 +124,19 @@ impl NativeSite {
     /// loaded object and that the function starts with this architecture's patchable entry.
     pub fn at(function: usize) -> Result<NativeSite, NativeError> {
         let objects = loaded_objects();
-        let object = objects
+        let (object, segment) = objects
             .iter()
-            .find(|o| o.exec.iter().any(|r| r.contains(&function)))
+            .find_map(|o| Some((o, o.exec.iter().find(|r| r.contains(&function))?)))
             .ok_or(NativeError::NotCode { addr: function })?;
-        let segment = object
-            .exec
-            .iter()
-            .find(|r| r.contains(&function))
-            .expect("found above");
         // Never read past the segment: a function at its very end is not a site.
         let available = segment.end - function;
         let len = ENTRY_BYTES.min(available);
         // Through /proc/self/mem, not a pointer: another thread may unload the object meanwhile,
         // and then the read fails instead of faulting.
-        let bytes =
-            read_own_memory(function, len).ok_or(NativeError::NotCode { addr: function })?;
+        let mut bytes = vec![0u8; len];
+        if !crate::text::poke::read_own_memory(function, &mut bytes) {
+            return Err(NativeError::NotCode { addr: function });
+        }
         let (offset, landing_pad) = classify(function, &bytes)?;
         Ok(NativeSite {
             function,
@@ -262,15 +259,6 @@ pub enum NativeInsn {
     Jump(usize),
     /// A call to an absolute address, which returns to the function's body.
     Call(usize),
-}
-
-/// `len` bytes of this process's memory at `addr`, or `None` where they are not mapped.
-fn read_own_memory(addr: usize, len: usize) -> Option<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let mem = std::fs::File::open("/proc/self/mem").ok()?;
-    let mut bytes = vec![0u8; len];
-    mem.read_exact_at(&mut bytes, addr as u64).ok()?;
-    Some(bytes)
 }
 
 /// Bytes of the instruction a poke rewrites.

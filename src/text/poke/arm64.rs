@@ -386,14 +386,11 @@ pub(crate) unsafe fn native_text_poke(
         return Err(PokeError::NotText { ip: site });
     }
     let _guard = TEXT_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
-    let current = {
-        use std::os::unix::fs::FileExt;
-        let mem = std::fs::File::open("/proc/self/mem").map_err(|e| write_error(e.to_string()))?;
-        let mut word = [0u8; 4];
-        mem.read_exact_at(&mut word, site as u64)
-            .map_err(|_| PokeError::NotText { ip: site })?;
-        u32::from_le_bytes(word)
-    };
+    let mut word = [0u8; 4];
+    if !super::read_own_memory(site, &mut word) {
+        return Err(PokeError::NotText { ip: site });
+    }
+    let current = u32::from_le_bytes(word);
     if current == new {
         return Ok(PokeOutcome::AlreadyApplied);
     }

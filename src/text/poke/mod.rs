@@ -81,6 +81,15 @@ pub(crate) use arm64::native_text_poke;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86_64::native_text_poke;
 
+/// Fills `buf` with this process's memory at `addr` through `/proc/self/mem`; false where it is
+/// not mapped. Unlike a pointer read, memory another thread unmaps meanwhile (a shared object
+/// being unloaded) makes this fail instead of faulting.
+pub(crate) fn read_own_memory(addr: usize, buf: &mut [u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open("/proc/self/mem")
+        .is_ok_and(|mem| mem.read_exact_at(buf, addr as u64).is_ok())
+}
+
 /// Drops what the poker remembers about the sites in `[start, end)`, whose image is leaving the
 /// global registry (x86-64: the SIGTRAP handler's recent sites).
 pub(crate) fn forget_sites(start: usize, end: usize) {
