@@ -22,7 +22,7 @@ use proptest::prelude::*;
 enum Exit {
     /// `jge i, bound, done`
     Ge,
-    /// `jgt i, bound - 1, done`
+    /// `jgt i, bound - 1, done` (`jeq i, 0, done` for no iterations)
     Gt,
     /// `jsge i, bound, done` (a signed test of a counter known non-negative)
     SignedGe,
@@ -57,6 +57,9 @@ fn source(s: &Shape) -> String {
     let sz = suffix(s.size);
     let test = match s.exit {
         Exit::Ge => format!("jge r4, {}, done", s.bound),
+        // `jgt i, -1` never exits (-1 is u64::MAX unsigned): with no iterations to run, the
+        // test is `jeq i, 0` (true at once) instead.
+        Exit::Gt if s.bound == 0 => "jeq r4, 0, done".to_string(),
         Exit::Gt => format!("jgt r4, {}, done", s.bound - 1),
         Exit::SignedGe => format!("jsge r4, {}, done", s.bound),
         Exit::Lt => format!("jlt r4, {}, body\nja done\nbody:", s.bound),
@@ -196,6 +199,23 @@ fn a_proven_loop_has_no_bounds_test_and_an_unproven_one_faults_alike() {
     );
     assert_eq!(compare(&inside), Ok((1..=64).sum()));
     assert!(matches!(compare(&past), Err(ExecError::OutOfBounds { .. })));
+}
+
+#[test]
+fn every_exit_form_runs_no_iterations_for_a_zero_bound() {
+    // A masked index never leaves the frame, so only the loop's test can end the loop.
+    for exit in [Exit::Ge, Exit::Gt, Exit::SignedGe, Exit::Lt] {
+        let s = Shape {
+            base: -64,
+            off: 0,
+            shift: 0,
+            bound: 0,
+            size: 1,
+            exit,
+            mask: Some(7),
+        };
+        assert_eq!(compare(&s), Ok(0), "{exit:?}");
+    }
 }
 
 #[test]
