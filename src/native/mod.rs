@@ -1,6 +1,6 @@
 //! Native patch sites: the entries of the host process's own functions that were compiled to be
 //! rewritten while threads run them, found by address or by symbol name and validated before
-//! anything is written (issue 11's first layer; attaching trampolines to them builds on this).
+//! anything is written. [`crate::trampoline::attach_native`] attaches tracing programs to them.
 //!
 //! # What a site must look like
 //! * **x86-64**: exactly one 5-byte nop (`0f 1f 44 00 xx`, `nopl disp8(%rax,%rax,1)`: gcc writes
@@ -84,6 +84,20 @@ pub enum NativeError {
         /// The object's file.
         path: PathBuf,
         /// What failed.
+        reason: String,
+    },
+    /// No free page within the site's branch reach for its entry stub.
+    #[error(
+        "no free page within the branch reach of the site at {site:#x} (±2 GiB on x86-64, ±128 MiB on arm64) for its entry stub; the address space around the object is full"
+    )]
+    NoStubSpace {
+        /// The site.
+        site: usize,
+    },
+    /// The stub's page could not be made executable.
+    #[error("making a native site's entry stub executable failed: {reason}")]
+    StubProtect {
+        /// The system's error.
         reason: String,
     },
     /// Native sites exist only on x86-64 and arm64.

@@ -246,6 +246,18 @@ pub fn is_online() -> bool {
     with_local(|l| l.reader.is_online()).unwrap_or(false)
 }
 
+/// Opens a read-side section without a guard, for a native function's entry stub, whose caller
+/// is not inside a run. False (nothing opened) when this thread's registration is already
+/// destroyed (a native call from a thread-local destructor): the caller then runs untraced.
+pub(crate) fn enter_section() -> bool {
+    with_local(|l| l.reader.read_lock(l.domain)).is_some()
+}
+
+/// Closes the section opened by the matching [`enter_section`].
+pub(crate) fn leave_section() {
+    with_local(|l| l.reader.read_unlock());
+}
+
 /// Takes this thread's reference on `image` (trampoline code, on entry). `image` is non-zero.
 pub(crate) fn image_enter(image: usize) {
     if with_local(|l| l.reader.image_enter(l.domain, image)).is_none() {

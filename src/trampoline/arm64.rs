@@ -11,16 +11,24 @@
 //!   sp + 48     the target's run context (x5)
 //!   sp + 56     `enter` result of the tracer being run
 //!   sp + 64     result of the last fmod_ret program
-//!   sp + 80     the tracer's RunContext
+//!   sp + 72     x6, x7, x8 (a native function's further arguments and indirect-result pointer)
+//!   sp + 96     the tracer's RunContext
 //! ```
 //! The original is called with `adr x30, <after>; ret x10`: `blr` would need a landing pad at the
 //! body, which BTI does not give it (the kernel learnt this after merge). Returning to the target's
 //! caller skips the target's frame: `mov x30, x9; ret x9`. With fentry only, the image returns into
 //! the body as the dummy trampoline does: `mov x10, x30; mov x30, x9; ret x10`.
+//!
+//! For a native function ([`ImageTarget::Native`]) the site's stub calls the image with `blr`,
+//! its reference already taken: the image has one frame record (x30 returns into the stub),
+//! takes no reference, always calls the body (x0..x8 restored) outside the read-side section the
+//! stub opened, and returns to the stub. freplace is an image there too, giving the replacement
+//! the run context the native caller does not pass.
 
+use super::native::{native_body_enter, native_body_exit};
 use super::{
-    AttachError, AttachKind, LinkEntry, TRACE_CTX_WORDS, tramp_image_enter, tramp_image_exit,
-    tramp_prog_enter, tramp_prog_exit,
+    AttachError, AttachKind, ImageTarget, LinkEntry, TRACE_CTX_WORDS, tramp_image_enter,
+    tramp_image_exit, tramp_prog_enter, tramp_prog_exit,
 };
 use crate::isa::Size;
 use crate::jit::RunContext;
@@ -33,12 +41,15 @@ const RETVAL: i64 = ARGS + 8 * (TRACE_CTX_WORDS as i64 - 1);
 const SAVED_CTX: i64 = 48;
 const START: i64 = 56;
 const FMOD_RESULT: i64 = 64;
-const TRACER_CTX: i64 = 80;
+const NATIVE_REGS: i64 = 72;
+const TRACER_CTX: i64 = 96;
 const CTX_SPACE: i64 = (std::mem::size_of::<RunContext<'static>>() as i64 + 15) & !15;
 /// Below the two frame records; a multiple of 16 (sp stays aligned).
 const FRAME: i64 = TRACER_CTX + CTX_SPACE;
 
 const ARG_REGS: [Gpr; 5] = [X0, X1, X2, X3, X4];
+/// A native function's registers beyond the program ABI's: arguments 7 and 8, and x8.
+const NATIVE_EXTRA: [Gpr; 3] = [Gpr::new(6), Gpr::new(7), Gpr::new(8)];
 
 /// A generated image and the byte offsets of its sites.
 pub(super) struct Layout {
@@ -178,11 +189,39 @@ fn emit_prog(c: &mut Code, link: &LinkEntry, fmod: Option<Label>) {
     }
 }
 
-fn restore_args(c: &mut Code) {
+fn restore_args(c: &mut Code, native: bool) {
     for (i, r) in ARG_REGS.iter().enumerate() {
         c.ldr_sp(*r, ARGS + 8 * i as i64);
     }
     c.ldr_sp(X5, SAVED_CTX);
+    if native {
+        for (i, r) in NATIVE_EXTRA.iter().enumerate() {
+            c.ldr_sp(*r, NATIVE_REGS + 8 * i as i64);
+        }
+    }
+}
+
+/// Runs a native function's replacement: x0..x4 = the function's arguments, its result the
+/// function's; when it is skipped (already running on this thread) the function itself runs.
+fn emit_replacement(c: &mut Code, link: &LinkEntry, done: Label) {
+    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
+    let skip = c.label();
+    c.mov_imm(X0, shared);
+    c.add_sp(X1, TRACER_CTX);
+    c.add_sp(X2, ARGS);
+    c.call_abs(tramp_prog_enter as *const () as u64);
+    c.str_sp(X0, START);
+    c.fix(skip, Fix::Cbz(X0));
+    restore_args(c, false);
+    c.add_sp(X5, TRACER_CTX);
+    c.call_abs(link.shared.prog.0.jit.entry() as u64);
+    c.str_sp(X0, RETVAL);
+    c.mov_imm(X0, shared);
+    c.ldr_sp(X1, START);
+    c.add_sp(X2, TRACER_CTX);
+    c.call_abs(tramp_prog_exit as *const () as u64);
+    c.fix(done, Fix::B);
+    c.bind(skip);
 }
 
 /// Pops the frame: x30 = the target's body, x9 = the target caller's return address.
@@ -194,18 +233,26 @@ fn pop_frames(c: &mut Code) {
 
 /// Generates the image for `links`: position independent (its own address by `adr`, everything
 /// else by absolute address).
-pub(super) fn generate(links: &[LinkEntry]) -> Result<Layout, AttachError> {
-    let call_orig = links
-        .iter()
-        .any(|l| matches!(l.kind, AttachKind::Fexit | AttachKind::FmodRet));
+pub(super) fn generate(links: &[LinkEntry], target: ImageTarget) -> Result<Layout, AttachError> {
+    let native_body = match target {
+        ImageTarget::Prog { .. } => None,
+        ImageTarget::Native { body } => Some(body),
+    };
+    let native = native_body.is_some();
+    let call_orig = native
+        || links
+            .iter()
+            .any(|l| matches!(l.kind, AttachKind::Fexit | AttachKind::FmodRet));
     let mut c = Code::default();
     let image_start = c.label();
     c.bind(image_start);
-    // Reached by `bl`, or by `br x10` from a PLT: needs the `j` landing pad too. A hint, so a nop
-    // where BTI is off.
+    // Reached by `bl`, or by `br x10` from a PLT (`blr` from a native stub): needs the `j`
+    // landing pad too. A hint, so a nop where BTI is off.
     c.emit(enc::BTI_JC);
-    c.emit_opt(enc::stp(PairMode::Pre, FP, X9, SP, -16));
-    c.emit(enc::mov_sp(FP, SP));
+    if !native {
+        c.emit_opt(enc::stp(PairMode::Pre, FP, X9, SP, -16));
+        c.emit(enc::mov_sp(FP, SP));
+    }
     c.emit_opt(enc::stp(PairMode::Pre, FP, LR, SP, -16));
     c.emit(enc::mov_sp(FP, SP));
     c.emit_opt(enc::sub_imm(true, SP, SP, FRAME as u32));
@@ -214,8 +261,14 @@ pub(super) fn generate(links: &[LinkEntry]) -> Result<Layout, AttachError> {
     }
     c.str_sp(XZR, RETVAL);
     c.str_sp(X5, SAVED_CTX);
-    c.fix(image_start, Fix::Adr(X0));
-    c.call_abs(tramp_image_enter as *const () as u64);
+    if native {
+        for (i, r) in NATIVE_EXTRA.iter().enumerate() {
+            c.str_sp(*r, NATIVE_REGS + 8 * i as i64);
+        }
+    } else {
+        c.fix(image_start, Fix::Adr(X0));
+        c.call_abs(tramp_image_enter as *const () as u64);
+    }
     for link in links.iter().filter(|l| l.kind == AttachKind::Fentry) {
         emit_prog(&mut c, link, None);
     }
@@ -225,14 +278,30 @@ pub(super) fn generate(links: &[LinkEntry]) -> Result<Layout, AttachError> {
         for link in links.iter().filter(|l| l.kind == AttachKind::FmodRet) {
             emit_prog(&mut c, link, Some(do_fexit));
         }
-        restore_args(&mut c);
-        // The body's address is the target's frame record's x30.
-        c.emit_opt(enc::ldst_uimm(LdSt::Ldr, Size::DW, X10, FP, 8));
+        for link in links.iter().filter(|l| l.kind == AttachKind::Freplace) {
+            if !native {
+                return Err(AttachError::Image("freplace of a program is not an image"));
+            }
+            emit_replacement(&mut c, link, do_fexit);
+        }
+        if native {
+            c.call_abs(native_body_enter as *const () as u64);
+        }
+        restore_args(&mut c, native);
+        match native_body {
+            // `ret` to the body as below, where BTI needs no landing pad.
+            Some(body) => c.mov_imm(X10, body as u64),
+            // The body's address is the target's frame record's x30.
+            None => c.emit_opt(enc::ldst_uimm(LdSt::Ldr, Size::DW, X10, FP, 8)),
+        }
         let back = c.label();
         c.fix(back, Fix::Adr(LR));
         c.emit(enc::ret(X10));
         c.bind(back);
         c.str_sp(X0, RETVAL);
+        if native {
+            c.call_abs(native_body_exit as *const () as u64);
+        }
         ip_after_call = Some(c.offset());
         c.emit(enc::NOP);
         c.bind(do_fexit);
@@ -240,6 +309,18 @@ pub(super) fn generate(links: &[LinkEntry]) -> Result<Layout, AttachError> {
             emit_prog(&mut c, link, None);
         }
         ip_epilogue = Some(c.offset());
+        if native {
+            // Back to the stub, which drops the reference.
+            c.ldr_sp(X0, RETVAL);
+            c.emit(enc::mov_sp(SP, FP));
+            c.emit_opt(enc::ldp(PairMode::Post, FP, LR, SP, 16));
+            c.emit(enc::ret(LR));
+            return Ok(Layout {
+                code: c.finish()?,
+                ip_after_call,
+                ip_epilogue,
+            });
+        }
         c.fix(image_start, Fix::Adr(X0));
         c.call_abs(tramp_image_exit as *const () as u64);
         c.ldr_sp(X0, RETVAL);
@@ -250,7 +331,7 @@ pub(super) fn generate(links: &[LinkEntry]) -> Result<Layout, AttachError> {
     } else {
         c.fix(image_start, Fix::Adr(X0));
         c.call_abs(tramp_image_exit as *const () as u64);
-        restore_args(&mut c);
+        restore_args(&mut c, false);
         pop_frames(&mut c);
         // Into the body with the caller's return address back in x30, as if the site were a nop.
         c.emit(enc::mov_reg(true, X10, LR));

@@ -42,8 +42,11 @@
 #[cfg(target_arch = "aarch64")]
 mod arm64;
 mod clock;
+mod native;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
+
+pub use native::attach_native;
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -124,6 +127,9 @@ pub enum AttachError {
     #[error("trampolines are not implemented for this {0} host yet")]
     /// This architecture (named) has no trampolines.
     UnsupportedHost(&'static str),
+    #[error("native site: {0}")]
+    /// The native function's site could not be used.
+    Native(#[from] crate::native::NativeError),
     #[error("the trampoline image could not be generated: {0} (a livebpf bug; please report it)")]
     /// The image generator found an inconsistency (a bug).
     Image(&'static str),
@@ -509,9 +515,26 @@ impl Retirable for RetiredProg {
     fn free(self: Box<Self>) {}
 }
 
-/// A tracing program attached to a target. Dropping it detaches.
+/// What a link is attached to.
+#[derive(Debug)]
+enum Target {
+    Prog(Prog),
+    Native(Arc<native::NativeTarget>),
+}
+
+impl Target {
+    fn detach(&self, id: u64, kind: AttachKind) -> Result<(), AttachError> {
+        match self {
+            Target::Prog(prog) => detach(prog, id, kind),
+            Target::Native(native) => native::detach(native, id),
+        }
+    }
+}
+
+/// A tracing program attached to a target (a program, or a native function). Dropping it
+/// detaches.
 pub struct Link {
-    target: Prog,
+    target: Target,
     id: u64,
     kind: AttachKind,
     attached: bool,
@@ -538,10 +561,19 @@ impl Link {
         self.kind
     }
 
+    /// The trampoline image the link's target enters now (shared by all its links; none for
+    /// freplace of a program, whose site jumps to the replacement itself).
+    pub fn image(&self) -> Option<usize> {
+        match &self.target {
+            Target::Prog(prog) => prog.trampoline_image(),
+            Target::Native(native) => native.image_addr(),
+        }
+    }
+
     /// Detaches now. On failure nothing changed: the error gives the link back, still
     /// attached, to retry or keep (dropping a link detaches and ignores errors).
     pub fn detach(mut self) -> Result<(), DetachError> {
-        match detach(&self.target, self.id, self.kind) {
+        match self.target.detach(self.id, self.kind) {
             Ok(()) => {
                 self.attached = false;
                 Ok(())
@@ -554,7 +586,7 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         if self.attached {
-            let _ = detach(&self.target, self.id, self.kind);
+            let _ = self.target.detach(self.id, self.kind);
         }
     }
 }
@@ -715,7 +747,7 @@ pub fn attach(
     }
     state.next_id += 1;
     Ok(Link {
-        target: target.clone(),
+        target: Target::Prog(target.clone()),
         id,
         kind,
         attached: true,
@@ -762,7 +794,12 @@ fn update_image(target: &Prog, state: &mut AttachState) -> Result<(), AttachErro
     let new_image = if state.links.is_empty() {
         None
     } else {
-        Some(build_image(target, &state.links)?)
+        Some(build_image(
+            ImageTarget::Prog {
+                body: target.0.jit.entry() + target.0.jit.body_offset(),
+            },
+            &state.links,
+        )?)
     };
     let old_insn = site_insn(state.image.as_ref());
     let new_insn = site_insn(new_image.as_ref());
@@ -791,16 +828,29 @@ fn retire_image(image: TrampImage) {
     reclaim::retire(Box::new(image));
 }
 
-fn build_image(target: &Prog, links: &[LinkEntry]) -> Result<TrampImage, AttachError> {
+/// What an image is built for, and where the code it calls as "the original" starts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ImageTarget {
+    /// A loaded program, whose patch site enters the image (the body follows the site).
+    Prog {
+        /// The program's body (x86-64; arm64 images find it in the link register).
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+        body: usize,
+    },
+    /// A native function, whose site's stub calls the image with its reference taken.
+    Native {
+        /// The function's body, after its site.
+        body: usize,
+    },
+}
+
+fn build_image(target: ImageTarget, links: &[LinkEntry]) -> Result<TrampImage, AttachError> {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
         #[cfg(target_arch = "x86_64")]
-        let layout = x86_64::generate(links, target.0.jit.entry() + target.0.jit.body_offset())?;
+        let layout = x86_64::generate(links, target)?;
         #[cfg(target_arch = "aarch64")]
-        let layout = {
-            let _ = target;
-            arm64::generate(links)?
-        };
+        let layout = arm64::generate(links, target)?;
         let arena = CodeArena::global()?;
         let alloc = arena.alloc(layout.code.len(), 16)?;
         let registry = Registry::global();

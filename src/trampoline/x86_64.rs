@@ -15,10 +15,18 @@
 //! ```
 //! On entry rsp ≡ 8 (mod 16), as in any function, so after `push rbp` the frame size is a multiple
 //! of 16 to call out with an aligned stack.
+//!
+//! For a native function ([`ImageTarget::Native`]) the site's stub *calls* the image with the
+//! image's reference already taken, so `[rsp]` returns into the stub, the image takes no reference
+//! of its own, it always calls the body (r9, the sixth integer argument, is restored with the
+//! others) and returns to the stub, and the body runs outside the read-side section the stub
+//! opened (a native function may block). freplace is an image there too: the replacement needs
+//! a run context, which the native caller does not pass.
 
+use super::native::{native_body_enter, native_body_exit};
 use super::{
-    AttachError, AttachKind, LinkEntry, TRACE_CTX_WORDS, tramp_image_enter, tramp_image_exit,
-    tramp_prog_enter, tramp_prog_exit,
+    AttachError, AttachKind, ImageTarget, LinkEntry, TRACE_CTX_WORDS, tramp_image_enter,
+    tramp_image_exit, tramp_prog_enter, tramp_prog_exit,
 };
 use crate::jit::RunContext;
 use crate::jit::x86_64::asm::{AluOp, Asm, Cond, Gpr, Label, Mem, OpSize};
@@ -90,12 +98,41 @@ fn emit_prog(a: &mut Asm, link: &LinkEntry, fmod: Option<Label>) {
     }
 }
 
+/// Runs a native function's replacement: r1..r5 = the function's arguments, its result the
+/// function's; when it is skipped (already running on this thread) the function itself runs.
+fn emit_replacement(a: &mut Asm, link: &LinkEntry, done: Label) {
+    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
+    let skip = a.new_label();
+    a.movabs(Gpr::Rdi, shared);
+    a.lea(Gpr::Rsi, slot(TRACER_CTX));
+    a.lea(Gpr::Rdx, slot(ARGS));
+    call_abs(a, tramp_prog_enter as *const () as u64);
+    a.store(OpSize::Q, slot(START), Gpr::Rax);
+    a.test_rr(true, Gpr::Rax, Gpr::Rax);
+    a.jcc(Cond::E, skip);
+    restore_args(a);
+    a.lea(Gpr::R9, slot(TRACER_CTX));
+    call_abs(a, link.shared.prog.0.jit.entry() as u64);
+    a.store(OpSize::Q, slot(RETVAL), Gpr::Rax);
+    a.movabs(Gpr::Rdi, shared);
+    a.load(OpSize::Q, Gpr::Rsi, slot(START));
+    a.lea(Gpr::Rdx, slot(TRACER_CTX));
+    call_abs(a, tramp_prog_exit as *const () as u64);
+    a.jmp(done);
+    a.bind(skip);
+}
+
 /// Generates the image for `links` (position independent: the image finds its own address with a
 /// RIP-relative `lea`, and calls everything else through absolute addresses).
-pub(super) fn generate(links: &[LinkEntry], body: usize) -> Result<Layout, AttachError> {
-    let call_orig = links
-        .iter()
-        .any(|l| matches!(l.kind, AttachKind::Fexit | AttachKind::FmodRet));
+pub(super) fn generate(links: &[LinkEntry], target: ImageTarget) -> Result<Layout, AttachError> {
+    let (body, native) = match target {
+        ImageTarget::Prog { body } => (body, false),
+        ImageTarget::Native { body } => (body, true),
+    };
+    let call_orig = native
+        || links
+            .iter()
+            .any(|l| matches!(l.kind, AttachKind::Fexit | AttachKind::FmodRet));
     let mut a = Asm::new();
     // The image's own address keys its reference; a RIP-relative `lea` keeps the code position
     // independent.
@@ -109,8 +146,10 @@ pub(super) fn generate(links: &[LinkEntry], body: usize) -> Result<Layout, Attac
     }
     a.store_imm(OpSize::Q, slot(RETVAL), 0);
     a.store(OpSize::Q, slot(SAVED_CTX), Gpr::R9);
-    a.lea_label(Gpr::Rdi, image_start);
-    call_abs(&mut a, tramp_image_enter as *const () as u64);
+    if !native {
+        a.lea_label(Gpr::Rdi, image_start);
+        call_abs(&mut a, tramp_image_enter as *const () as u64);
+    }
     for link in links.iter().filter(|l| l.kind == AttachKind::Fentry) {
         emit_prog(&mut a, link, None);
     }
@@ -120,11 +159,23 @@ pub(super) fn generate(links: &[LinkEntry], body: usize) -> Result<Layout, Attac
         for link in links.iter().filter(|l| l.kind == AttachKind::FmodRet) {
             emit_prog(&mut a, link, Some(do_fexit));
         }
+        for link in links.iter().filter(|l| l.kind == AttachKind::Freplace) {
+            if !native {
+                return Err(AttachError::Image("freplace of a program is not an image"));
+            }
+            emit_replacement(&mut a, link, do_fexit);
+        }
+        if native {
+            call_abs(&mut a, native_body_enter as *const () as u64);
+        }
         restore_args(&mut a);
         // Call the body: the instruction after the target's patch site.
         a.movabs(Gpr::Rax, body as u64);
         a.call_r(Gpr::Rax);
         a.store(OpSize::Q, slot(RETVAL), Gpr::Rax);
+        if native {
+            call_abs(&mut a, native_body_exit as *const () as u64);
+        }
         ip_after_call = Some(a.len());
         a.nop5();
         a.bind(do_fexit);
@@ -132,8 +183,10 @@ pub(super) fn generate(links: &[LinkEntry], body: usize) -> Result<Layout, Attac
             emit_prog(&mut a, link, None);
         }
         ip_epilogue = Some(a.len());
-        a.lea_label(Gpr::Rdi, image_start);
-        call_abs(&mut a, tramp_image_exit as *const () as u64);
+        if !native {
+            a.lea_label(Gpr::Rdi, image_start);
+            call_abs(&mut a, tramp_image_exit as *const () as u64);
+        }
         a.load(OpSize::Q, Gpr::Rax, slot(RETVAL));
         a.mov_rr(true, Gpr::Rsp, Gpr::Rbp);
         a.pop(Gpr::Rbp);
