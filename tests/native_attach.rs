@@ -92,10 +92,7 @@ fn tracers() -> (Prog, Prog) {
         "ldxdw %r2, [%r1+8]\nldxdw %r1, [%r1+0]\ncall 1000\nmov %r0, 0\nexit",
         &helpers,
     );
-    let fexit = load(
-        "ldxdw %r1, [%r1+40]\ncall 1001\nmov %r0, 0\nexit",
-        &helpers,
-    );
+    let fexit = load("ldxdw %r1, [%r1+40]\ncall 1001\nmov %r0, 0\nexit", &helpers);
     (fentry, fexit)
 }
 
@@ -110,8 +107,7 @@ fn counts() -> (u64, u64, u64, u64) {
 
 fn site_bytes(site: &NativeSite) -> Vec<u8> {
     // SAFETY: the site's bytes, in the loaded object's text.
-    unsafe { std::slice::from_raw_parts(site.site() as *const u8, site.original().len()) }
-        .to_vec()
+    unsafe { std::slice::from_raw_parts(site.site() as *const u8, site.original().len()) }.to_vec()
 }
 
 #[test]
@@ -124,12 +120,17 @@ fn native_functions_are_traced_and_replaced() {
     let baseline = live_images();
     let (fentry, fexit) = tracers();
     let start = counts();
-    let delta = |c: (u64, u64, u64, u64)| (c.0 - start.0, c.1 - start.1, c.2 - start.2, c.3 - start.3);
+    let delta =
+        |c: (u64, u64, u64, u64)| (c.0 - start.0, c.1 - start.1, c.2 - start.2, c.3 - start.3);
 
     // SAFETY (every attach_native here): na_target takes and returns integers, and the library
     // is never unloaded.
     let entry = unsafe { attach_native(AttachKind::Fentry, &site, &fentry, 0) }.unwrap();
-    assert_ne!(site_bytes(&site), site.original(), "the site jumps to its stub");
+    assert_ne!(
+        site_bytes(&site),
+        site.original(),
+        "the site jumps to its stub"
+    );
     assert_eq!(call2(f, 2, 3), 9);
     assert_eq!(delta(counts()), (1, 5, 0, 0));
     let exit = unsafe { attach_native(AttachKind::Fexit, &site, &fexit, 0) }.unwrap();
@@ -158,9 +159,17 @@ fn native_functions_are_traced_and_replaced() {
     }
     drop((entry, modret));
     exit.detach().unwrap();
-    assert_eq!(site_bytes(&site), site.original(), "the original bytes are back");
+    assert_eq!(
+        site_bytes(&site),
+        site.original(),
+        "the original bytes are back"
+    );
     assert_eq!(call2(f, 2, 3), 9);
-    assert_eq!(delta(counts()), (4, 20, 3, 117), "nothing runs once detached");
+    assert_eq!(
+        delta(counts()),
+        (4, 20, 3, 117),
+        "nothing runs once detached"
+    );
 
     let replaced = unsafe { attach_native(AttachKind::Freplace, &site, &replacement, 0) }.unwrap();
     assert_eq!(call2(f, 2, 3), 5, "the replacement's r1 + r2");
@@ -218,7 +227,18 @@ fn every_integer_argument_register_reaches_the_function() {
     let expect = (1..=REGS).map(|i| i * (100 + i)).sum::<i64>();
     let args = |i: i64| 100 + i;
     #[cfg(target_arch = "aarch64")]
-    let run = || many(args(1), args(2), args(3), args(4), args(5), args(6), args(7), args(8));
+    let run = || {
+        many(
+            args(1),
+            args(2),
+            args(3),
+            args(4),
+            args(5),
+            args(6),
+            args(7),
+            args(8),
+        )
+    };
     #[cfg(target_arch = "x86_64")]
     let run = || many(args(1), args(2), args(3), args(4), args(5), args(6));
     assert_eq!(run(), expect);
@@ -234,7 +254,11 @@ fn every_integer_argument_register_reaches_the_function() {
     let before = counts();
     assert_eq!(run(), expect);
     let after = counts();
-    assert_eq!(after.1 - before.1, 203, "fentry saw the first two arguments");
+    assert_eq!(
+        after.1 - before.1,
+        203,
+        "fentry saw the first two arguments"
+    );
     assert_eq!(after.3 - before.3, expect as u64, "fexit saw the result");
     drop(links);
     assert_eq!(run(), expect);
@@ -282,7 +306,11 @@ fn attach_churn_under_running_callers() {
         }
         stop.store(true, Ordering::Relaxed);
     });
-    assert_eq!(wrong.load(Ordering::Relaxed), 0, "a call returned a wrong result");
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "a call returned a wrong result"
+    );
     assert!(calls.load(Ordering::Relaxed) > 0);
     assert!(counts().2 > exits_before, "fexit ran at least once");
     assert_eq!(site_bytes(&site), site.original());

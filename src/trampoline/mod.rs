@@ -890,7 +890,10 @@ fn build_image(target: ImageTarget, links: &[LinkEntry]) -> Result<TrampImage, A
 // Functions trampoline code calls.
 
 /// Test hook run by the image's entry code before the reference is taken: the window between a
-/// thread's branch into the image and its reference, which grace period 1 must cover.
+/// thread's branch into the image and its reference, which grace period 1 must cover. A native
+/// function's stub runs it twice: with 0 on entry, before its read-side section opens (the window
+/// no grace period covers, where only the stub may be executing), and with the image it read,
+/// before taking the reference.
 pub type EnterHook = fn(image: usize);
 static ENTER_HOOK: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
 
@@ -900,13 +903,18 @@ pub fn set_enter_hook(hook: Option<EnterHook>) {
     ENTER_HOOK.store(p, Ordering::Release);
 }
 
-pub(crate) extern "C" fn tramp_image_enter(image: usize) {
+#[inline]
+fn run_enter_hook(image: usize) {
     let hook = ENTER_HOOK.load(Ordering::Acquire);
     if !hook.is_null() {
         // SAFETY: only `set_enter_hook` stores here, always an `EnterHook`.
         let f: EnterHook = unsafe { std::mem::transmute::<*mut (), EnterHook>(hook) };
         f(image);
     }
+}
+
+pub(crate) extern "C" fn tramp_image_enter(image: usize) {
+    run_enter_hook(image);
     reclaim::image_enter(image);
 }
 

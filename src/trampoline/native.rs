@@ -151,10 +151,7 @@ pub unsafe fn attach_native(
     }
     let target = target_for(site)?;
     let mut state = target.state.lock().unwrap_or_else(|e| e.into_inner());
-    let replaced = state
-        .links
-        .iter()
-        .any(|l| l.kind == AttachKind::Freplace);
+    let replaced = state.links.iter().any(|l| l.kind == AttachKind::Freplace);
     if let Some(existing) = state.links.first()
         && (kind == AttachKind::Freplace || replaced)
     {
@@ -275,6 +272,7 @@ fn update(target: &NativeTarget, state: &mut AttachState) -> Result<(), AttachEr
 /// The stub's entry: opens the section, then reads which image to enter and takes its
 /// reference. Returns the image, or 0 (section closed) to run the function untraced.
 extern "C" fn native_stub_enter(record: *const StubRecord) -> usize {
+    super::run_enter_hook(0);
     if !reclaim::enter_section() {
         return 0;
     }
@@ -463,7 +461,11 @@ fn stub_code(at: usize, record: u64, body: usize) -> Result<Vec<u8>, AttachError
     };
     save(&mut w, false)?;
     w.extend(enc::mov_imm(true, X0, record));
-    w.extend(enc::mov_imm(true, x16, native_stub_enter as *const () as u64));
+    w.extend(enc::mov_imm(
+        true,
+        x16,
+        native_stub_enter as *const () as u64,
+    ));
     w.push(enc::blr(x16));
     w.push(enc::mov_reg(true, x16, X0));
     save(&mut w, true)?;
@@ -473,7 +475,11 @@ fn stub_code(at: usize, record: u64, body: usize) -> Result<Vec<u8>, AttachError
     w.push(enc::blr(x16));
     w.push(enc::stp(PairMode::Offset, X0, x(1), SP, 16).ok_or_else(bad)?);
     w.push(enc::ldst_uimm(LdSt::Ldr, crate::isa::Size::DW, X0, SP, 88).ok_or_else(bad)?);
-    w.extend(enc::mov_imm(true, x16, native_stub_exit as *const () as u64));
+    w.extend(enc::mov_imm(
+        true,
+        x16,
+        native_stub_exit as *const () as u64,
+    ));
     w.push(enc::blr(x16));
     w.push(enc::ldp(PairMode::Offset, X0, x(1), SP, 16).ok_or_else(bad)?);
     w.push(enc::ldp(PairMode::Post, FP, LR, SP, 96).ok_or_else(bad)?);
