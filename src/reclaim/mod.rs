@@ -281,7 +281,7 @@ pub(crate) fn registered_thread_ids() -> Vec<i32> {
 
 /// Makes every thread of the process execute a full memory barrier (retrying: a registered
 /// membarrier does not fail in practice, and retirement must not give up).
-fn barrier_all_threads() {
+pub(crate) fn barrier_all_threads() {
     while crate::text::sync_all_threads().is_err() {
         std::thread::sleep(Duration::from_millis(1));
     }

@@ -29,14 +29,23 @@
 //! once the reference is dropped.
 //!
 //! # Why a retired image is never entered
-//! A writer swaps `record.image` (or pokes the site back to its nop) *before* retiring the old
-//! image, whose grace period 1 starts with a membarrier. A thread whose section began before that
-//! barrier is waited for: when it leaves the section it holds the old image's reference (or ran
-//! untraced), and the drain waits for that. A thread whose section began after it loads the record
-//! after the barrier, so it sees the new value. A thread anywhere between the site and the
-//! section's start is in the stub, which stays. The deterministic test holds a thread exactly
-//! between the record's load and the reference (`tests/native_attach.rs`); the spin model covers
-//! the same path (`tests/model/native.pml`).
+//! A writer stores the new `record.image` (0 when the last link goes) and then makes every thread
+//! execute a full barrier — the closing membarrier of the site's poke, or one of its own when only
+//! the record changes — *before* it retires the old image. That barrier matters: the stub's load
+//! of the record may be satisfied before its section's epoch is stored (arm64 reorders loads; the
+//! reader has only compiler fences), and grace period 1 first advances the epoch, so without it a
+//! caller could pair the new epoch (not waited for) with the old image. After it:
+//! * a caller whose section began before the barrier is seen by grace period 1 and waited for:
+//!   when it leaves the section it holds the old image's reference (or ran untraced), and the
+//!   drain waits for that reference;
+//! * a caller whose section began after it loads the record after the barrier: the new value;
+//! * a caller anywhere between the site and its section's start is executing the stub, which
+//!   stays.
+//!
+//! `tests/native_race.rs` holds a caller exactly between the record's load and the reference, at
+//! the stub's entry, and inside the body; `models/retire.pml` (`-DNATIVE`) checks the path in
+//! every interleaving, including the early load, and fails without the barrier
+//! (`-DNO_UNLINK_MB`) or with the load before the section (`-DNATIVE_READ_EARLY`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -240,17 +249,21 @@ fn update(target: &NativeTarget, state: &mut AttachState) -> Result<(), AttachEr
             r
         }
         (true, false) => {
+            // The record first, so that the poke's closing membarrier also orders it: callers
+            // that took the jump before the poke read it in their section (see below).
+            let old = record.swap(0, Ordering::AcqRel);
             // SAFETY: restores the function's own nop.
             let r = unsafe { target.site.poke(stub, NativeInsn::Original) };
-            if r.is_ok() {
-                // Callers that took the jump before the poke read this once they are in their
-                // section; the old image is retired after it.
-                record.store(0, Ordering::Release);
+            if r.is_err() {
+                record.store(old, Ordering::Release);
             }
             r
         }
         _ => {
             record.store(new_addr, Ordering::Release);
+            // See "Why a retired image is never entered": the membarrier between this store
+            // and grace period 1's epoch advance.
+            reclaim::barrier_all_threads();
             Ok(crate::text::poke::PokeOutcome::Applied)
         }
     };
