@@ -32,8 +32,12 @@ fn main() {
             lib.compiler("clang-19")
                 .flag("-fpatchable-function-entry=5");
         }
+        // gcc refuses -mnop-mcount with -fPIC; this code links into a PIE without it (no data).
         "x86_64" => {
-            lib.flag("-pg").flag("-mfentry").flag("-mnop-mcount");
+            lib.pic(false)
+                .flag("-pg")
+                .flag("-mfentry")
+                .flag("-mnop-mcount");
         }
         // Two nops after `bti c`: the arm64 site, with branch protection on.
         "aarch64" => {

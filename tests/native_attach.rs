@@ -117,6 +117,7 @@ fn native_functions_are_traced_and_replaced() {
     let f = lib.sym("na_target");
     let site = NativeSite::find("na_target").unwrap();
     assert_eq!(site.function(), f);
+    reclaim::flush().unwrap();
     let baseline = live_images();
     let (fentry, fexit) = tracers();
     let start = counts();
@@ -272,6 +273,7 @@ fn attach_churn_under_running_callers() {
     let Some(lib) = lib() else { return };
     let f = lib.sym("na_churn");
     let site = NativeSite::at(f).unwrap();
+    reclaim::flush().unwrap();
     let baseline = live_images();
     let (fentry, fexit) = tracers();
     let stop = AtomicBool::new(false);
@@ -317,4 +319,59 @@ fn attach_churn_under_running_callers() {
     assert_eq!(fentry.stats().errors + fexit.stats().errors, 0);
     reclaim::flush().unwrap();
     assert_eq!(live_images(), baseline);
+}
+
+/// The other builds of a site: x86-64 with `endbr64` before the nop (`-fcf-protection`) and
+/// gcc's fentry nop; arm64 without branch protection (no `bti c`). Each is traced (fentry and
+/// fexit), replaced, and restored.
+#[test]
+fn every_site_build_is_traced_and_replaced() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    #[cfg(target_arch = "x86_64")]
+    let builds: [(&str, &[&str], bool); 2] = [
+        (
+            "na_cet",
+            &[
+                "clang-19",
+                "-fpatchable-function-entry=5",
+                "-fcf-protection=full",
+            ],
+            true,
+        ),
+        ("na_gcc", &["gcc", "-pg", "-mfentry", "-mnop-mcount"], false),
+    ];
+    #[cfg(target_arch = "aarch64")]
+    let builds: [(&str, &[&str], bool); 1] = [(
+        "na_nobti",
+        &["aarch64-linux-gnu-gcc", "-fpatchable-function-entry=2"],
+        false,
+    )];
+    let (fentry, fexit) = tracers();
+    let replacement = load("mov %r0, %r1\nadd %r0, %r2\nexit", &Helpers::new());
+    for (name, cc, pad) in builds {
+        let source = "long FN(long a, long b) { return a * 3 + b; }\n".replace("FN", name);
+        let Some(lib) = native_lib::build(name, &source, cc) else {
+            continue;
+        };
+        let f = lib.sym(name);
+        let site = NativeSite::at(f).unwrap();
+        assert_eq!(site.has_landing_pad(), pad, "{name}");
+        let before = counts();
+        // SAFETY: an integer function; the library stays loaded.
+        let links = unsafe {
+            [
+                attach_native(AttachKind::Fentry, &site, &fentry, 0).unwrap(),
+                attach_native(AttachKind::Fexit, &site, &fexit, 0).unwrap(),
+            ]
+        };
+        assert_eq!(call2(f, 5, 2), 17, "{name}");
+        let after = counts();
+        assert_eq!((after.1 - before.1, after.3 - before.3), (7, 17), "{name}");
+        drop(links);
+        let replaced = unsafe { attach_native(AttachKind::Freplace, &site, &replacement, 0) };
+        assert_eq!(call2(f, 5, 2), 7, "{name}");
+        drop(replaced);
+        assert_eq!(call2(f, 5, 2), 17, "{name}");
+        assert_eq!(site_bytes(&site), site.original(), "{name}");
+    }
 }

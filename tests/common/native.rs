@@ -41,32 +41,55 @@ impl Lib {
 }
 
 /// Compiles `source` into `lib<name>.so` with `compile` (compiler then flags) and loads it;
-/// `None` when the compiler does not run.
+/// `None` when the compiler does not run. gcc's `-mnop-mcount` refuses `-fPIC`: with it, the
+/// object is compiled without and then linked.
 pub fn build(name: &str, source: &str, compile: &[&str]) -> Option<Lib> {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("native-attach");
     std::fs::create_dir_all(&dir).unwrap();
     let src = dir.join(format!("{name}.c"));
     std::fs::write(&src, source).unwrap();
     let so = dir.join(format!("lib{name}.so"));
-    let out = Command::new(compile[0])
-        .args(&compile[1..])
-        .args(["-O2", "-fPIC", "-shared", "-o"])
-        .arg(&so)
-        .arg(&src)
-        .output();
-    match out {
-        Ok(o) => assert!(
-            o.status.success(),
-            "{compile:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(_) => {
-            if std::env::var("LIVEBPF_REQUIRE_CLANG").as_deref() == Ok("1") {
-                panic!("LIVEBPF_REQUIRE_CLANG=1 but {} does not run", compile[0]);
-            }
-            eprintln!("!! WARNING: {} not found: {name} SKIPPED !!", compile[0]);
-            return None;
+    let obj = dir.join(format!("{name}.o"));
+    let run = |args: &[&std::ffi::OsStr]| {
+        Command::new(compile[0])
+            .args(&compile[1..])
+            .args(args)
+            .output()
+            .map(|o| {
+                assert!(
+                    o.status.success(),
+                    "{compile:?}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+    };
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    let built = if compile.contains(&"-mnop-mcount") {
+        run(&[
+            os("-O2"),
+            os("-fno-pic"),
+            os("-c"),
+            os("-o"),
+            obj.as_os_str(),
+            src.as_os_str(),
+        ])
+        .and_then(|()| run(&[os("-shared"), os("-o"), so.as_os_str(), obj.as_os_str()]))
+    } else {
+        run(&[
+            os("-O2"),
+            os("-fPIC"),
+            os("-shared"),
+            os("-o"),
+            so.as_os_str(),
+            src.as_os_str(),
+        ])
+    };
+    if built.is_err() {
+        if std::env::var("LIVEBPF_REQUIRE_CLANG").as_deref() == Ok("1") {
+            panic!("LIVEBPF_REQUIRE_CLANG=1 but {} does not run", compile[0]);
         }
+        eprintln!("!! WARNING: {} not found: {name} SKIPPED !!", compile[0]);
+        return None;
     }
     let path = CString::new(so.to_str().unwrap()).unwrap();
     // SAFETY: our own object, without constructors; never dlclosed.
