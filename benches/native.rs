@@ -1,0 +1,189 @@
+//! Cost of tracing a native function, side by side in one run: a C function with a patchable
+//! entry (compiled here into a shared object and loaded) called bare, with an empty livebpf
+//! fentry, with an empty fexit, and — as root on x86-64, with clang — with a kernel uprobe
+//! running an empty BPF program on the same function (`perf_event_open` uprobe + BPF attach,
+//! through libbpf). For scale, livebpf's empty fentry on a BPF program too. A table of the
+//! added cost per call, in native calls, follows criterion's output. `cargo bench --bench native`.
+
+#[path = "common/tracing.rs"]
+mod tracing;
+
+use std::ffi::CString;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use criterion::Criterion;
+use livebpf::native::NativeSite;
+use livebpf::reclaim;
+use livebpf::trampoline::{AttachKind, Link, attach, attach_native};
+
+const SOURCE: &str = "long bn_target(long a, long b) { return a + b; }\n";
+
+#[cfg(target_arch = "x86_64")]
+const CC: &[&str] = &["clang-19", "-fpatchable-function-entry=5"];
+#[cfg(not(target_arch = "x86_64"))]
+const CC: &[&str] = &[
+    "aarch64-linux-gnu-gcc",
+    "-fpatchable-function-entry=2",
+    "-mbranch-protection=standard",
+];
+
+type Target = extern "C" fn(i64, i64) -> i64;
+
+/// The shared object and the function, loaded (never unloaded); `None` without the compiler.
+fn build() -> Option<(PathBuf, Target)> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-native");
+    std::fs::create_dir_all(&dir).ok()?;
+    let (src, so) = (dir.join("bn.c"), dir.join("libbn.so"));
+    std::fs::write(&src, SOURCE).ok()?;
+    let built = Command::new(CC[0])
+        .args(&CC[1..])
+        .args(["-O2", "-fPIC", "-shared", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !built {
+        eprintln!("!! SKIPPED: benches/native.rs needs {}", CC[0]);
+        return None;
+    }
+    let path = CString::new(so.to_str()?).ok()?;
+    // SAFETY: our own object, without constructors; never dlclosed.
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
+    // SAFETY: a valid handle; the symbol is `long bn_target(long, long)`.
+    let f = unsafe { libc::dlsym(handle, c"bn_target".as_ptr()) };
+    (!f.is_null()).then(|| {
+        // SAFETY: as above.
+        (so, unsafe {
+            std::mem::transmute::<*mut libc::c_void, Target>(f)
+        })
+    })
+}
+
+/// Quick time per call, in ns (criterion keeps its estimates to itself).
+fn ns_per_call(f: Target) -> f64 {
+    let f = black_box(f);
+    let n = 5_000_000i64;
+    let start = Instant::now();
+    for i in 0..n {
+        black_box(f(black_box(i), 1));
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// A kernel uprobe with an empty BPF program on `bn_target` in `so`, while it lives.
+#[cfg(target_arch = "x86_64")]
+fn kernel_uprobe(so: &Path) -> Result<(libbpf_rs::Link, libbpf_rs::Object), String> {
+    use libbpf_rs::{ObjectBuilder, UprobeOpts};
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root".into());
+    }
+    let obj_path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("uprobe.bpf.o");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/programs/uprobe.bpf.c");
+    let ok = Command::new("clang-19")
+        .args([
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            "-I/usr/include/x86_64-linux-gnu",
+            "-c",
+        ])
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj_path)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        return Err("clang-19 with libbpf's headers is needed".into());
+    }
+    let object = ObjectBuilder::default()
+        .open_file(&obj_path)
+        .and_then(|o| o.load())
+        .map_err(|e| e.to_string())?;
+    let opts = UprobeOpts {
+        func_name: Some("bn_target".into()),
+        ..UprobeOpts::default()
+    };
+    let link = object
+        .progs_mut()
+        .find(|p| p.name() == "empty")
+        .ok_or("no program `empty`")?
+        .attach_uprobe_with_opts(0, so, 0, opts)
+        .map_err(|e| e.to_string())?;
+    Ok((link, object))
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let Some((so, f)) = build() else { return };
+    let site = NativeSite::at(f as usize).expect("the function has a patchable entry");
+    let tracer = tracing::empty();
+    let mut table: Vec<(String, f64)> = Vec::new();
+    let mut group = c.benchmark_group("native");
+    let setups: [(&str, &[AttachKind]); 3] = [
+        ("native bare", &[]),
+        ("native + empty fentry", &[AttachKind::Fentry]),
+        ("native + empty fexit", &[AttachKind::Fexit]),
+    ];
+    for (name, kinds) in setups {
+        let links: Vec<Link> = kinds
+            .iter()
+            // SAFETY: bn_target takes and returns integers; its object stays loaded.
+            .map(|k| unsafe { attach_native(*k, &site, &tracer, 0) }.expect("attaches"))
+            .collect();
+        group.bench_function(name, |b| {
+            let mut i = 0i64;
+            b.iter(|| {
+                i += 1;
+                f(black_box(i), 1)
+            })
+        });
+        table.push((name.into(), ns_per_call(f)));
+        drop(links);
+    }
+    // livebpf's fentry on a BPF program, for scale.
+    let prog = tracing::target();
+    let bare_prog = tracing::ns_per_call(&prog);
+    let link = attach(AttachKind::Fentry, &prog, &tracer, 0).expect("attaches");
+    let fentry_prog = tracing::ns_per_call(&prog);
+    drop(link);
+    reclaim::flush().expect("flush outside a run");
+    #[cfg(target_arch = "x86_64")]
+    match kernel_uprobe(&so) {
+        Ok(probe) => {
+            group.bench_function("native + kernel uprobe (empty BPF)", |b| {
+                let mut i = 0i64;
+                b.iter(|| {
+                    i += 1;
+                    f(black_box(i), 1)
+                })
+            });
+            table.push(("native + kernel uprobe (empty BPF)".into(), ns_per_call(f)));
+            drop(probe);
+        }
+        Err(why) => eprintln!("!! SKIPPED: the kernel uprobe ({why})"),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = so;
+    group.finish();
+    c.final_summary();
+    let bare = table[0].1;
+    println!("\nnative function tracing (ns per call, quick timing; added cost in native calls):");
+    for (name, ns) in &table {
+        println!(
+            "  {name:38} {ns:8.2} ns  (+{:7.2} ns = {:6.1} native calls)",
+            ns - bare,
+            (ns - bare) / bare
+        );
+    }
+    println!(
+        "  for scale: a BPF program's empty fentry adds {:.2} ns ({:.2} → {:.2} ns per run)",
+        fentry_prog - bare_prog,
+        bare_prog,
+        fentry_prog
+    );
+    println!("  goals (issue 11): fentry ≤ 2.5 native calls, fexit ≤ 3.5");
+}
