@@ -29,7 +29,8 @@ pub use helpers::Helpers;
 pub use interp::Interpreter;
 pub use isa::Program;
 pub use jit::{JitOptions, JitProgram};
-pub use trampoline::{AttachError, AttachKind, Link, Prog, ProgStats, attach};
+pub use native::NativeSite;
+pub use trampoline::{AttachError, AttachKind, Link, Prog, ProgStats, attach, attach_native};
 
 /// The README's examples, compiled and run as doctests so they stay true.
 #[doc = include_str!("../README.md")]
