@@ -375,3 +375,41 @@ fn every_site_build_is_traced_and_replaced() {
         assert_eq!(site_bytes(&site), site.original(), "{name}");
     }
 }
+
+/// Any thread may call a native function, not only those that ran JIT code: a thread that blocks
+/// SIGTRAP (which would kill the process if it met the int3 of a poke) stops the poke, and
+/// nothing is written.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_thread_blocking_sigtrap_stops_a_native_poke() {
+    use livebpf::text::poke::PokeError;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(lib) = lib() else { return };
+    let site = NativeSite::at(lib.sym("na_target")).unwrap();
+    let (fentry, _) = tracers();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let blocker = std::thread::spawn(move || {
+        // SAFETY: a valid signal set, for this thread's own mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTRAP);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+        ready_tx.send(unsafe { libc::gettid() }).unwrap();
+        done_rx.recv().unwrap();
+    });
+    let tid = ready_rx.recv().unwrap();
+    // SAFETY: an integer function; the library stays loaded.
+    match unsafe { attach_native(AttachKind::Fentry, &site, &fentry, 0) } {
+        Err(AttachError::Poke(PokeError::SigtrapBlocked { tid: t })) => assert_eq!(t, tid),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(site_bytes(&site), site.original(), "nothing was written");
+    done_tx.send(()).unwrap();
+    blocker.join().unwrap();
+    // SAFETY: as above.
+    let link = unsafe { attach_native(AttachKind::Fentry, &site, &fentry, 0) }.unwrap();
+    drop(link);
+}

@@ -275,7 +275,7 @@ pub enum PokeError {
     },
     /// x86-64: a thread that may execute JIT text blocks SIGTRAP (kernel thread id `tid`).
     #[error(
-        "thread {tid} has run livebpf JIT code and blocks SIGTRAP; nothing was written: if it reached the patch site during the poke, the kernel would kill the process. Keep SIGTRAP unblocked (pthread_sigmask) in every thread that runs livebpf programs, or poke after that thread has exited"
+        "thread {tid} may reach the patch site (it has run livebpf JIT code, or the site is a native function's, which any thread may call) and blocks SIGTRAP; nothing was written: if it reached the site during the poke, the kernel would kill the process. Keep SIGTRAP unblocked (pthread_sigmask) in every thread that runs livebpf programs or calls traced native functions, or poke after that thread has exited"
     )]
     SigtrapBlocked {
         /// The kernel id of the thread.

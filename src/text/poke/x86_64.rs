@@ -179,7 +179,7 @@ fn rewrite(
     new: PokeInsn,
     new_bytes: [u8; 5],
 ) -> Result<(), PokeError> {
-    check_trap_delivery()?;
+    check_trap_delivery(matches!(text, Text::Native(_)))?;
     let (kind, target) = match new {
         PokeInsn::Nop => (KIND_NOP, 0),
         PokeInsn::Call(t) => (KIND_CALL, t),
@@ -551,9 +551,10 @@ pub unsafe fn declare_chaining_trap_handler(handler: usize) {
 /// catches a configuration that is wrong, not a race with one that changes.
 ///
 /// Threads that may execute JIT text are the ones that have run a program and not exited
-/// ([`crate::reclaim`] records them with their kernel tid). Their masks are only visible in
-/// `/proc/self/task/TID/status` (`SigBlk:`); a tid whose file is gone has exited, and without
-/// `/proc` the mask check is skipped.
+/// ([`crate::reclaim`] records them with their kernel tid); a native function's site
+/// (`all_threads`) may be executed by any thread of the process (`/proc/self/task`). Their masks
+/// are only visible in `/proc/self/task/TID/status` (`SigBlk:`); a tid whose file is gone has
+/// exited, and without `/proc` the mask check is skipped.
 ///
 /// Cost, measured with `cargo test --release --lib trap_delivery_check_cost -- --nocapture` on
 /// the 2-core development VM (kernel 6.18, shared with three other builds, so ±2x): the
@@ -564,14 +565,18 @@ pub unsafe fn declare_chaining_trap_handler(handler: usize) {
 /// of pokes reads each thread once, and a thread that starts blocking SIGTRAP is caught by the
 /// pokes from 100 ms later on. A new thread, and one found blocking, is read every time. Pokes
 /// that write nothing (`Mismatch`, `AlreadyApplied`) skip the check.
-fn check_trap_delivery() -> Result<(), PokeError> {
+fn check_trap_delivery(all_threads: bool) -> Result<(), PokeError> {
     let cur = installed_trap_action()?;
     if !reaches_our_handler(&cur) {
         return Err(PokeError::TrapHandlerReplaced {
             installed: cur.sa_sigaction,
         });
     }
-    let tids = crate::reclaim::registered_thread_ids();
+    let tids = if all_threads {
+        process_thread_ids()
+    } else {
+        crate::reclaim::registered_thread_ids()
+    };
     let mut seen = SEEN_UNBLOCKED.lock().unwrap_or_else(|e| e.into_inner());
     let now = std::time::Instant::now();
     seen.retain(|(tid, at)| tids.contains(tid) && now.duration_since(*at) < UNBLOCKED_FRESH);
@@ -585,6 +590,16 @@ fn check_trap_delivery() -> Result<(), PokeError> {
         seen.push((tid, std::time::Instant::now()));
     }
     Ok(())
+}
+
+/// Every thread of this process (empty without `/proc`).
+fn process_thread_ids() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Threads found not blocking SIGTRAP, and when (see `check_trap_delivery`).
@@ -1033,7 +1048,7 @@ mod tests {
         let read = time(&|| {
             blocked_signals(ours).unwrap();
         });
-        let cached = time(&|| check_trap_delivery().unwrap());
+        let cached = time(&|| check_trap_delivery(false).unwrap());
         let membarrier = time(&|| {
             crate::text::sync_all_threads().unwrap();
         });
