@@ -730,16 +730,26 @@ fn is_poked_site(addr: usize) -> bool {
             .any(|s| s.load(Ordering::Acquire) == addr)
 }
 
-/// Whether the five bytes at `site` (in the arena) are a complete site instruction whose target,
-/// if any, is JIT text: what a finished poke leaves behind.
+/// Whether the five bytes at `site` are a complete site instruction, what a finished poke leaves
+/// behind: in the arena, a nop or a call/jump into JIT text; at a native site, the function's own
+/// 5-byte nop (any displacement: clang writes 8) or a call/jump (to its stub, outside the arena).
 fn is_finished_site(arena: &CodeArena, site: usize) -> bool {
-    if !arena.contains(site + PATCH_SITE_LEN - 1) {
+    let native = is_native_site(site);
+    if !native && !arena.contains(site + PATCH_SITE_LEN - 1) {
         return false;
     }
     let mut bytes = [0u8; PATCH_SITE_LEN];
     for (i, b) in bytes.iter_mut().enumerate() {
-        // SAFETY: [site, site + 5) lies in the arena's RX view (checked), which is always readable.
+        // SAFETY: [site, site + 5) lies in the arena's RX view (checked), which is always
+        // readable, or is a registered native site's instruction, whose function stays loaded.
         *b = unsafe { AtomicU8::from_ptr((site + i) as *mut u8) }.load(Ordering::Relaxed);
+    }
+    if native {
+        return bytes[..4] == [0x0f, 0x1f, 0x44, 0x00]
+            || matches!(
+                decode_x86(site, bytes),
+                Some(PokeInsn::Call(_) | PokeInsn::Jump(_))
+            );
     }
     match decode_x86(site, bytes) {
         Some(PokeInsn::Nop) => true,
@@ -987,6 +997,46 @@ unsafe fn die_of(sig: libc::c_int, info: *const libc::siginfo_t) {
 
 #[cfg(test)]
 mod tests {
+    /// A merged SIGTRAP (a tgkill'd one that carried a poke's int3) at a native site is ours only
+    /// if the site holds a complete instruction again: the function's own nop (any
+    /// displacement) or a jump/call to wherever its stub is — not arena text.
+    #[test]
+    fn a_native_site_with_a_complete_instruction_is_finished() {
+        let arena = super::CodeArena::global().unwrap();
+        // Stands in for a native function's text: readable, registered as a native site.
+        static TEXT: [std::sync::atomic::AtomicU8; 16] =
+            [const { std::sync::atomic::AtomicU8::new(0) }; 16];
+        let site = TEXT.as_ptr() as usize;
+        let set = |bytes: &[u8]| {
+            for (b, v) in TEXT.iter().zip(bytes) {
+                b.store(*v, super::Ordering::Relaxed);
+            }
+        };
+        let slot = super::NATIVE_SITES
+            .iter()
+            .find(|s| {
+                s.compare_exchange(0, site, super::Ordering::AcqRel, super::Ordering::Relaxed)
+                    .is_ok()
+            })
+            .expect("a free native site slot");
+        let far_jump = super::encode_x86(site, super::PokeInsn::Jump(site + 0x1000)).unwrap();
+        for (bytes, finished) in [
+            (&[0x0f, 0x1f, 0x44, 0x00, 0x08][..], true),
+            (&[0x0f, 0x1f, 0x44, 0x00, 0x00][..], true),
+            (&far_jump[..], true),
+            (&[0xcc, 0x1f, 0x44, 0x00, 0x08][..], false),
+            (&[0x48, 0x89, 0xe5, 0x55, 0x90][..], false),
+        ] {
+            set(bytes);
+            assert_eq!(
+                super::is_finished_site(arena, site),
+                finished,
+                "{bytes:02x?}"
+            );
+        }
+        slot.store(0, super::Ordering::Release);
+    }
+
     use super::*;
 
     #[test]
