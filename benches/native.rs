@@ -10,7 +10,7 @@ mod tracing;
 
 use std::ffi::CString;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
@@ -75,13 +75,14 @@ fn ns_per_call(f: Target) -> f64 {
 
 /// A kernel uprobe with an empty BPF program on `bn_target` in `so`, while it lives.
 #[cfg(target_arch = "x86_64")]
-fn kernel_uprobe(so: &Path) -> Result<(libbpf_rs::Link, libbpf_rs::Object), String> {
+fn kernel_uprobe(so: &std::path::Path) -> Result<(libbpf_rs::Link, libbpf_rs::Object), String> {
     use libbpf_rs::{ObjectBuilder, UprobeOpts};
     if unsafe { libc::geteuid() } != 0 {
         return Err("not root".into());
     }
     let obj_path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("uprobe.bpf.o");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/programs/uprobe.bpf.c");
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/programs/uprobe.bpf.c");
     let ok = Command::new("clang-19")
         .args([
             "-O2",
