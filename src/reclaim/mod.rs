@@ -246,14 +246,42 @@ pub fn is_online() -> bool {
     with_local(|l| l.reader.is_online()).unwrap_or(false)
 }
 
-/// Opens a read-side section without a guard, for a native function's entry stub, whose caller
-/// is not inside a run. False (nothing opened) when this thread's registration is already
-/// destroyed (a native call from a thread-local destructor): the caller then runs untraced.
-pub(crate) fn enter_section() -> bool {
-    with_local(|l| l.reader.read_lock(l.domain)).is_some()
+/// A native function's entry stub, whose caller is not inside a run, in one thread-local access:
+/// opens a read-side section, *then* calls `pick` for the image to enter, and takes that image's
+/// reference; when `pick` gives 0 (nothing attached) the section is closed again. Returns the
+/// image, or 0 — also when this thread's registration is already destroyed (a native call from
+/// a thread-local destructor), which then runs untraced.
+#[inline]
+pub(crate) fn enter_native(pick: impl FnOnce() -> usize) -> usize {
+    with_local(|l| {
+        l.reader.read_lock(l.domain);
+        let image = pick();
+        if image == 0 {
+            l.reader.read_unlock();
+        } else {
+            l.reader.image_enter(l.domain, image);
+        }
+        image
+    })
+    .unwrap_or(0)
 }
 
-/// Closes the section opened by the matching [`enter_section`].
+/// The stub's exit after [`enter_native`] gave `image`: drops the reference, closes the section.
+#[inline]
+pub(crate) fn exit_native(image: usize) {
+    with_local(|l| {
+        l.reader.image_exit(l.domain, image);
+        l.reader.read_unlock();
+    });
+}
+
+/// Opens a read-side section without a guard (a native image, back from the function's body).
+pub(crate) fn enter_section() {
+    with_local(|l| l.reader.read_lock(l.domain));
+}
+
+/// Closes a section opened by [`enter_section`] or [`enter_native`] (a native image, before the
+/// function's body).
 pub(crate) fn leave_section() {
     with_local(|l| l.reader.read_unlock());
 }

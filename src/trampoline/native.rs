@@ -134,6 +134,10 @@ fn target_for(site: &NativeSite) -> Result<Arc<NativeTarget>, AttachError> {
 ///   eight on arm64; none on the stack, not variadic) and returns an integer or nothing: the
 ///   trampoline preserves exactly those (floating-point argument registers are not).
 /// * For freplace, the program computes what the function's callers may rely on.
+/// * livebpf's own code never calls the function (an allocator, a lock or a libc routine
+///   livebpf uses): a call from inside the stub's or a tracer's bookkeeping would re-enter
+///   state that is not re-entrant. The same holds for a call from a signal handler that
+///   interrupted that bookkeeping on the same thread.
 /// * The function's object is never unloaded while the process lives once it was attached (its
 ///   site keeps pointing at the stub's code until detached, and other threads may be calling).
 pub unsafe fn attach_native(
@@ -286,28 +290,25 @@ fn update(target: &NativeTarget, state: &mut AttachState) -> Result<(), AttachEr
 /// reference. Returns the image, or 0 (section closed) to run the function untraced.
 extern "C" fn native_stub_enter(record: *const StubRecord) -> usize {
     super::run_enter_hook(0);
-    if !reclaim::enter_section() {
-        return 0;
-    }
     // SAFETY: the record is leaked with its stub, which passes its own.
     let record = unsafe { &*record };
-    // Relaxed: the writer's grace-period barrier orders its store before this load for every
-    // section it does not wait for (the module docs); the image's code and links were published
-    // before the store that made them reachable (Release there, and the same barrier).
-    let image = record.image.load(Ordering::Relaxed);
-    if image == 0 {
-        reclaim::leave_section();
-        return 0;
-    }
-    // The test hook and the reference, as on a program target's image entry.
-    super::tramp_image_enter(image);
-    image
+    reclaim::enter_native(|| {
+        // Relaxed: inside the section; the writer's barrier orders its store before this load
+        // for every section it does not wait for (the module docs). The image's code and links
+        // were published before the store that made them reachable (Release there, and the same
+        // barrier).
+        let image = record.image.load(Ordering::Relaxed);
+        if image != 0 {
+            // The test hook, as on a program target's image entry: before the reference.
+            super::run_enter_hook(image);
+        }
+        image
+    })
 }
 
 /// The stub's exit, after the image returned: drops the reference, closes the section.
 extern "C" fn native_stub_exit(image: usize) {
-    super::tramp_image_exit(image);
-    reclaim::leave_section();
+    reclaim::exit_native(image);
 }
 
 /// A native image leaves the section before calling the body (which may block)...
