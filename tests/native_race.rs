@@ -13,11 +13,13 @@
 //!    runs outside the section), and the reference keeps the image until the body returns.
 #![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 
+#[path = "common/retire.rs"]
+mod retire;
+
 #[path = "common/native.rs"]
 mod native_lib;
 
 use std::cell::Cell;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -32,38 +34,6 @@ const SOURCE: &str = r#"
 long nr_add(long a, long b) { return a + b; }
 long nr_block(long (*wait)(long), long x) { return wait(x) + 1; }
 "#;
-
-static TRANSITIONS: Mutex<Vec<(usize, RetireState)>> = Mutex::new(Vec::new());
-
-fn observe(image: usize, state: RetireState) {
-    TRANSITIONS.lock().unwrap().push((image, state));
-}
-
-fn states_of(image: usize) -> Vec<RetireState> {
-    TRANSITIONS
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(i, _)| *i == image)
-        .map(|(_, s)| *s)
-        .collect()
-}
-
-/// Checks for a while that `image` waits in retirement, never freed (a safety check over a
-/// window: it can miss a bug, never report one that is not there).
-fn assert_stays_retired(image: usize, live: usize, state: RetireState) {
-    let until = Instant::now() + Duration::from_millis(300);
-    while Instant::now() < until {
-        assert_eq!(live_images(), live, "image {image:#x} was freed early");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(
-        states_of(image).last(),
-        Some(&state),
-        "{:?}",
-        states_of(image)
-    );
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Hold {
@@ -108,7 +78,7 @@ fn wait_held() -> usize {
 
 /// Before each scenario (an image's address may be reused by the next).
 fn reset() {
-    TRANSITIONS.lock().unwrap().clear();
+    retire::clear();
     HELD.store(usize::MAX, Ordering::SeqCst);
     RELEASE.store(false, Ordering::SeqCst);
 }
@@ -142,7 +112,7 @@ fn retired_native_images_outlive_every_caller_that_can_be_inside() {
     let Some(lib) = native_lib::build("native_race", SOURCE, native_lib::CC) else {
         return;
     };
-    reclaim::set_observer(Some(observe));
+    reclaim::set_observer(Some(retire::observe));
     set_enter_hook(Some(hold));
     let mut helpers = Helpers::new();
     helpers.register(1000, count_run);
@@ -169,7 +139,7 @@ fn retired_native_images_outlive_every_caller_that_can_be_inside() {
     assert_eq!(wait_held(), image);
     link.detach().unwrap();
     assert_eq!(live_images(), baseline + 1);
-    assert_stays_retired(image, baseline + 1, RetireState::Gp1);
+    retire::assert_stays_retired(image, baseline + 1, RetireState::Gp1);
     RELEASE.store(true, Ordering::SeqCst);
     assert_eq!(caller.join().unwrap(), 42);
     assert_eq!(
@@ -180,7 +150,7 @@ fn retired_native_images_outlive_every_caller_that_can_be_inside() {
     reclaim::flush().unwrap();
     assert_eq!(live_images(), baseline);
     assert_eq!(
-        states_of(image),
+        retire::states_of(image),
         [RetireState::Gp1, RetireState::Draining, RetireState::Gp2]
     );
 
@@ -202,7 +172,7 @@ fn retired_native_images_outlive_every_caller_that_can_be_inside() {
         "freed while the caller is held in the stub"
     );
     assert_eq!(
-        states_of(image),
+        retire::states_of(image),
         [RetireState::Gp1, RetireState::Draining, RetireState::Gp2]
     );
     RELEASE.store(true, Ordering::SeqCst);
@@ -222,15 +192,15 @@ fn retired_native_images_outlive_every_caller_that_can_be_inside() {
     }
     link.detach().unwrap();
     let until = Instant::now() + Duration::from_secs(20);
-    while states_of(image).last() != Some(&RetireState::Draining) {
+    while retire::states_of(image).last() != Some(&RetireState::Draining) {
         assert!(
             Instant::now() < until,
             "grace period 1 waited for a caller inside the body: {:?}",
-            states_of(image)
+            retire::states_of(image)
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_stays_retired(image, baseline + 1, RetireState::Draining);
+    retire::assert_stays_retired(image, baseline + 1, RetireState::Draining);
     RELEASE.store(true, Ordering::SeqCst);
     assert_eq!(caller.join().unwrap(), 42);
     reclaim::flush().unwrap();

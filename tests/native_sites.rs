@@ -6,22 +6,17 @@
 //! Without a compiler a case is skipped loudly, unless `LIVEBPF_REQUIRE_CLANG=1` (CI).
 #![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 
-use std::ffi::CString;
-use std::path::PathBuf;
-use std::process::Command;
+#[path = "common/native.rs"]
+mod native_lib;
 
 use livebpf::native::{NativeError, NativeSite};
 
 const SOURCE: &str = "long FN(long a, long b) { return a * 3 + b; }\n";
 
-/// Compiles `SOURCE` with the function named `name` into a shared object with `compile` (the
-/// compiler and its flags; with `object_first`, compiled to an object then linked, for flags
-/// that refuse -fPIC), loads it, and returns the function's address; `None` without the
-/// compiler.
-fn build_and_load(name: &str, compile: &[&str], object_first: bool) -> Option<usize> {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("native-sites");
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = dir.join(format!("{name}.c"));
+/// Builds `SOURCE` (for `ns_live`, with a replacement beside it) with the function named `name`
+/// into a shared object with `compile` (the compiler and its flags), loads it, checks that the
+/// function runs as built, and returns its address; `None` without the compiler.
+fn build_and_load(name: &str, compile: &[&str]) -> Option<usize> {
     // `ns_live` comes with a replacement in the same object (so a jump reaches it on arm64).
     let body = if name == "ns_live" {
         "long FN(long a, long b) { return a * 3 + b; }\n\
@@ -29,49 +24,8 @@ fn build_and_load(name: &str, compile: &[&str], object_first: bool) -> Option<us
     } else {
         SOURCE
     };
-    std::fs::write(&src, body.replace("FN", name)).unwrap();
-    let so = dir.join(format!("lib{name}.so"));
-    let run = |args: &[&str]| {
-        Command::new(compile[0])
-            .args(&compile[1..])
-            .args(args)
-            .output()
-            .map(|o| {
-                assert!(
-                    o.status.success(),
-                    "{compile:?} {args:?}: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                )
-            })
-            .is_ok()
-    };
-    let (src_s, so_s) = (src.to_str().unwrap(), so.to_str().unwrap());
-    let ok = if object_first {
-        let obj = dir.join(format!("{name}.o"));
-        let obj_s = obj.to_str().unwrap();
-        run(&["-O2", "-fno-pic", "-c", "-o", obj_s, src_s]) && run(&["-shared", "-o", so_s, obj_s])
-    } else {
-        run(&["-O2", "-fPIC", "-shared", "-o", so_s, src_s])
-    };
-    if !ok {
-        if std::env::var("LIVEBPF_REQUIRE_CLANG").as_deref() == Ok("1") {
-            panic!("LIVEBPF_REQUIRE_CLANG=1 but {} does not run", compile[0]);
-        }
-        eprintln!(
-            "!! WARNING: {} not found: native site case {name} SKIPPED !!",
-            compile[0]
-        );
-        return None;
-    }
-    let path = CString::new(so_s).unwrap();
-    // SAFETY: the object is our own, with no constructors; it stays loaded (never dlclosed).
-    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
-    assert!(!handle.is_null(), "dlopen {so_s}");
-    let sym = CString::new(name).unwrap();
-    // SAFETY: a valid handle and name.
-    let addr = unsafe { libc::dlsym(handle, sym.as_ptr()) } as usize;
-    assert_ne!(addr, 0, "dlsym {name}");
-    // It runs as built.
+    let lib = native_lib::build(name, &body.replace("FN", name), compile)?;
+    let addr = lib.sym(name);
     // SAFETY: the symbol is `long FN(long, long)`.
     let f: extern "C" fn(i64, i64) -> i64 = unsafe { std::mem::transmute(addr) };
     assert_eq!(f(5, 1), 16);
@@ -80,8 +34,8 @@ fn build_and_load(name: &str, compile: &[&str], object_first: bool) -> Option<us
 
 /// A build that gives a site: found by name and by address alike, at `offset` after the entry,
 /// with the site's instruction recorded.
-fn assert_site(name: &str, compile: &[&str], object_first: bool, offset: usize, pad: bool) {
-    let Some(addr) = build_and_load(name, compile, object_first) else {
+fn assert_site(name: &str, compile: &[&str], offset: usize, pad: bool) {
+    let Some(addr) = build_and_load(name, compile) else {
         return;
     };
     let by_name = NativeSite::find(name).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -104,15 +58,15 @@ fn assert_site(name: &str, compile: &[&str], object_first: bool, offset: usize, 
 #[test]
 fn x86_builds_with_one_nop5_are_sites() {
     let clang = ["clang-19", "-fpatchable-function-entry=5"];
-    assert_site("ns_clang", &clang, false, 0, false);
+    assert_site("ns_clang", &clang, 0, false);
     let cet = [
         "clang-19",
         "-fpatchable-function-entry=5",
         "-fcf-protection=full",
     ];
-    assert_site("ns_clang_cet", &cet, false, 4, true);
+    assert_site("ns_clang_cet", &cet, 4, true);
     let fentry = ["gcc", "-pg", "-mfentry", "-mnop-mcount"];
-    assert_site("ns_gcc_fentry", &fentry, true, 0, false);
+    assert_site("ns_gcc_fentry", &fentry, 0, false);
 }
 
 /// The site is switched between its nop and a jump to another function while threads call it:
@@ -132,7 +86,7 @@ fn a_native_site_is_rewritten_under_running_callers() {
         "-fpatchable-function-entry=2",
         "-mbranch-protection=standard",
     ];
-    let Some(live) = build_and_load("ns_live", &cc, false) else {
+    let Some(live) = build_and_load("ns_live", &cc) else {
         return;
     };
     let site = NativeSite::at(live).unwrap();
@@ -194,11 +148,7 @@ fn a_native_site_is_rewritten_under_running_callers() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn gccs_one_byte_nops_are_refused_with_the_flags_to_use() {
-    let Some(addr) = build_and_load(
-        "ns_gcc_nops",
-        &["gcc", "-fpatchable-function-entry=5"],
-        false,
-    ) else {
+    let Some(addr) = build_and_load("ns_gcc_nops", &["gcc", "-fpatchable-function-entry=5"]) else {
         return;
     };
     let err = NativeSite::find("ns_gcc_nops").unwrap_err();
@@ -215,13 +165,13 @@ fn gccs_one_byte_nops_are_refused_with_the_flags_to_use() {
 #[test]
 fn arm64_builds_with_two_nops_are_sites() {
     let gcc = ["aarch64-linux-gnu-gcc", "-fpatchable-function-entry=2"];
-    assert_site("ns_a64", &gcc, false, 0, false);
+    assert_site("ns_a64", &gcc, 0, false);
     let bti = [
         "aarch64-linux-gnu-gcc",
         "-fpatchable-function-entry=2",
         "-mbranch-protection=standard",
     ];
-    assert_site("ns_a64_bti", &bti, false, 4, true);
+    assert_site("ns_a64_bti", &bti, 4, true);
 }
 
 #[test]
@@ -230,7 +180,7 @@ fn a_build_without_patchable_entry_is_refused() {
     let cc = ["gcc"];
     #[cfg(target_arch = "aarch64")]
     let cc = ["aarch64-linux-gnu-gcc"];
-    let Some(addr) = build_and_load("ns_plain", &cc, false) else {
+    let Some(addr) = build_and_load("ns_plain", &cc) else {
         return;
     };
     match NativeSite::find("ns_plain") {

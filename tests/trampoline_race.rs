@@ -7,8 +7,10 @@
 //!    grace period passes, but the reference keeps the image alive until the helper returns.
 #![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 
+#[path = "common/retire.rs"]
+mod retire;
+
 use std::cell::Cell;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -21,43 +23,6 @@ use livebpf::trampoline::{AttachKind, Prog, attach, live_images, set_enter_hook}
 fn load(src: &str, helpers: &Helpers) -> Prog {
     let program = assemble_program(src).unwrap();
     Prog::load(&program, helpers, JitOptions::checked()).unwrap()
-}
-
-static TRANSITIONS: Mutex<Vec<(usize, RetireState)>> = Mutex::new(Vec::new());
-
-fn observe(image: usize, state: RetireState) {
-    TRANSITIONS.lock().unwrap().push((image, state));
-}
-
-fn states_of(image: usize) -> Vec<RetireState> {
-    TRANSITIONS
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(i, _)| *i == image)
-        .map(|(_, s)| *s)
-        .collect()
-}
-
-/// Checks for a while that `image` is still waiting in retirement, never freed. A safety check
-/// over a window: it can only miss a bug, never report one that is not there.
-fn assert_stays_retired(image: usize, live_before: usize, expect_state: RetireState) {
-    let until = Instant::now() + Duration::from_millis(300);
-    while Instant::now() < until {
-        assert_eq!(
-            live_images(),
-            live_before,
-            "image {image:#x} was freed early"
-        );
-        assert!(reclaim::pending() >= 1);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(
-        states_of(image).last(),
-        Some(&expect_state),
-        "{:?}",
-        states_of(image)
-    );
 }
 
 thread_local! {
@@ -95,7 +60,7 @@ extern "C" fn block_quiescent(r1: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
 /// Both scenarios in one test: they share the process-wide hook and observer.
 #[test]
 fn retired_images_outlive_every_thread_that_can_be_inside() {
-    reclaim::set_observer(Some(observe));
+    reclaim::set_observer(Some(retire::observe));
     set_enter_hook(Some(hold_before_reference));
     let tracer = load("mov %r0, 0\nexit", &Helpers::new());
 
@@ -117,13 +82,13 @@ fn retired_images_outlive_every_thread_that_can_be_inside() {
     assert_eq!(HELD_IMAGE.load(Ordering::SeqCst), image);
     link.detach().unwrap();
     assert_eq!(live_images(), baseline + 1);
-    assert_stays_retired(image, baseline + 1, RetireState::Gp1);
+    retire::assert_stays_retired(image, baseline + 1, RetireState::Gp1);
     RELEASE_ENTRY.store(true, Ordering::SeqCst);
     assert_eq!(runner.join().unwrap(), Ok(42));
     reclaim::flush().expect("flush outside a run");
     assert_eq!(live_images(), baseline);
     assert_eq!(
-        states_of(image),
+        retire::states_of(image),
         [RetireState::Gp1, RetireState::Draining, RetireState::Gp2]
     );
 
@@ -143,15 +108,15 @@ fn retired_images_outlive_every_thread_that_can_be_inside() {
     link.detach().unwrap();
     // Grace period 1 completes (the thread is quiescent), the reference holds the image.
     let until = Instant::now() + Duration::from_secs(20);
-    while states_of(image).last() != Some(&RetireState::Draining) {
+    while retire::states_of(image).last() != Some(&RetireState::Draining) {
         assert!(
             Instant::now() < until,
             "grace period 1 never ended: {:?}",
-            states_of(image)
+            retire::states_of(image)
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_stays_retired(image, baseline + 1, RetireState::Draining);
+    retire::assert_stays_retired(image, baseline + 1, RetireState::Draining);
     RELEASE_HELPER.store(true, Ordering::SeqCst);
     assert_eq!(runner.join().unwrap(), Ok(42));
     reclaim::flush().expect("flush outside a run");

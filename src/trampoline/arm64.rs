@@ -154,18 +154,32 @@ impl Code {
     }
 }
 
-/// Runs one tracer: enter → program → exit; with `fmod`, a non-zero result becomes the return
-/// value and skips the original.
-fn emit_prog(c: &mut Code, link: &LinkEntry, fmod: Option<Label>) {
-    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
-    let skip = c.label();
-    c.str_sp(XZR, FMOD_RESULT);
+/// A tracer run's start: `tramp_prog_enter`, its result kept; branches to `skip` when the
+/// program is not to run (already running on this thread).
+fn emit_enter(c: &mut Code, shared: u64, skip: Label) {
     c.mov_imm(X0, shared);
     c.add_sp(X1, TRACER_CTX);
     c.add_sp(X2, ARGS);
     c.call_abs(tramp_prog_enter as *const () as u64);
     c.str_sp(X0, START);
     c.fix(skip, Fix::Cbz(X0));
+}
+
+/// A tracer run's end: `tramp_prog_exit` with what `emit_enter` kept.
+fn emit_exit(c: &mut Code, shared: u64) {
+    c.mov_imm(X0, shared);
+    c.ldr_sp(X1, START);
+    c.add_sp(X2, TRACER_CTX);
+    c.call_abs(tramp_prog_exit as *const () as u64);
+}
+
+/// Runs one tracer: enter → program → exit; with `fmod`, a non-zero result becomes the return
+/// value and skips the original.
+fn emit_prog(c: &mut Code, link: &LinkEntry, fmod: Option<Label>) {
+    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
+    let skip = c.label();
+    c.str_sp(XZR, FMOD_RESULT);
+    emit_enter(c, shared, skip);
     c.add_sp(X0, ARGS);
     c.mov_imm(X1, link.shared.cookie);
     for r in [X2, X3, X4] {
@@ -175,10 +189,7 @@ fn emit_prog(c: &mut Code, link: &LinkEntry, fmod: Option<Label>) {
     c.call_abs(link.shared.prog.0.jit.entry() as u64);
     c.str_sp(X0, FMOD_RESULT);
     c.bind(skip);
-    c.mov_imm(X0, shared);
-    c.ldr_sp(X1, START);
-    c.add_sp(X2, TRACER_CTX);
-    c.call_abs(tramp_prog_exit as *const () as u64);
+    emit_exit(c, shared);
     if let Some(skip_original) = fmod {
         let next = c.label();
         c.ldr_sp(X0, FMOD_RESULT);
@@ -206,20 +217,12 @@ fn restore_args(c: &mut Code, native: bool) {
 fn emit_replacement(c: &mut Code, link: &LinkEntry, done: Label) {
     let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
     let skip = c.label();
-    c.mov_imm(X0, shared);
-    c.add_sp(X1, TRACER_CTX);
-    c.add_sp(X2, ARGS);
-    c.call_abs(tramp_prog_enter as *const () as u64);
-    c.str_sp(X0, START);
-    c.fix(skip, Fix::Cbz(X0));
+    emit_enter(c, shared, skip);
     restore_args(c, false);
     c.add_sp(X5, TRACER_CTX);
     c.call_abs(link.shared.prog.0.jit.entry() as u64);
     c.str_sp(X0, RETVAL);
-    c.mov_imm(X0, shared);
-    c.ldr_sp(X1, START);
-    c.add_sp(X2, TRACER_CTX);
-    c.call_abs(tramp_prog_exit as *const () as u64);
+    emit_exit(c, shared);
     c.fix(done, Fix::B);
     c.bind(skip);
 }

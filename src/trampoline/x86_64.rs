@@ -61,12 +61,9 @@ fn call_abs(a: &mut Asm, f: u64) {
     a.call_r(Gpr::Rax);
 }
 
-/// Runs one tracer: enter → program → exit. With `fmod_ret`, a non-zero result stores the return
-/// value and jumps to `skip_original`.
-fn emit_prog(a: &mut Asm, link: &LinkEntry, fmod: Option<Label>) {
-    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
-    let skip = a.new_label();
-    a.store_imm(OpSize::Q, slot(FMOD_RESULT), 0);
+/// A tracer run's start: `tramp_prog_enter`, its result kept; jumps to `skip` when the program
+/// is not to run (already running on this thread).
+fn emit_enter(a: &mut Asm, shared: u64, skip: Label) {
     a.movabs(Gpr::Rdi, shared);
     a.lea(Gpr::Rsi, slot(TRACER_CTX));
     a.lea(Gpr::Rdx, slot(ARGS));
@@ -74,6 +71,23 @@ fn emit_prog(a: &mut Asm, link: &LinkEntry, fmod: Option<Label>) {
     a.store(OpSize::Q, slot(START), Gpr::Rax);
     a.test_rr(true, Gpr::Rax, Gpr::Rax);
     a.jcc(Cond::E, skip);
+}
+
+/// A tracer run's end: `tramp_prog_exit` with what `emit_enter` kept.
+fn emit_exit(a: &mut Asm, shared: u64) {
+    a.movabs(Gpr::Rdi, shared);
+    a.load(OpSize::Q, Gpr::Rsi, slot(START));
+    a.lea(Gpr::Rdx, slot(TRACER_CTX));
+    call_abs(a, tramp_prog_exit as *const () as u64);
+}
+
+/// Runs one tracer: enter → program → exit. With `fmod_ret`, a non-zero result stores the return
+/// value and jumps to `skip_original`.
+fn emit_prog(a: &mut Asm, link: &LinkEntry, fmod: Option<Label>) {
+    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
+    let skip = a.new_label();
+    a.store_imm(OpSize::Q, slot(FMOD_RESULT), 0);
+    emit_enter(a, shared, skip);
     a.lea(Gpr::Rdi, slot(ARGS));
     a.mov_imm(Gpr::Rsi, link.shared.cookie);
     a.alu_rr(AluOp::Xor, false, Gpr::Rdx, Gpr::Rdx);
@@ -83,10 +97,7 @@ fn emit_prog(a: &mut Asm, link: &LinkEntry, fmod: Option<Label>) {
     call_abs(a, link.shared.prog.0.jit.entry() as u64);
     a.store(OpSize::Q, slot(FMOD_RESULT), Gpr::Rax);
     a.bind(skip);
-    a.movabs(Gpr::Rdi, shared);
-    a.load(OpSize::Q, Gpr::Rsi, slot(START));
-    a.lea(Gpr::Rdx, slot(TRACER_CTX));
-    call_abs(a, tramp_prog_exit as *const () as u64);
+    emit_exit(a, shared);
     if let Some(skip_original) = fmod {
         let next = a.new_label();
         a.load(OpSize::Q, Gpr::Rax, slot(FMOD_RESULT));
@@ -103,21 +114,12 @@ fn emit_prog(a: &mut Asm, link: &LinkEntry, fmod: Option<Label>) {
 fn emit_replacement(a: &mut Asm, link: &LinkEntry, done: Label) {
     let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
     let skip = a.new_label();
-    a.movabs(Gpr::Rdi, shared);
-    a.lea(Gpr::Rsi, slot(TRACER_CTX));
-    a.lea(Gpr::Rdx, slot(ARGS));
-    call_abs(a, tramp_prog_enter as *const () as u64);
-    a.store(OpSize::Q, slot(START), Gpr::Rax);
-    a.test_rr(true, Gpr::Rax, Gpr::Rax);
-    a.jcc(Cond::E, skip);
+    emit_enter(a, shared, skip);
     restore_args(a);
     a.lea(Gpr::R9, slot(TRACER_CTX));
     call_abs(a, link.shared.prog.0.jit.entry() as u64);
     a.store(OpSize::Q, slot(RETVAL), Gpr::Rax);
-    a.movabs(Gpr::Rdi, shared);
-    a.load(OpSize::Q, Gpr::Rsi, slot(START));
-    a.lea(Gpr::Rdx, slot(TRACER_CTX));
-    call_abs(a, tramp_prog_exit as *const () as u64);
+    emit_exit(a, shared);
     a.jmp(done);
     a.bind(skip);
 }
