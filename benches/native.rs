@@ -145,6 +145,31 @@ fn main() {
         table.push((name.into(), ns_per_call(f)));
         drop(links);
     }
+    // Attach and detach latency on the native site: the first link pokes the site to its stub,
+    // a second one only swaps the stub's record (plus a membarrier).
+    let timed = |f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        f();
+        start.elapsed().as_secs_f64() * 1e6
+    };
+    let (mut first, mut second, mut detach) = (0.0, 0.0, 0.0);
+    const CYCLES: u32 = 200;
+    for _ in 0..CYCLES {
+        let mut links = Vec::new();
+        // SAFETY: as above.
+        first += timed(&mut || {
+            links.push(unsafe { attach_native(AttachKind::Fentry, &site, &tracer, 0) }.unwrap())
+        });
+        second += timed(&mut || {
+            links.push(unsafe { attach_native(AttachKind::Fexit, &site, &tracer, 0) }.unwrap())
+        });
+        detach += timed(&mut || drop(std::mem::take(&mut links)));
+    }
+    let latency = [
+        ("attach, first link (image + poke)", first),
+        ("attach, second link (image + record swap)", second),
+        ("detach both (record swap, poke back, retire)", detach),
+    ];
     // livebpf's fentry on a BPF program, for scale.
     let prog = tracing::target();
     let bare_prog = tracing::ns_per_call(&prog);
@@ -187,4 +212,7 @@ fn main() {
         fentry_prog
     );
     println!("  goals (issue 11): fentry ≤ 2.5 native calls, fexit ≤ 3.5");
+    for (name, total) in latency {
+        println!("  {name:46} {:8.1} µs", total / f64::from(CYCLES));
+    }
 }
