@@ -893,29 +893,146 @@ impl TracerTemplate {
         args: u64,
         stack: *mut JitStack,
     ) {
-        // The plain fields come before the grants and the error (`repr(C)`): copy those bytes,
-        // then start the two afresh — fewer stores than the whole context, and no duplicate of
-        // anything that owns memory.
-        const PLAIN: usize = std::mem::offset_of!(HelperContext, grants);
-        // SAFETY: `ctx` is valid and aligned for the writes (the contract); the first `PLAIN`
-        // bytes of a `HelperContext` are its plain-data fields (integers, pointers, bools,
-        // arrays of them), so copying them is copying those values; the other two fields are
-        // then written in place, making the whole context initialised.
-        let state = unsafe {
-            let dst = std::ptr::addr_of_mut!((*ctx).state);
-            std::ptr::copy_nonoverlapping(
-                (&self.state as *const HelperContext).cast::<u8>(),
-                dst.cast::<u8>(),
-                PLAIN,
-            );
-            std::ptr::addr_of_mut!((*dst).grants).write(Grants::new());
-            std::ptr::addr_of_mut!((*dst).error).write(None);
-            &mut *dst
-        };
+        // SAFETY: forwarded from the caller.
+        let state = unsafe { start_from(&self.state, ctx, stack) };
         state.mem_start = args;
-        state.stack_base = stack as u64;
-        state.stack_low = state.stack_top();
-        state.fp_limit = stack as u64 + STACK_SIZE as u64;
         state.enter_run(self.reach);
+    }
+}
+
+/// Initialises `ctx` as a copy of `template` on the stack `stack`. The plain fields come before
+/// the grants and the error (`repr(C)`): their bytes are copied, then those two start afresh —
+/// fewer stores than building the context field by field, and no duplicate of anything that
+/// owns memory.
+///
+/// # Safety
+/// `ctx` is valid and aligned for a `RunContext` (old contents are overwritten, not dropped);
+/// `stack` is a `JitStack` nothing else uses while the context lives.
+unsafe fn start_from<'c>(
+    template: &HelperContext,
+    ctx: *mut RunContext<'static>,
+    stack: *mut JitStack,
+) -> &'c mut HelperContext {
+    const PLAIN: usize = std::mem::offset_of!(HelperContext, grants);
+    // SAFETY: `ctx` is valid and aligned for the writes (the contract); the first `PLAIN` bytes
+    // of a `HelperContext` are its plain-data fields (integers, pointers, bools, arrays of
+    // them), so copying them is copying those values; the other two fields are then written in
+    // place, making the whole context initialised.
+    let state = unsafe {
+        let dst = std::ptr::addr_of_mut!((*ctx).state);
+        std::ptr::copy_nonoverlapping(
+            (template as *const HelperContext).cast::<u8>(),
+            dst.cast::<u8>(),
+            PLAIN,
+        );
+        std::ptr::addr_of_mut!((*dst).grants).write(Grants::new());
+        std::ptr::addr_of_mut!((*dst).error).write(None);
+        &mut *dst
+    };
+    state.stack_base = stack as u64;
+    state.stack_low = state.stack_top();
+    state.fp_limit = stack as u64 + STACK_SIZE as u64;
+    state
+}
+
+/// The context of a run without input memory or extra regions ([`JitProgram::call`]), made
+/// once when the program is compiled: a call copies it, as a tracer run copies its
+/// [`TracerTemplate`], instead of building a context field by field.
+///
+/// [`JitProgram::call`]: crate::jit::JitProgram::call
+pub(crate) struct CallTemplate {
+    state: HelperContext,
+}
+
+impl std::fmt::Debug for CallTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallTemplate")
+    }
+}
+
+// SAFETY: as for `TracerTemplate`: only the helpers' address, which the owner keeps alive.
+unsafe impl Send for CallTemplate {}
+// SAFETY: as above.
+unsafe impl Sync for CallTemplate {}
+
+impl CallTemplate {
+    /// A template with `helpers` and `budget`, no input and no regions.
+    ///
+    /// # Safety
+    /// `helpers` outlives the template and every run started from it.
+    pub(crate) unsafe fn new(helpers: &Helpers, budget: Option<u64>) -> CallTemplate {
+        let state = HelperContext::from_parts(MemRegion::new(0, 0, true), 0, &[], helpers, budget);
+        CallTemplate { state }
+    }
+
+    /// Starts a call's context in `ctx` on `stack`, exactly what [`RunContext::over_stack`]
+    /// builds for an empty input, no regions and the template's helpers and budget.
+    ///
+    /// # Safety
+    /// As for `start_from`: `ctx` valid and aligned for a `RunContext` (overwritten, not
+    /// dropped), `stack` a `JitStack` nothing else uses while the context lives.
+    pub(crate) unsafe fn start(&self, ctx: *mut RunContext<'static>, stack: *mut JitStack) {
+        // SAFETY: forwarded from the caller.
+        unsafe { start_from(&self.state, ctx, stack) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call's context copied from its template is the context `over_stack` builds for the same
+    /// call, field by field.
+    #[test]
+    fn a_call_template_starts_the_context_over_stack_builds() {
+        let helpers = Helpers::new();
+        for budget in [None, Some(1000)] {
+            let mut stack = std::mem::MaybeUninit::<JitStack>::uninit();
+            // SAFETY: the helpers outlive the template.
+            let template = unsafe { CallTemplate::new(&helpers, budget) };
+            let mut copied = std::mem::MaybeUninit::<RunContext<'static>>::uninit();
+            // SAFETY: both are this test's own.
+            unsafe { template.start(copied.as_mut_ptr(), stack.as_mut_ptr()) };
+            // SAFETY: initialised just above.
+            let copied = unsafe { copied.assume_init() };
+            // SAFETY: the same stack, unused by the copied context (nothing runs).
+            let built = unsafe {
+                RunContext::over_stack(&mut [], stack.as_mut_ptr(), &[], &helpers, budget)
+            };
+            let (a, b) = (&copied.state, &built.state);
+            macro_rules! same {
+                ($($field:ident),*) => {
+                    $(assert_eq!(a.$field, b.$field, stringify!($field));)*
+                };
+            }
+            same!(
+                stack_low,
+                stack_bound,
+                mem_start,
+                mem_bound,
+                store_bound,
+                budget_left,
+                failed,
+                stack_base,
+                fp_limit,
+                call_pc,
+                call_id,
+                helpers,
+                arg2,
+                budget,
+                mem_len,
+                mem_writable,
+                checked,
+                budgeted,
+                tail_calls,
+                extra_len,
+                user,
+                maps,
+                maps_len,
+                attach_cookie,
+                func_ip
+            );
+            assert!(a.error.is_none() && b.error.is_none());
+        }
     }
 }

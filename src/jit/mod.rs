@@ -543,6 +543,8 @@ pub struct JitProgram {
     /// For `callx`, at a stable address the code embeds; static `call`s have their helper's
     /// address compiled in.
     helpers: Arc<Helpers>,
+    /// The context every [`JitProgram::call`] starts from (it points at `helpers`).
+    call_template: crate::exec::context::CallTemplate,
     checked: bool,
     budget: Option<u64>,
     /// The entry function's stack reach, which every run starts by reserving.
@@ -664,6 +666,11 @@ impl JitProgram {
             image: Some(placed.image),
             code: placed.code,
             program: Arc::new(program.clone()),
+            // SAFETY: the template points at the helpers, which the program keeps alive (an
+            // `Arc`, so they do not move with it).
+            call_template: unsafe {
+                crate::exec::context::CallTemplate::new(&helpers, opts.budget)
+            },
             helpers,
             checked: opts.checked,
             budget: opts.budget,
@@ -870,11 +877,18 @@ impl JitProgram {
     /// arguments; in checked mode the program can only dereference its stack).
     pub fn call(&self, args: [u64; 5]) -> Result<u64, ExecError> {
         let mut stack = std::mem::MaybeUninit::<JitStack>::uninit();
-        // SAFETY: the stack is this run's own.
-        let mut ctx = unsafe {
-            RunContext::over_stack(&mut [], stack.as_mut_ptr(), &[], &self.helpers, self.budget)
+        let mut ctx = std::mem::MaybeUninit::<RunContext<'static>>::uninit();
+        // SAFETY: both are this run's own, in this frame; the template's helpers are `self`'s.
+        unsafe {
+            self.call_template
+                .start(ctx.as_mut_ptr(), stack.as_mut_ptr())
         };
-        self.execute(args, &mut ctx)
+        // SAFETY: initialised just above.
+        let result = self.execute(args, unsafe { ctx.assume_init_mut() });
+        // SAFETY: initialised, no code runs with it any more, dropped once (a `MaybeUninit`
+        // never drops on its own; if `execute` panicked it would only leak).
+        unsafe { ctx.assume_init_drop() };
+        result
     }
 
     /// Calls the image with `args` and `ctx`, inside a read-side section: while a thread runs JIT
