@@ -1,5 +1,5 @@
-//! BPF trampolines: fentry / fexit / fmod_ret / freplace programs attached to a program that
-//! other threads are running.
+//! BPF trampolines: fentry / fexit / fmod_ret / freplace programs attached to a program — or,
+//! with [`attach_native`], to a native function of the process — that other threads are running.
 //!
 //! [`Prog`] is a loaded (JIT-compiled, registered) program. [`attach`] links a tracing program to a
 //! target `Prog` and returns a [`Link`]; dropping the link (or [`Link::detach`]) detaches it. Every
