@@ -8,7 +8,8 @@
 //!   best peer JIT in the run (rbpf's; ubpf is not a crate: compare by hand), and livebpf's
 //!   interpreter against rbpf's.
 //!
-//! Criterion measures the per-call paths too (group `fastpath`); the table uses quick timings.
+//! Criterion measures the per-call paths (group `fastpath`), and the table uses its medians (a
+//! quick timing where criterion measured nothing, e.g. under a filter).
 
 #[path = "common/tracing.rs"]
 mod tracing;
@@ -21,11 +22,13 @@ use std::time::Duration;
 use criterion::Criterion;
 use livebpf::trampoline::{AttachKind, attach, set_stats_enabled};
 use tracing::{
-    attach_detach_us, empty, native_add, ns_per_call, ns_per_native_call, target, throughput,
+    attach_detach_us, criterion_median_ns, empty, native_add, ns_per_call, ns_per_native_call,
+    target, throughput,
 };
 
 /// Per-call cost of each path, in ns: native, bare, +fentry, +fexit, +fentry with stats.
 fn per_call(c: &mut Criterion) -> [f64; 5] {
+    tracing::run_started();
     let mut group = c.benchmark_group("fastpath");
     let f: fn(u64, u64) -> u64 = black_box(native_add);
     group.bench_function("native call", |b| {
@@ -35,7 +38,7 @@ fn per_call(c: &mut Criterion) -> [f64; 5] {
             f(black_box(i), 1)
         })
     });
-    let native = ns_per_native_call();
+    let native = criterion_median_ns("fastpath", "native call").unwrap_or_else(ns_per_native_call);
     let tracer = empty();
     let mut out = [native, 0.0, 0.0, 0.0, 0.0];
     let setups: [(&str, Option<AttachKind>, bool); 4] = [
@@ -55,7 +58,7 @@ fn per_call(c: &mut Criterion) -> [f64; 5] {
                 prog.call(black_box([i, 1, 0, 0, 0])).expect("runs")
             })
         });
-        out[k + 1] = ns_per_call(&prog);
+        out[k + 1] = criterion_median_ns("fastpath", name).unwrap_or_else(|| ns_per_call(&prog));
     }
     set_stats_enabled(false);
     group.finish();

@@ -118,6 +118,7 @@ fn kernel_uprobe(so: &std::path::Path) -> Result<(libbpf_rs::Link, libbpf_rs::Ob
 }
 
 fn main() {
+    tracing::run_started();
     let mut c = Criterion::default().configure_from_args();
     let Some((so, f)) = build() else { return };
     let site = NativeSite::at(f as usize).expect("the function has a patchable entry");
@@ -142,7 +143,8 @@ fn main() {
                 f(black_box(i), 1)
             })
         });
-        table.push((name.into(), ns_per_call(f)));
+        let ns = tracing::criterion_median_ns("native", name).unwrap_or_else(|| ns_per_call(f));
+        table.push((name.into(), ns));
         drop(links);
     }
     // Attach and detach latency on the native site: the first link pokes the site to its stub,
@@ -187,7 +189,9 @@ fn main() {
                     f(black_box(i), 1)
                 })
             });
-            table.push(("native + kernel uprobe (empty BPF)".into(), ns_per_call(f)));
+            let name = "native + kernel uprobe (empty BPF)";
+            let ns = tracing::criterion_median_ns("native", name).unwrap_or_else(|| ns_per_call(f));
+            table.push((name.into(), ns));
             drop(probe);
         }
         Err(why) => eprintln!("!! SKIPPED: the kernel uprobe ({why})"),
@@ -197,7 +201,9 @@ fn main() {
     group.finish();
     c.final_summary();
     let bare = table[0].1;
-    println!("\nnative function tracing (ns per call, quick timing; added cost in native calls):");
+    println!(
+        "\nnative function tracing (ns per call, criterion's medians; added cost in native calls):"
+    );
     for (name, ns) in &table {
         println!(
             "  {name:38} {ns:8.2} ns  (+{:7.2} ns = {:6.1} native calls)",
@@ -206,7 +212,7 @@ fn main() {
         );
     }
     println!(
-        "  for scale: a BPF program's empty fentry adds {:.2} ns ({:.2} → {:.2} ns per run)",
+        "  for scale: a BPF program's empty fentry adds {:.2} ns ({:.2} → {:.2} ns per run, quick timing)",
         fentry_prog - bare_prog,
         bare_prog,
         fentry_prog

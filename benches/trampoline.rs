@@ -44,7 +44,8 @@ fn calls(c: &mut Criterion) -> Vec<(&'static str, f64)> {
                 prog.call(black_box([i, 1, 0, 0, 0])).expect("runs")
             })
         });
-        table.push((name, ns_per_call(&prog)));
+        let ns = tracing::criterion_median_ns("call", name).unwrap_or_else(|| ns_per_call(&prog));
+        table.push((name, ns));
     }
     livebpf::trampoline::set_stats_enabled(false);
     group.finish();
@@ -88,13 +89,14 @@ fn attach_latency(c: &mut Criterion) {
 }
 
 fn main() {
+    tracing::run_started();
     let mut c = Criterion::default().configure_from_args();
     let table = calls(&mut c);
     read_side(&mut c);
     attach_latency(&mut c);
     c.final_summary();
     let bare = table[0].1;
-    println!("\nper-call cost (ns, quick timing; overhead over the bare call):");
+    println!("\nper-call cost (ns, criterion's medians; overhead over the bare call):");
     for (name, ns) in &table {
         println!("  {name:24} {ns:7.2} ns  (+{:.2} ns)", ns - bare);
     }

@@ -39,6 +39,35 @@ pub fn native_add(a: u64, b: u64) -> u64 {
     a.wrapping_add(b)
 }
 
+/// When this benchmark process started measuring (the first call), for
+/// [`criterion_median_ns`] to tell this run's estimates from an earlier run's.
+pub fn run_started() -> std::time::SystemTime {
+    static START: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::SystemTime::now)
+}
+
+/// Criterion's median time per iteration, in ns, of `bench` in `group` as this run measured it
+/// (read back from its `estimates.json`, written since [`run_started`]); `None` when criterion
+/// did not measure it in this run (a filter left it out, or `--profile-time`). Tables prefer it to a quick timing: it is the estimate
+/// criterion prints, with outliers handled, where a quick loop catches whatever the machine did
+/// at that moment.
+pub fn criterion_median_ns(group: &str, bench: &str) -> Option<f64> {
+    let home = std::env::var_os("CRITERION_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .parent()
+                .map_or_else(|| "target".into(), |t| t.to_path_buf())
+                .join("criterion")
+        });
+    let file = home.join(group).join(bench).join("new/estimates.json");
+    if std::fs::metadata(&file).ok()?.modified().ok()? < run_started() {
+        return None;
+    }
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+    json["median"]["point_estimate"].as_f64()
+}
+
 /// Quick time per `prog.call`, in ns (criterion keeps its estimates to itself).
 pub fn ns_per_call(prog: &Prog) -> f64 {
     let n = 2_000_000u64;
