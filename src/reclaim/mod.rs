@@ -160,6 +160,9 @@ fn fork_child() {
         status.retain(|id, _| queue.iter().any(|item| item.id == *id));
         r.pending.store(queue.len(), Ordering::Release);
         r.started.store(false, Ordering::Release);
+        // The child has neither the reclaimer nor any thread waiting in `flush`.
+        r.collecting.store(false, Ordering::Release);
+        r.flushing.store(0, Ordering::Release);
     }
     // The next `retire` or `flush` starts a new reclaimer thread.
     drop(held);
@@ -384,7 +387,21 @@ struct Reclaimer {
     observer: Mutex<Option<RetireObserver>>,
     /// Whether the reclaimer thread runs (cleared in a forked child, which has none).
     started: AtomicBool,
+    /// Whether the reclaimer is collecting a batch ([`COALESCE`]): `retire` need not wake it.
+    collecting: AtomicBool,
+    /// Callers of [`flush`] waiting: the reclaimer works at once, without collecting.
+    flushing: AtomicUsize,
 }
+
+/// How long the reclaimer collects retirements before one grace period serves them all, and how
+/// often it polls items whose references drain. A grace period's membarriers interrupt every
+/// thread of the process and contend, in the kernel, with the membarriers of the next poke: run
+/// one per retirement and an attach right after a detach waits for them (attach 6–10 µs, detach
+/// 2–10 µs here, against 1.4–3.4 µs and 0.8–1.2 µs collecting). A retired image is freed up to
+/// this much later; [`flush`] does not wait for the window.
+const COALESCE: Duration = Duration::from_millis(1);
+/// The drain poll while a [`flush`] waits.
+const FLUSH_POLL: Duration = Duration::from_micros(200);
 
 static RECLAIMER: OnceLock<Reclaimer> = OnceLock::new();
 
@@ -403,6 +420,8 @@ fn reclaimer() -> &'static Reclaimer {
         idle_lock: Mutex::new(()),
         observer: Mutex::new(None),
         started: AtomicBool::new(false),
+        collecting: AtomicBool::new(false),
+        flushing: AtomicUsize::new(0),
     });
     if !r.started.swap(true, Ordering::AcqRel) {
         let spawned = std::thread::Builder::new()
@@ -438,9 +457,14 @@ fn reclaim_loop(r: &'static Reclaimer) {
             if q.is_empty() {
                 if worker.is_draining() {
                     // Poll the drains, but wake at once for new work.
+                    let poll = if r.flushing.load(Ordering::Acquire) == 0 {
+                        COALESCE
+                    } else {
+                        FLUSH_POLL
+                    };
                     q = r
                         .wake
-                        .wait_timeout(q, Duration::from_micros(200))
+                        .wait_timeout(q, poll)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 } else {
@@ -448,6 +472,25 @@ fn reclaim_loop(r: &'static Reclaimer) {
                         q = r.wake.wait(q).unwrap_or_else(|e| e.into_inner());
                     }
                 }
+            }
+            // Collect a batch: retirements of the next `COALESCE` share this one's grace
+            // period. A `flush` ends the window (it notifies under the queue lock, after raising
+            // `flushing`).
+            if !q.is_empty() && r.flushing.load(Ordering::Acquire) == 0 {
+                r.collecting.store(true, Ordering::Release);
+                let deadline = std::time::Instant::now() + COALESCE;
+                loop {
+                    let now = std::time::Instant::now();
+                    if now >= deadline || r.flushing.load(Ordering::Acquire) != 0 {
+                        break;
+                    }
+                    q = r
+                        .wake
+                        .wait_timeout(q, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                r.collecting.store(false, Ordering::Release);
             }
             std::mem::take(&mut *q)
         };
@@ -491,8 +534,13 @@ pub fn retire(item: Box<dyn Retirable>) {
     };
     r.pending.fetch_add(1, Ordering::AcqRel);
     set_state(r, &item, RetireState::Gp1);
-    lock(&r.queue).push(item);
-    r.wake.notify_one();
+    let mut q = lock(&r.queue);
+    q.push(item);
+    // A collecting reclaimer takes it at its deadline: waking it would only cost a system call.
+    // (`collecting` changes only under the queue lock, held here.)
+    if !r.collecting.load(Ordering::Acquire) {
+        r.wake.notify_one();
+    }
 }
 
 /// Items retired and not yet freed.
@@ -521,6 +569,13 @@ pub fn flush() -> Result<(), ReclaimError> {
     }
     // Starts the reclaimer thread if it is not running (in a forked child).
     let r = reclaimer();
+    r.flushing.fetch_add(1, Ordering::AcqRel);
+    {
+        // Under the queue lock: the reclaimer is either waiting (and woken) or about to read
+        // `flushing`.
+        let _q = lock(&r.queue);
+        r.wake.notify_one();
+    }
     let mut guard = lock(&r.idle_lock);
     while r.pending.load(Ordering::Acquire) != 0 {
         guard = r
@@ -529,6 +584,8 @@ pub fn flush() -> Result<(), ReclaimError> {
             .unwrap_or_else(|e| e.into_inner())
             .0;
     }
+    drop(guard);
+    r.flushing.fetch_sub(1, Ordering::AcqRel);
     Ok(())
 }
 
