@@ -627,6 +627,20 @@ fn serialise_attach() -> std::sync::MutexGuard<'static, ()> {
     ATTACH_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The rules on a replacement, whatever it replaces: it replaces one target only (`already` says
+/// so when it does), and it is not itself a target of links (a chain would loop).
+fn may_replace(prog: &Prog, already: &'static str) -> Result<(), AttachError> {
+    if prog.is_replacement() {
+        return Err(AttachError::Recursive(already));
+    }
+    if prog.link_count() != 0 {
+        return Err(AttachError::Recursive(
+            "the replacement is itself a target of attached programs",
+        ));
+    }
+    Ok(())
+}
+
 /// `text_poke` where trampolines are supported; a typed error elsewhere.
 fn poke(site: PatchSite, old: PokeInsn, new: PokeInsn) -> Result<(), AttachError> {
     let ip = site.ip();
@@ -690,16 +704,7 @@ pub fn attach(
                 "the target is itself a replacement (freplace of an freplace program)",
             ));
         }
-        if prog.is_replacement() {
-            return Err(AttachError::Recursive(
-                "the replacement already replaces another program",
-            ));
-        }
-        if prog.link_count() != 0 {
-            return Err(AttachError::Recursive(
-                "the replacement is itself a target of attached programs",
-            ));
-        }
+        may_replace(prog, "the replacement already replaces another program")?;
     }
     let mut state = target.0.attach.lock().unwrap_or_else(|e| e.into_inner());
     let id = state.next_id;

@@ -52,7 +52,8 @@ use std::sync::{Arc, Mutex};
 
 use super::{
     AttachError, AttachKind, AttachState, ImageTarget, Link, LinkEntry, LinkShared,
-    MAX_TRAMP_LINKS, Prog, Target, TrampImage, build_image, retire_image, serialise_attach,
+    MAX_TRAMP_LINKS, Prog, Target, TrampImage, build_image, may_replace, retire_image,
+    serialise_attach,
 };
 use crate::native::{NativeError, NativeInsn, NativeSite};
 use crate::reclaim;
@@ -151,16 +152,7 @@ pub unsafe fn attach_native(
     }
     let _serial = serialise_attach();
     if kind == AttachKind::Freplace {
-        if prog.is_replacement() {
-            return Err(AttachError::Recursive(
-                "the replacement already replaces another function",
-            ));
-        }
-        if prog.link_count() != 0 {
-            return Err(AttachError::Recursive(
-                "the replacement is itself a target of attached programs",
-            ));
-        }
+        may_replace(prog, "the replacement already replaces another function")?;
     }
     let target = target_for(site)?;
     let mut state = target.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -434,8 +426,7 @@ fn stub_code(at: usize, record: u64, body: usize) -> Result<Vec<u8>, AttachError
     a.pop(Gpr::Rax);
     a.ret();
     a.bind(untraced);
-    let code = a.finish().map_err(crate::jit::JitError::from)?;
-    let mut code = code;
+    let mut code = a.finish().map_err(crate::jit::JitError::from)?;
     // jmp rel32 to the body (the stub is within ±2 GiB of the site).
     let from = at + code.len() + 5;
     let rel = i32::try_from(body as i64 - from as i64)
