@@ -7,6 +7,8 @@
 #[path = "common/native.rs"]
 mod native_lib;
 
+use native_lib::call2;
+
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -43,11 +45,6 @@ fn lib() -> Option<&'static native_lib::Lib> {
     static LIB: std::sync::OnceLock<Option<native_lib::Lib>> = std::sync::OnceLock::new();
     LIB.get_or_init(|| native_lib::build("native_attach", SOURCE, native_lib::CC))
         .as_ref()
-}
-
-// SAFETY (both): the library keeps these signatures and is never unloaded.
-fn call2(f: usize, a: i64, b: i64) -> i64 {
-    unsafe { std::mem::transmute::<usize, extern "C" fn(i64, i64) -> i64>(f)(a, b) }
 }
 
 #[cfg(target_arch = "aarch64")]

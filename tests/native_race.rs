@@ -19,9 +19,10 @@ mod retire;
 #[path = "common/native.rs"]
 mod native_lib;
 
+use native_lib::call2;
+
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use livebpf::asm::assemble_program;
 use livebpf::helpers::Helpers;
@@ -99,11 +100,6 @@ extern "C" fn wait_in_body(x: i64) -> i64 {
         std::thread::yield_now();
     }
     x
-}
-
-fn call2(f: usize, a: i64, b: i64) -> i64 {
-    // SAFETY: the library's `long f(long, long)`, never unloaded.
-    unsafe { std::mem::transmute::<usize, extern "C" fn(i64, i64) -> i64>(f)(a, b) }
 }
 
 /// All three in one test: they share the process-wide hook and observer.
@@ -191,15 +187,11 @@ fn retired_native_images_outlive_every_caller_that_can_be_inside() {
         std::thread::yield_now();
     }
     link.detach().unwrap();
-    let until = Instant::now() + Duration::from_secs(20);
-    while retire::states_of(image).last() != Some(&RetireState::Draining) {
-        assert!(
-            Instant::now() < until,
-            "grace period 1 waited for a caller inside the body: {:?}",
-            retire::states_of(image)
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    retire::wait_for_state(
+        image,
+        RetireState::Draining,
+        "grace period 1 waited for a caller inside the body",
+    );
     retire::assert_stays_retired(image, baseline + 1, RetireState::Draining);
     RELEASE.store(true, Ordering::SeqCst);
     assert_eq!(caller.join().unwrap(), 42);

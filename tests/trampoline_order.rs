@@ -8,6 +8,8 @@
 #[path = "common/native.rs"]
 mod native_lib;
 
+use native_lib::call2;
+
 use std::sync::Mutex;
 
 use livebpf::asm::assemble_program;
@@ -39,11 +41,6 @@ fn native_target() -> Option<usize> {
     })
     .as_ref()
     .map(|l| l.sym("to_target"))
-}
-
-fn call2(f: usize, a: i64, b: i64) -> i64 {
-    // SAFETY: the library's `long f(long, long)`, never unloaded.
-    unsafe { std::mem::transmute::<usize, extern "C" fn(i64, i64) -> i64>(f)(a, b) }
 }
 
 /// What the tracers of the property test record, in order: fentry, fmod_ret and fexit runs by

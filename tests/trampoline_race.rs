@@ -12,7 +12,6 @@ mod retire;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use livebpf::asm::assemble_program;
 use livebpf::helpers::Helpers;
@@ -107,15 +106,7 @@ fn retired_images_outlive_every_thread_that_can_be_inside() {
     }
     link.detach().unwrap();
     // Grace period 1 completes (the thread is quiescent), the reference holds the image.
-    let until = Instant::now() + Duration::from_secs(20);
-    while retire::states_of(image).last() != Some(&RetireState::Draining) {
-        assert!(
-            Instant::now() < until,
-            "grace period 1 never ended: {:?}",
-            retire::states_of(image)
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    retire::wait_for_state(image, RetireState::Draining, "grace period 1 never ended");
     retire::assert_stays_retired(image, baseline + 1, RetireState::Draining);
     RELEASE_HELPER.store(true, Ordering::SeqCst);
     assert_eq!(runner.join().unwrap(), Ok(42));

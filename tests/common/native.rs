@@ -97,3 +97,9 @@ pub fn build(name: &str, source: &str, compile: &[&str]) -> Option<Lib> {
     assert!(!handle.is_null(), "dlopen {so:?}");
     Some(Lib { handle })
 }
+
+/// Calls the library function at `f`, a `long f(long, long)`.
+pub fn call2(f: usize, a: i64, b: i64) -> i64 {
+    // SAFETY: the libraries built here keep that signature and are never unloaded.
+    unsafe { std::mem::transmute::<usize, extern "C" fn(i64, i64) -> i64>(f)(a, b) }
+}

@@ -32,6 +32,15 @@ pub fn clear() {
     TRANSITIONS.lock().unwrap().clear();
 }
 
+/// Waits until `image` has reached `state`, failing with `why` after 20 s.
+pub fn wait_for_state(image: usize, state: RetireState, why: &str) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while states_of(image).last() != Some(&state) {
+        assert!(Instant::now() < until, "{why}: {:?}", states_of(image));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Checks for a while that `image` is still waiting in retirement, never freed, in `state`. A
 /// safety check over a window: it can only miss a bug, never report one that is not there.
 pub fn assert_stays_retired(image: usize, live: usize, state: RetireState) {
