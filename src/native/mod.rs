@@ -34,10 +34,10 @@ use object::{Object, ObjectSymbol, SymbolKind};
 
 #[cfg(target_arch = "aarch64")]
 use crate::text::poke::encode_a64;
-#[cfg(target_arch = "x86_64")]
-use crate::text::poke::encode_x86;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::text::poke::{PokeError, PokeInsn, PokeOutcome};
+#[cfg(target_arch = "x86_64")]
+use crate::text::poke::{X86_NOP5_HEAD, encode_x86};
 
 /// Why a native site could not be found or used. Nothing was written in any case.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,9 +112,6 @@ const FLAGS: &str = "clang -fpatchable-function-entry=5 (or gcc -pg -mfentry -mn
 const FLAGS: &str =
     "-fpatchable-function-entry=2 (two nops at the entry, after `bti c` with -mbranch-protection)";
 
-/// The first four bytes of x86-64's 5-byte nop, `nopl disp8(%rax,%rax,1)` (any displacement).
-#[cfg(target_arch = "x86_64")]
-const X86_NOP5_HEAD: [u8; 4] = [0x0f, 0x1f, 0x44, 0x00];
 #[cfg(target_arch = "x86_64")]
 const X86_ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 /// arm64 `nop` and `bti c`.

@@ -69,6 +69,8 @@ pub use arm64::{
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86_64::X86_NOP5_HEAD;
+#[cfg(target_arch = "x86_64")]
 use x86_64::text_poke as arch_text_poke;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{

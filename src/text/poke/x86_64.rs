@@ -13,6 +13,9 @@ pub const PATCH_SITE_LEN: usize = 5;
 
 /// The 5-byte nop (`nop dword [rax + rax*1 + 0]`) every program starts with.
 pub const X86_NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// Its first four bytes, `nopl disp8(%rax,%rax,1)` with any displacement: what native sites hold
+/// (gcc writes displacement 0, clang 8).
+pub(crate) const X86_NOP5_HEAD: [u8; 4] = [0x0f, 0x1f, 0x44, 0x00];
 const X86_CALL: u8 = 0xe8;
 const X86_JMP: u8 = 0xe9;
 const X86_INT3: u8 = 0xcc;
@@ -745,7 +748,7 @@ fn is_finished_site(arena: &CodeArena, site: usize) -> bool {
         *b = unsafe { AtomicU8::from_ptr((site + i) as *mut u8) }.load(Ordering::Relaxed);
     }
     if native {
-        return bytes[..4] == [0x0f, 0x1f, 0x44, 0x00]
+        return bytes[..4] == X86_NOP5_HEAD
             || matches!(
                 decode_x86(site, bytes),
                 Some(PokeInsn::Call(_) | PokeInsn::Jump(_))
