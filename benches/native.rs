@@ -5,13 +5,13 @@
 //! through libbpf). For scale, livebpf's empty fentry on a BPF program too. A table of the
 //! added cost per call, in native calls, follows criterion's output. `cargo bench --bench native`.
 
+#[path = "../tests/common/native.rs"]
+mod native_lib;
 #[path = "common/tracing.rs"]
 mod tracing;
 
-use std::ffi::CString;
 use std::hint::black_box;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Instant;
 
 use criterion::Criterion;
@@ -21,45 +21,14 @@ use livebpf::trampoline::{AttachKind, Link, attach, attach_native};
 
 const SOURCE: &str = "long bn_target(long a, long b) { return a + b; }\n";
 
-#[cfg(target_arch = "x86_64")]
-const CC: &[&str] = &["clang-19", "-fpatchable-function-entry=5"];
-#[cfg(not(target_arch = "x86_64"))]
-const CC: &[&str] = &[
-    "aarch64-linux-gnu-gcc",
-    "-fpatchable-function-entry=2",
-    "-mbranch-protection=standard",
-];
-
 type Target = extern "C" fn(i64, i64) -> i64;
 
 /// The shared object and the function, loaded (never unloaded); `None` without the compiler.
 fn build() -> Option<(PathBuf, Target)> {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-native");
-    std::fs::create_dir_all(&dir).ok()?;
-    let (src, so) = (dir.join("bn.c"), dir.join("libbn.so"));
-    std::fs::write(&src, SOURCE).ok()?;
-    let built = Command::new(CC[0])
-        .args(&CC[1..])
-        .args(["-O2", "-fPIC", "-shared", "-o"])
-        .arg(&so)
-        .arg(&src)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !built {
-        eprintln!("!! SKIPPED: benches/native.rs needs {}", CC[0]);
-        return None;
-    }
-    let path = CString::new(so.to_str()?).ok()?;
-    // SAFETY: our own object, without constructors; never dlclosed.
-    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
-    // SAFETY: a valid handle; the symbol is `long bn_target(long, long)`.
-    let f = unsafe { libc::dlsym(handle, c"bn_target".as_ptr()) };
-    (!f.is_null()).then(|| {
-        // SAFETY: as above.
-        (so, unsafe {
-            std::mem::transmute::<*mut libc::c_void, Target>(f)
-        })
-    })
+    let lib = native_lib::build("bn", SOURCE, native_lib::CC)?;
+    // SAFETY: the symbol is `long bn_target(long, long)`.
+    let f = unsafe { std::mem::transmute::<usize, Target>(lib.sym("bn_target")) };
+    Some((lib.path().to_path_buf(), f))
 }
 
 /// Quick time per call, in ns (criterion keeps its estimates to itself).
@@ -83,7 +52,7 @@ fn kernel_uprobe(so: &std::path::Path) -> Result<(libbpf_rs::Link, libbpf_rs::Ob
     let obj_path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("uprobe.bpf.o");
     let src =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/programs/uprobe.bpf.c");
-    let ok = Command::new("clang-19")
+    let ok = std::process::Command::new("clang-19")
         .args([
             "-O2",
             "-g",

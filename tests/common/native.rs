@@ -22,6 +22,7 @@ pub const CC: &[&str] = &[
 /// A loaded shared object.
 pub struct Lib {
     handle: *mut libc::c_void,
+    path: PathBuf,
 }
 
 // SAFETY: a dlopen handle may be used from any thread.
@@ -30,6 +31,11 @@ unsafe impl Send for Lib {}
 unsafe impl Sync for Lib {}
 
 impl Lib {
+    /// The object's file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// The address of `name` in it.
     pub fn sym(&self, name: &str) -> usize {
         let sym = CString::new(name).unwrap();
@@ -95,7 +101,7 @@ pub fn build(name: &str, source: &str, compile: &[&str]) -> Option<Lib> {
     // SAFETY: our own object, without constructors; never dlclosed.
     let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
     assert!(!handle.is_null(), "dlopen {so:?}");
-    Some(Lib { handle })
+    Some(Lib { handle, path: so })
 }
 
 /// Calls the library function at `f`, a `long f(long, long)`.
