@@ -146,12 +146,18 @@ impl Grants {
     }
 
     /// Forgets every grant and hands the spill vector back to the thread's pool.
+    #[inline]
     fn release(&mut self) {
         self.len = 0;
         // Most runs never spill: nothing to hand back.
-        if self.spill.capacity() == 0 {
-            return;
+        if self.spill.capacity() != 0 {
+            self.release_spill();
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn release_spill(&mut self) {
         let mut spill = std::mem::take(&mut self.spill);
         spill.clear();
         let _ = SPILLS.try_with(|p| {
@@ -925,7 +931,11 @@ unsafe fn start_from<'c>(
             dst.cast::<u8>(),
             PLAIN,
         );
-        std::ptr::addr_of_mut!((*dst).grants).write(Grants::new());
+        // `Grants::new` field by field: its inline slots are uninitialised by design, and a
+        // whole-struct write would store all of them anyway.
+        let grants = std::ptr::addr_of_mut!((*dst).grants);
+        std::ptr::addr_of_mut!((*grants).len).write(0);
+        std::ptr::addr_of_mut!((*grants).spill).write(Vec::new());
         std::ptr::addr_of_mut!((*dst).error).write(None);
         &mut *dst
     };

@@ -243,6 +243,7 @@ impl Reader {
     }
 
     /// Takes a reference on `image` (non-zero).
+    #[inline]
     pub fn image_enter(&self, domain: &Domain, image: usize) {
         let d = self.depth.get();
         if d < MAX_NESTED_IMAGES && self.overflow.get() == 0 {
@@ -252,19 +253,23 @@ impl Reader {
             reader_fence();
             self.depth.set(d + 1);
         } else {
-            lock(&domain.overflow).push(image);
-            self.overflow.set(self.overflow.get() + 1);
+            self.image_enter_overflow(domain, image);
         }
     }
 
+    /// [`Reader::image_enter`] with every slot in use: the reference goes to the shared list.
+    #[cold]
+    #[inline(never)]
+    fn image_enter_overflow(&self, domain: &Domain, image: usize) {
+        lock(&domain.overflow).push(image);
+        self.overflow.set(self.overflow.get() + 1);
+    }
+
     /// Drops the reference taken by the matching [`Reader::image_enter`].
+    #[inline]
     pub fn image_exit(&self, domain: &Domain, image: usize) {
         if self.overflow.get() > 0 {
-            let mut refs = lock(&domain.overflow);
-            if let Some(i) = refs.iter().rposition(|&a| a == image) {
-                refs.swap_remove(i);
-            }
-            self.overflow.set(self.overflow.get() - 1);
+            self.image_exit_overflow(domain, image);
             return;
         }
         let d = self.depth.get();
@@ -276,6 +281,17 @@ impl Reader {
         // image's last instructions after this store.
         self.record.inside[d - 1].store(0, Ordering::Release);
         self.depth.set(d - 1);
+    }
+
+    /// [`Reader::image_exit`] of a reference in the shared list.
+    #[cold]
+    #[inline(never)]
+    fn image_exit_overflow(&self, domain: &Domain, image: usize) {
+        let mut refs = lock(&domain.overflow);
+        if let Some(i) = refs.iter().rposition(|&a| a == image) {
+            refs.swap_remove(i);
+        }
+        self.overflow.set(self.overflow.get() - 1);
     }
 }
 

@@ -93,6 +93,9 @@ impl Local {
 
 impl Drop for Local {
     fn drop(&mut self) {
+        // Before anything of `self` goes: from here on `with_local` takes the slow path, which
+        // finds `LOCAL` destroyed.
+        LOCAL_PTR.set(std::ptr::null());
         self.domain.unregister(&self.reader);
     }
 }
@@ -101,6 +104,10 @@ thread_local! {
     static LOCAL: Local = Local::new();
     /// Whether `LOCAL` was made on this thread (readable without creating it).
     static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// `LOCAL`'s address while it lives, else null. A `const` cell without a destructor is read
+    /// with one thread-pointer-relative load, where `LOCAL` (lazily made, with a destructor)
+    /// costs a state check and a call on every access: this is the run path's way in.
+    static LOCAL_PTR: std::cell::Cell<*const Local> = const { std::cell::Cell::new(std::ptr::null()) };
     /// What the fork prepare handler holds until the parent or child handler.
     static FORK_HELD: std::cell::RefCell<Option<ForkHeld>> = const { std::cell::RefCell::new(None) };
 }
@@ -176,7 +183,27 @@ fn current_tid() -> i32 {
 /// running in another thread-local's destructor).
 #[inline]
 fn with_local<R>(f: impl FnOnce(&Local) -> R) -> Option<R> {
-    LOCAL.try_with(f).ok()
+    let local = LOCAL_PTR.get();
+    if !local.is_null() {
+        // SAFETY: non-null only between `LOCAL`'s first access below and the start of its
+        // destructor; meanwhile it lives in this thread's storage, which does not move, and is
+        // only ever shared (`&Local`).
+        return Some(f(unsafe { &*local }));
+    }
+    with_local_slow(f)
+}
+
+/// [`with_local`]'s first access on a thread (which makes `LOCAL` and publishes its address),
+/// and every access once it is destroyed.
+#[cold]
+#[inline(never)]
+fn with_local_slow<R>(f: impl FnOnce(&Local) -> R) -> Option<R> {
+    LOCAL
+        .try_with(|l| {
+            LOCAL_PTR.set(l as *const Local);
+            f(l)
+        })
+        .ok()
 }
 
 /// A read-side section: while it lives, this thread may execute JIT code and patch sites, and
@@ -290,6 +317,7 @@ pub(crate) fn leave_section() {
 }
 
 /// Takes this thread's reference on `image` (trampoline code, on entry). `image` is non-zero.
+#[inline]
 pub(crate) fn image_enter(image: usize) {
     if with_local(|l| l.reader.image_enter(l.domain, image)).is_none() {
         DOMAIN.enter_shared(image);
@@ -297,6 +325,7 @@ pub(crate) fn image_enter(image: usize) {
 }
 
 /// Drops the reference taken by the matching [`image_enter`].
+#[inline]
 pub(crate) fn image_exit(image: usize) {
     if with_local(|l| l.reader.image_exit(l.domain, image)).is_none() {
         DOMAIN.exit_shared(image);

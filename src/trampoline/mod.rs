@@ -939,6 +939,50 @@ struct TraceLocal {
     depth: usize,
 }
 
+impl TraceLocal {
+    /// Claims `slot`'s guard and this level's stack: `None` when the program is already running
+    /// on this thread. The common case (guard table and stack already there) stays inline; the
+    /// first run of a program or level on a thread grows them.
+    #[inline]
+    fn claim(&mut self, slot: usize) -> Option<*mut JitStack> {
+        if slot < self.active.len() && self.depth < self.stacks.len() {
+            if std::mem::replace(&mut self.active[slot], true) {
+                return None;
+            }
+            let stack = &mut *self.stacks[self.depth] as *mut JitStack;
+            self.depth += 1;
+            return Some(stack);
+        }
+        self.claim_growing(slot)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn claim_growing(&mut self, slot: usize) -> Option<*mut JitStack> {
+        if self.active.len() <= slot {
+            self.active.resize(slot + 1, false);
+        }
+        if std::mem::replace(&mut self.active[slot], true) {
+            return None;
+        }
+        while self.stacks.len() <= self.depth {
+            self.stacks.push(Box::new(JitStack::new()));
+        }
+        let stack = &mut *self.stacks[self.depth] as *mut JitStack;
+        self.depth += 1;
+        Some(stack)
+    }
+
+    /// Undoes [`TraceLocal::claim`] for `slot`.
+    #[inline]
+    fn release(&mut self, slot: usize) {
+        self.depth = self.depth.saturating_sub(1);
+        if let Some(active) = self.active.get_mut(slot) {
+            *active = false;
+        }
+    }
+}
+
 thread_local! {
     static TRACE: UnsafeCell<TraceLocal> = const {
         UnsafeCell::new(TraceLocal {
@@ -947,14 +991,43 @@ thread_local! {
             depth: 0,
         })
     };
+    /// `TRACE`'s contents while they live, else null: one thread-pointer-relative load on the
+    /// tracer path, where `TRACE` itself (it has a destructor) costs a state check per access.
+    static TRACE_PTR: std::cell::Cell<*mut TraceLocal> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+impl Drop for TraceLocal {
+    fn drop(&mut self) {
+        // Before the stacks go: from here on `with_trace` takes the slow path, which finds
+        // `TRACE` destroyed.
+        TRACE_PTR.set(std::ptr::null_mut());
+    }
 }
 
 /// Runs `f` on this thread's tracer state; `None` once the thread-local is destroyed (a traced
 /// program run from another thread-local's destructor: its tracers are skipped as misses).
+#[inline]
 fn with_trace<R>(f: impl FnOnce(&mut TraceLocal) -> R) -> Option<R> {
-    // SAFETY: the state is this thread's own, and `f` never re-enters `with_trace` (its callers
-    // below only touch plain fields), so this is the only reference while it lives.
-    TRACE.try_with(|t| f(unsafe { &mut *t.get() })).ok()
+    let trace = TRACE_PTR.get();
+    if !trace.is_null() {
+        // SAFETY: non-null only while `TRACE` lives (set below on its first access, cleared
+        // when its destructor starts), in this thread's storage, which does not move; the state is this thread's own and `f` never re-enters
+        // `with_trace` (its callers only touch plain fields), so this is the only reference.
+        return Some(f(unsafe { &mut *trace }));
+    }
+    with_trace_slow(f)
+}
+
+#[cold]
+#[inline(never)]
+fn with_trace_slow<R>(f: impl FnOnce(&mut TraceLocal) -> R) -> Option<R> {
+    TRACE
+        .try_with(|t| {
+            TRACE_PTR.set(t.get());
+            // SAFETY: as in `with_trace`.
+            f(unsafe { &mut *t.get() })
+        })
+        .ok()
 }
 
 /// Starts one tracer run: recursion guard, run context, stats. Returns 0 to skip the program,
@@ -971,22 +1044,7 @@ pub(crate) unsafe extern "C" fn tramp_prog_enter(
     // SAFETY: per the contract, the image keeps the link alive while it runs.
     let link = unsafe { &*link };
     let prog = &link.prog.0;
-    let stack = with_trace(|t| {
-        if t.active.len() <= prog.slot {
-            t.active.resize(prog.slot + 1, false);
-        }
-        if std::mem::replace(&mut t.active[prog.slot], true) {
-            return None;
-        }
-        while t.stacks.len() <= t.depth {
-            t.stacks.push(Box::new(JitStack::new()));
-        }
-        let stack = &mut *t.stacks[t.depth] as *mut JitStack;
-        t.depth += 1;
-        Some(stack)
-    })
-    .flatten();
-    let Some(stack) = stack else {
+    let Some(stack) = with_trace(|t| t.claim(prog.slot)).flatten() else {
         prog.misses.fetch_add(1, Ordering::Relaxed);
         return 0;
     };
@@ -1028,10 +1086,5 @@ pub(crate) unsafe extern "C" fn tramp_prog_exit(
         prog.run_time_ticks
             .fetch_add(clock::since(start - 1), Ordering::Relaxed);
     }
-    with_trace(|t| {
-        t.depth = t.depth.saturating_sub(1);
-        if let Some(slot) = t.active.get_mut(prog.slot) {
-            *slot = false;
-        }
-    });
+    with_trace(|t| t.release(prog.slot));
 }
