@@ -688,6 +688,28 @@ impl Asm {
         self.bytes(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
     }
 
+    /// Pads with the fewest multi-byte nops (the SDM's recommended forms, up to 9 bytes each)
+    /// until the length is a multiple of `align` (a power of two).
+    pub fn align_with_nops(&mut self, align: usize) {
+        const NOPS: [&[u8]; 9] = [
+            &[0x90],
+            &[0x66, 0x90],
+            &[0x0f, 0x1f, 0x00],
+            &[0x0f, 0x1f, 0x40, 0x00],
+            &[0x0f, 0x1f, 0x44, 0x00, 0x00],
+            &[0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00],
+            &[0x0f, 0x1f, 0x80, 0x00, 0x00, 0x00, 0x00],
+            &[0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+            &[0x66, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
+        ];
+        let mut pad = self.buf.len().next_multiple_of(align) - self.buf.len();
+        while pad > 0 {
+            let n = pad.min(NOPS.len());
+            self.bytes(NOPS[n - 1]);
+            pad -= n;
+        }
+    }
+
     fn rel(&mut self, label: Label, kind: RelKind) {
         let at = self.buf.len();
         self.fixups.push(Fixup { at, label, kind });
