@@ -210,25 +210,56 @@ fn with_local_slow<R>(f: impl FnOnce(&Local) -> R) -> Option<R> {
 /// retired images wait for it. Every JIT run holds one; nesting is allowed.
 ///
 /// Leaking a guard (`mem::forget`) keeps the thread online: grace periods, and so retirement,
-/// then wait forever. Nothing unsound happens.
+/// then wait forever. Nothing unsound happens. A guard is its thread's section, so it is neither
+/// `Send` nor `Sync`.
 pub struct ReadGuard {
-    /// A registration of its own when the thread's thread-local is already destroyed.
-    fallback: Option<Reader>,
+    /// Null, or a registration of its own (a leaked `Box`, freed by `drop`) when the thread's
+    /// thread-local is already destroyed. A raw pointer, so the guard has no drop glue besides
+    /// `Drop::drop`, whose common case inlines.
+    fallback: *mut Reader,
 }
 
 impl ReadGuard {
-    /// Goes online (or deeper, when already online).
-    #[inline]
+    /// Goes online (or deeper, when already online). The common case inlines into the run path:
+    /// one thread-local load and the section's plain stores.
+    #[inline(always)]
     pub fn new() -> ReadGuard {
-        if with_local(|l| l.reader.read_lock(l.domain)).is_some() {
-            return ReadGuard { fallback: None };
+        let local = LOCAL_PTR.get();
+        if !local.is_null() {
+            // SAFETY: as in `with_local`: non-null only while `LOCAL` lives, which does not move.
+            let l = unsafe { &*local };
+            l.reader.read_lock(l.domain);
+            return ReadGuard {
+                fallback: std::ptr::null_mut(),
+            };
+        }
+        ReadGuard::new_slow()
+    }
+
+    /// The first section of a thread, or one run from a thread-local destructor.
+    #[cold]
+    #[inline(never)]
+    fn new_slow() -> ReadGuard {
+        if with_local_slow(|l| l.reader.read_lock(l.domain)).is_some() {
+            return ReadGuard {
+                fallback: std::ptr::null_mut(),
+            };
         }
         // Running from a thread-local destructor: register for the length of this section.
         let reader = DOMAIN.register(current_tid());
         reader.read_lock(&DOMAIN);
         ReadGuard {
-            fallback: Some(reader),
+            fallback: Box::into_raw(Box::new(reader)),
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn drop_fallback(reader: *mut Reader) {
+        // SAFETY: made by `Box::into_raw` in `new_slow`, freed only here, once.
+        let reader = unsafe { Box::from_raw(reader) };
+        reader.read_unlock();
+        DOMAIN.unregister(&reader);
     }
 }
 
@@ -239,16 +270,12 @@ impl Default for ReadGuard {
 }
 
 impl Drop for ReadGuard {
-    #[inline]
+    #[inline(always)]
     fn drop(&mut self) {
-        match &self.fallback {
-            None => {
-                with_local(|l| l.reader.read_unlock());
-            }
-            Some(reader) => {
-                reader.read_unlock();
-                DOMAIN.unregister(reader);
-            }
+        if self.fallback.is_null() {
+            with_local(|l| l.reader.read_unlock());
+        } else {
+            ReadGuard::drop_fallback(self.fallback);
         }
     }
 }
