@@ -5,6 +5,7 @@
 //!    the right result.
 //! 2. A thread holds the reference and is blocked (quiescent) in a helper inside the original: the
 //!    grace period passes, but the reference keeps the image alive until the helper returns.
+//! 3. and 4. The same two in an fentry-only image (blocked in the fentry program's helper).
 #![cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 
 #[path = "common/retire.rs"]
@@ -56,7 +57,7 @@ extern "C" fn block_quiescent(r1: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
     r1
 }
 
-/// Both scenarios in one test: they share the process-wide hook and observer.
+/// The scenarios in one test: they share the process-wide hook and observer.
 #[test]
 fn retired_images_outlive_every_thread_that_can_be_inside() {
     reclaim::set_observer(Some(retire::observe));
@@ -112,6 +113,67 @@ fn retired_images_outlive_every_thread_that_can_be_inside() {
     assert_eq!(runner.join().unwrap(), Ok(42));
     reclaim::flush().expect("flush outside a run");
     assert_eq!(live_images(), baseline);
+
+    // Scenarios 3 and 4, in an fentry-only image (which returns into the body rather than
+    // calling it): 3, held between the branch and the reference; 4, blocked in a helper of the
+    // fentry program.
+    let target = load(
+        "mov %r0, %r1
+add %r0, %r2
+exit",
+        &Helpers::new(),
+    );
+    let link = attach(AttachKind::Fentry, &target, &tracer, 0).unwrap();
+    let image = target.trampoline_image().unwrap();
+    HELD_IMAGE.store(0, Ordering::SeqCst);
+    RELEASE_ENTRY.store(false, Ordering::SeqCst);
+    let runner = {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            HOLD_ME.with(|h| h.set(true));
+            target.call([20, 22, 0, 0, 0])
+        })
+    };
+    while HELD_IMAGE.load(Ordering::SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    assert_eq!(HELD_IMAGE.load(Ordering::SeqCst), image);
+    link.detach().unwrap();
+    retire::assert_stays_retired(image, baseline + 1, RetireState::Gp1);
+    RELEASE_ENTRY.store(true, Ordering::SeqCst);
+    assert_eq!(runner.join().unwrap(), Ok(42));
+    reclaim::flush().expect("flush outside a run");
+    assert_eq!(live_images(), baseline);
+
+    HELPER_ENTERED.store(false, Ordering::SeqCst);
+    RELEASE_HELPER.store(false, Ordering::SeqCst);
+    let blocking_tracer = load(
+        "mov %r1, 7
+call 13
+mov %r0, 0
+exit",
+        &helpers,
+    );
+    let link = attach(AttachKind::Fentry, &target, &blocking_tracer, 0).unwrap();
+    let image = target.trampoline_image().unwrap();
+    let runner = {
+        let target = target.clone();
+        std::thread::spawn(move || target.call([40, 2, 0, 0, 0]))
+    };
+    while !HELPER_ENTERED.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    link.detach().unwrap();
+    retire::wait_for_state(image, RetireState::Draining, "grace period 1 never ended");
+    retire::assert_stays_retired(image, baseline + 1, RetireState::Draining);
+    RELEASE_HELPER.store(true, Ordering::SeqCst);
+    assert_eq!(runner.join().unwrap(), Ok(42));
+    reclaim::flush().expect("flush outside a run");
+    assert_eq!(live_images(), baseline);
+    assert_eq!(
+        retire::states_of(image),
+        [RetireState::Gp1, RetireState::Draining, RetireState::Gp2]
+    );
     set_enter_hook(None);
     reclaim::set_observer(None);
 }
