@@ -9,10 +9,11 @@
 //!   [x29]       x29, x30    frame record of the target (x30 = its body)
 //!   sp + 0      args[0..5] = r1..r5 (x0..x4), args[5] = return value
 //!   sp + 48     the target's run context (x5)
-//!   sp + 56     x6, x7, x8 (a native function's further arguments and indirect-result pointer)
+//!   sp + 56     `enter` result of the tracer being run
+//!   sp + 64     result of the last fmod_ret program
+//!   sp + 72     x6, x7, x8 (a native function's further arguments and indirect-result pointer)
+//!   sp + 96     the tracer's RunContext
 //! ```
-//! A tracer's run context lives in the frame of `tramp_run_tracer`, which the image calls once
-//! per tracer.
 //! The original is called with `adr x30, <after>; ret x10`: `blr` would need a landing pad at the
 //! body, which BTI does not give it (the kernel learnt this after merge). Returning to the target's
 //! caller skips the target's frame: `mov x30, x9; ret x9`. With fentry only, the image returns into
@@ -27,9 +28,10 @@
 use super::native::{native_body_enter, native_body_exit};
 use super::{
     AttachError, AttachKind, ImageTarget, LinkEntry, TRACE_CTX_WORDS, tramp_image_enter,
-    tramp_image_exit, tramp_run_replacement, tramp_run_tracer,
+    tramp_image_exit, tramp_prog_enter, tramp_prog_exit,
 };
 use crate::isa::Size;
+use crate::jit::RunContext;
 use crate::jit::arm64::enc::{
     self, FP, Gpr, LR, LdSt, PairMode, SP, X0, X1, X2, X3, X4, X5, X9, X10, XZR,
 };
@@ -37,9 +39,13 @@ use crate::jit::arm64::enc::{
 const ARGS: i64 = 0;
 const RETVAL: i64 = ARGS + 8 * (TRACE_CTX_WORDS as i64 - 1);
 const SAVED_CTX: i64 = 48;
-const NATIVE_REGS: i64 = 56;
+const START: i64 = 56;
+const FMOD_RESULT: i64 = 64;
+const NATIVE_REGS: i64 = 72;
+const TRACER_CTX: i64 = 96;
+const CTX_SPACE: i64 = (std::mem::size_of::<RunContext<'static>>() as i64 + 15) & !15;
 /// Below the two frame records; a multiple of 16 (sp stays aligned).
-const FRAME: i64 = (NATIVE_REGS + 8 * NATIVE_EXTRA.len() as i64 + 15) & !15;
+const FRAME: i64 = TRACER_CTX + CTX_SPACE;
 
 const ARG_REGS: [Gpr; 5] = [X0, X1, X2, X3, X4];
 /// A native function's registers beyond the program ABI's: arguments 7 and 8, and x8.
@@ -148,14 +154,45 @@ impl Code {
     }
 }
 
-/// Runs one tracer (`tramp_run_tracer`: guard, context, program, stats, error in one call);
-/// with `fmod`, a non-zero result becomes the return value and skips the original.
+/// A tracer run's start: `tramp_prog_enter`, its result kept; branches to `skip` when the
+/// program is not to run (already running on this thread).
+fn emit_enter(c: &mut Code, shared: u64, skip: Label) {
+    c.mov_imm(X0, shared);
+    c.add_sp(X1, TRACER_CTX);
+    c.add_sp(X2, ARGS);
+    c.call_abs(tramp_prog_enter as *const () as u64);
+    c.str_sp(X0, START);
+    c.fix(skip, Fix::Cbz(X0));
+}
+
+/// A tracer run's end: `tramp_prog_exit` with what `emit_enter` kept.
+fn emit_exit(c: &mut Code, shared: u64) {
+    c.mov_imm(X0, shared);
+    c.ldr_sp(X1, START);
+    c.add_sp(X2, TRACER_CTX);
+    c.call_abs(tramp_prog_exit as *const () as u64);
+}
+
+/// Runs one tracer: enter → program → exit; with `fmod`, a non-zero result becomes the return
+/// value and skips the original.
 fn emit_prog(c: &mut Code, link: &LinkEntry, fmod: Option<Label>) {
-    c.mov_imm(X0, std::sync::Arc::as_ptr(&link.shared) as u64);
-    c.add_sp(X1, ARGS);
-    c.call_abs(tramp_run_tracer as *const () as u64);
+    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
+    let skip = c.label();
+    c.str_sp(XZR, FMOD_RESULT);
+    emit_enter(c, shared, skip);
+    c.add_sp(X0, ARGS);
+    c.mov_imm(X1, link.shared.cookie);
+    for r in [X2, X3, X4] {
+        c.emit(enc::mov_reg(true, r, XZR));
+    }
+    c.add_sp(X5, TRACER_CTX);
+    c.call_abs(link.shared.prog.0.jit.entry() as u64);
+    c.str_sp(X0, FMOD_RESULT);
+    c.bind(skip);
+    emit_exit(c, shared);
     if let Some(skip_original) = fmod {
         let next = c.label();
+        c.ldr_sp(X0, FMOD_RESULT);
         c.fix(next, Fix::Cbz(X0));
         c.str_sp(X0, RETVAL);
         c.fix(skip_original, Fix::B);
@@ -175,16 +212,17 @@ fn restore_args(c: &mut Code, native: bool) {
     }
 }
 
-/// Runs a native function's replacement (`tramp_run_replacement`: x0..x4 = the function's
-/// arguments, its result the function's); when it is skipped (already running on this thread,
-/// x1 = 0) the function itself runs.
+/// Runs a native function's replacement: x0..x4 = the function's arguments, its result the
+/// function's; when it is skipped (already running on this thread) the function itself runs.
 fn emit_replacement(c: &mut Code, link: &LinkEntry, done: Label) {
+    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
     let skip = c.label();
-    c.mov_imm(X0, std::sync::Arc::as_ptr(&link.shared) as u64);
-    c.add_sp(X1, ARGS);
-    c.call_abs(tramp_run_replacement as *const () as u64);
-    c.fix(skip, Fix::Cbz(X1));
+    emit_enter(c, shared, skip);
+    restore_args(c, false);
+    c.add_sp(X5, TRACER_CTX);
+    c.call_abs(link.shared.prog.0.jit.entry() as u64);
     c.str_sp(X0, RETVAL);
+    emit_exit(c, shared);
     c.fix(done, Fix::B);
     c.bind(skip);
 }

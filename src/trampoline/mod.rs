@@ -14,13 +14,13 @@
 //! ```text
 //!   save the target's arguments (r1..r5) and its run context
 //!   image_enter(image)                     take the reference (test hook runs before it)
-//!   for each fentry:   run_tracer: guard → program(ctx = &args, cookie) → stats, error
+//!   for each fentry:   enter → program(ctx = &args, cookie) → exit
 //!   if fexit or fmod_ret:
-//!     for each fmod_ret: run_tracer; non-zero result → retval, skip the original
+//!     for each fmod_ret: enter → program → exit; non-zero result → retval, skip the original
 //!     call the target's body (just after its patch site) with the saved arguments
 //!     store the return value
 //!     ip_after_call: nop                   (poked to `jmp ip_epilogue` on retirement)
-//!     for each fexit:    run_tracer (ctx = &args with retval at ctx[5])
+//!     for each fexit:    enter → program(ctx = &args with retval at ctx[5]) → exit
 //!   ip_epilogue:
 //!   image_exit(image)                      drop the reference
 //!   restore; return to the target's caller (with retval), or into the body (fentry only)
@@ -28,9 +28,9 @@
 //! A tracing program sees r1 = a pointer to six u64s (the target's r1..r5, then the return value,
 //! 0 before the original ran), r2 = the link's cookie, and may read that memory (checked mode).
 //!
-//! `run_tracer`, one runtime call per tracer run, keeps a recursion guard (a program already
-//! running on this thread is skipped and its `misses` counted) and, when [`set_stats_enabled`] is
-//! on, `run_cnt` and `run_time_ns`.
+//! Per-program `enter`/`exit` keep a recursion guard (a program already running on this thread
+//! is skipped and its `misses` counted) and, when [`set_stats_enabled`] is on, `run_cnt` and
+//! `run_time_ns`.
 
 // The runtime functions below are only reachable from generated images, which exist for x86-64
 // and arm64.
@@ -58,7 +58,7 @@ use crate::exec::context::TracerTemplate;
 use crate::exec::{DirectTailCall, ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
 use crate::helpers::Helpers;
 use crate::isa::Program;
-use crate::jit::{JitError, JitFn, JitOptions, JitProgram, JitStack, RunContext};
+use crate::jit::{JitError, JitOptions, JitProgram, JitStack, RunContext};
 use crate::reclaim::{self, Retirable};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::text::ImageKind;
@@ -1030,94 +1030,61 @@ fn with_trace_slow<R>(f: impl FnOnce(&mut TraceLocal) -> R) -> Option<R> {
         .ok()
 }
 
-/// What a tracer run gives the image (returned in two registers: rax:rdx, x0:x1).
-#[repr(C)]
-pub(crate) struct TracerRun {
-    /// The program's r0 (0 when it failed or did not run).
-    r0: u64,
-    /// 1 when the program ran, 0 when it was skipped (already running on this thread).
-    ran: u64,
-}
-
-/// One tracer run, whole, for the image: recursion guard, the run context (in this frame,
-/// copied from the link's template), stats, the program, its error. `args` is the image's
-/// saved-arguments block; `call` enters the program's code with the context.
+/// Starts one tracer run: recursion guard, run context, stats. Returns 0 to skip the program,
+/// else 1, or the start time in ns + 1 when stats are on.
 ///
 /// # Safety
-/// `link` is an `Arc<LinkShared>` held by the calling image; `args` points at the
-/// `TRACE_CTX_WORDS` saved words, valid for the whole run.
-#[inline(always)]
-unsafe fn run_tracer(
+/// `link` is an `Arc<LinkShared>` held by the calling image; `ctx` points at uninitialised space
+/// for a `RunContext` in the trampoline's frame; `args` at the `TRACE_CTX_WORDS` saved words.
+pub(crate) unsafe extern "C" fn tramp_prog_enter(
     link: *const LinkShared,
+    ctx: *mut RunContext<'static>,
     args: *mut u64,
-    call: impl FnOnce(JitFn, &LinkShared, *mut RunContext<'static>) -> u64,
-) -> TracerRun {
+) -> u64 {
     // SAFETY: per the contract, the image keeps the link alive while it runs.
     let link = unsafe { &*link };
     let prog = &link.prog.0;
     let Some(stack) = with_trace(|t| t.claim(prog.slot)).flatten() else {
         prog.misses.fetch_add(1, Ordering::Relaxed);
-        return TracerRun { r0: 0, ran: 0 };
+        return 0;
     };
-    let mut ctx = std::mem::MaybeUninit::<RunContext<'static>>::uninit();
-    // SAFETY: `ctx` is this frame's space for one RunContext; `args` are the saved argument
-    // words, in the image's frame below this one; the stack is this thread's for this nesting
-    // level and stays allocated while the thread lives (reused by every tracer run at this
-    // level: the run zeroes what the tracer reaches).
-    unsafe { link.template.start(ctx.as_mut_ptr(), args as u64, stack) };
-    let start = stats_enabled().then(clock::ticks);
-    // SAFETY: the entry is the start of the tracer's image, generated for exactly the `JitFn`
-    // ABI, kept mapped by the program the link holds.
-    let entry = unsafe { std::mem::transmute::<usize, JitFn>(prog.jit.entry()) };
-    let r0 = call(entry, link, ctx.as_mut_ptr());
-    // SAFETY: initialised above, no code runs with it any more; taken exactly once.
-    let error = unsafe { RunContext::take_raw(ctx.as_mut_ptr()) };
-    if let Some(start) = start {
-        prog.run_cnt.fetch_add(1, Ordering::Relaxed);
-        prog.run_time_ticks
-            .fetch_add(clock::since(start), Ordering::Relaxed);
+    // SAFETY: `ctx` is trampoline frame space for one RunContext; `args` are the saved
+    // argument words in the same frame; the stack is this thread's for this nesting level and
+    // stays allocated while the thread lives (reused by every tracer run at this level: the
+    // run zeroes what the tracer reaches).
+    unsafe { link.template.start(ctx, args as u64, stack) };
+    if stats_enabled() {
+        clock::ticks() + 1
+    } else {
+        1
     }
+}
+
+/// Ends a tracer run started by [`tramp_prog_enter`] (`start` is what it returned).
+///
+/// # Safety
+/// As for `tramp_prog_enter`; `ctx` was initialised by it when `start != 0`.
+pub(crate) unsafe extern "C" fn tramp_prog_exit(
+    link: *const LinkShared,
+    start: u64,
+    ctx: *mut RunContext<'static>,
+) {
+    if start == 0 {
+        return;
+    }
+    // SAFETY: see `tramp_prog_enter`.
+    let link = unsafe { &*link };
+    let prog = &link.prog.0;
+    // SAFETY: initialised by the matching enter; dropped exactly once here.
+    let error = unsafe { RunContext::take_raw(ctx) };
     if let Some(error) = error {
         prog.errors.fetch_add(1, Ordering::Relaxed);
         *prog.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
     }
+    if start > 1 {
+        prog.run_cnt.fetch_add(1, Ordering::Relaxed);
+        prog.run_time_ticks
+            .fetch_add(clock::since(start - 1), Ordering::Relaxed);
+    }
     with_trace(|t| t.release(prog.slot));
-    TracerRun { r0, ran: 1 }
-}
-
-/// Runs an fentry / fexit / fmod_ret program for the image: r1 = `args`, r2 = the link's
-/// cookie, r3..r5 = 0.
-///
-/// # Safety
-/// As for [`run_tracer`].
-pub(crate) unsafe extern "C" fn tramp_run_tracer(
-    link: *const LinkShared,
-    args: *mut u64,
-) -> TracerRun {
-    // SAFETY: forwarded; the context is initialised for this run and outlives the call, and
-    // checked tracer code only touches what the template's regions allow.
-    unsafe {
-        run_tracer(link, args, |entry, link, ctx| {
-            entry(args as u64, link.cookie, 0, 0, 0, ctx)
-        })
-    }
-}
-
-/// Runs a native function's replacement for the image: r1..r5 = the function's first five
-/// arguments, `args[0..5]`.
-///
-/// # Safety
-/// As for [`run_tracer`].
-pub(crate) unsafe extern "C" fn tramp_run_replacement(
-    link: *const LinkShared,
-    args: *mut u64,
-) -> TracerRun {
-    // SAFETY: `args` holds `TRACE_CTX_WORDS` (≥ 5) words (the contract); the rest as in
-    // `tramp_run_tracer`.
-    unsafe {
-        run_tracer(link, args, |entry, _, ctx| {
-            let [r1, r2, r3, r4, r5] = std::ptr::read(args.cast::<[u64; 5]>());
-            entry(r1, r2, r3, r4, r5, ctx)
-        })
-    }
 }

@@ -9,9 +9,10 @@
 //!   rbp + 0   saved rbp
 //!   rbp - 48  args[0..5] = r1..r5 (rdi, rsi, rdx, rcx, r8); args[5] = return value
 //!   rbp - 56  the target's run context (r9)
+//!   rbp - 64  `enter` result of the tracer being run
+//!   rbp - 72  result of the last fmod_ret program
+//!   rbp - 72 - CTX_SPACE   the tracer's RunContext
 //! ```
-//! A tracer's run context lives in the frame of `tramp_run_tracer`, which the image calls once
-//! per tracer.
 //! On entry rsp ≡ 8 (mod 16), as in any function, so after `push rbp` the frame size is a multiple
 //! of 16 to call out with an aligned stack.
 //!
@@ -25,16 +26,21 @@
 use super::native::{native_body_enter, native_body_exit};
 use super::{
     AttachError, AttachKind, ImageTarget, LinkEntry, TRACE_CTX_WORDS, tramp_image_enter,
-    tramp_image_exit, tramp_run_replacement, tramp_run_tracer,
+    tramp_image_exit, tramp_prog_enter, tramp_prog_exit,
 };
+use crate::jit::RunContext;
 use crate::jit::x86_64::asm::{AluOp, Asm, Cond, Gpr, Label, Mem, OpSize};
 use crate::text::poke::PATCH_SITE_LEN;
 
 const ARGS: i32 = -(TRACE_CTX_WORDS as i32) * 8;
 const RETVAL: i32 = -8;
 const SAVED_CTX: i32 = -56;
+const START: i32 = -64;
+const FMOD_RESULT: i32 = -72;
+const CTX_SPACE: i32 = (std::mem::size_of::<RunContext<'static>>() as i32 + 15) & !15;
+const TRACER_CTX: i32 = FMOD_RESULT - CTX_SPACE;
 /// Frame below the saved rbp: a multiple of 16, see the module docs.
-const FRAME: i32 = (-SAVED_CTX + 15) & !15;
+const FRAME: i32 = (-TRACER_CTX + 15) & !15;
 
 /// The argument registers r1..r5 of the program ABI, and the context register.
 const ARG_REGS: [Gpr; 5] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8];
@@ -55,14 +61,46 @@ fn call_abs(a: &mut Asm, f: u64) {
     a.call_r(Gpr::Rax);
 }
 
-/// Runs one tracer (`tramp_run_tracer`: guard, context, program, stats, error in one call).
-/// With `fmod_ret`, a non-zero result stores the return value and jumps to `skip_original`.
+/// A tracer run's start: `tramp_prog_enter`, its result kept; jumps to `skip` when the program
+/// is not to run (already running on this thread).
+fn emit_enter(a: &mut Asm, shared: u64, skip: Label) {
+    a.movabs(Gpr::Rdi, shared);
+    a.lea(Gpr::Rsi, slot(TRACER_CTX));
+    a.lea(Gpr::Rdx, slot(ARGS));
+    call_abs(a, tramp_prog_enter as *const () as u64);
+    a.store(OpSize::Q, slot(START), Gpr::Rax);
+    a.test_rr(true, Gpr::Rax, Gpr::Rax);
+    a.jcc(Cond::E, skip);
+}
+
+/// A tracer run's end: `tramp_prog_exit` with what `emit_enter` kept.
+fn emit_exit(a: &mut Asm, shared: u64) {
+    a.movabs(Gpr::Rdi, shared);
+    a.load(OpSize::Q, Gpr::Rsi, slot(START));
+    a.lea(Gpr::Rdx, slot(TRACER_CTX));
+    call_abs(a, tramp_prog_exit as *const () as u64);
+}
+
+/// Runs one tracer: enter → program → exit. With `fmod_ret`, a non-zero result stores the return
+/// value and jumps to `skip_original`.
 fn emit_prog(a: &mut Asm, link: &LinkEntry, fmod: Option<Label>) {
-    a.movabs(Gpr::Rdi, std::sync::Arc::as_ptr(&link.shared) as u64);
-    a.lea(Gpr::Rsi, slot(ARGS));
-    call_abs(a, tramp_run_tracer as *const () as u64);
+    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
+    let skip = a.new_label();
+    a.store_imm(OpSize::Q, slot(FMOD_RESULT), 0);
+    emit_enter(a, shared, skip);
+    a.lea(Gpr::Rdi, slot(ARGS));
+    a.mov_imm(Gpr::Rsi, link.shared.cookie);
+    a.alu_rr(AluOp::Xor, false, Gpr::Rdx, Gpr::Rdx);
+    a.alu_rr(AluOp::Xor, false, Gpr::Rcx, Gpr::Rcx);
+    a.alu_rr(AluOp::Xor, false, Gpr::R8, Gpr::R8);
+    a.lea(Gpr::R9, slot(TRACER_CTX));
+    call_abs(a, link.shared.prog.0.jit.entry() as u64);
+    a.store(OpSize::Q, slot(FMOD_RESULT), Gpr::Rax);
+    a.bind(skip);
+    emit_exit(a, shared);
     if let Some(skip_original) = fmod {
         let next = a.new_label();
+        a.load(OpSize::Q, Gpr::Rax, slot(FMOD_RESULT));
         a.test_rr(true, Gpr::Rax, Gpr::Rax);
         a.jcc(Cond::E, next);
         a.store(OpSize::Q, slot(RETVAL), Gpr::Rax);
@@ -71,17 +109,17 @@ fn emit_prog(a: &mut Asm, link: &LinkEntry, fmod: Option<Label>) {
     }
 }
 
-/// Runs a native function's replacement (`tramp_run_replacement`: r1..r5 = the function's
-/// arguments, its result the function's); when it is skipped (already running on this thread,
-/// rdx = 0) the function itself runs.
+/// Runs a native function's replacement: r1..r5 = the function's arguments, its result the
+/// function's; when it is skipped (already running on this thread) the function itself runs.
 fn emit_replacement(a: &mut Asm, link: &LinkEntry, done: Label) {
+    let shared = std::sync::Arc::as_ptr(&link.shared) as u64;
     let skip = a.new_label();
-    a.movabs(Gpr::Rdi, std::sync::Arc::as_ptr(&link.shared) as u64);
-    a.lea(Gpr::Rsi, slot(ARGS));
-    call_abs(a, tramp_run_replacement as *const () as u64);
-    a.test_rr(true, Gpr::Rdx, Gpr::Rdx);
-    a.jcc(Cond::E, skip);
+    emit_enter(a, shared, skip);
+    restore_args(a);
+    a.lea(Gpr::R9, slot(TRACER_CTX));
+    call_abs(a, link.shared.prog.0.jit.entry() as u64);
     a.store(OpSize::Q, slot(RETVAL), Gpr::Rax);
+    emit_exit(a, shared);
     a.jmp(done);
     a.bind(skip);
 }
