@@ -410,3 +410,32 @@ fn a_thread_blocking_sigtrap_stops_a_native_poke() {
     let link = unsafe { attach_native(AttachKind::Fentry, &site, &fentry, 0) }.unwrap();
     drop(link);
 }
+
+/// The function `reenter` calls (`na_target`'s address), for the replacement below.
+static REENTER_TARGET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn reenter(a: u64, b: u64, _: u64, _: u64, _: u64) -> u64 {
+    call2(REENTER_TARGET.load(Ordering::Relaxed), a as i64, b as i64) as u64
+}
+
+#[test]
+fn a_replacement_that_calls_its_function_reaches_the_original() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(lib) = lib() else { return };
+    let f = lib.sym("na_target");
+    REENTER_TARGET.store(f, Ordering::Relaxed);
+    let site = NativeSite::find("na_target").unwrap();
+    let mut helpers = Helpers::new();
+    helpers.register(1002, reenter);
+    // r0 = na_target(r1, r2) + 100, through the helper: the inner call finds the replacement
+    // already running on this thread, so the function itself runs (a miss).
+    let replacement = load("call 1002\nadd %r0, 100\nexit", &helpers);
+    let replaced = unsafe { attach_native(AttachKind::Freplace, &site, &replacement, 0) }.unwrap();
+    for (a, b) in [(2, 3), (7, -1), (0, 0)] {
+        assert_eq!(call2(f, a, b), a * 3 + b + 100);
+    }
+    let stats = replacement.stats();
+    assert_eq!((stats.misses, stats.errors), (3, 0));
+    replaced.detach().unwrap();
+    assert_eq!(call2(f, 2, 3), 9);
+}
