@@ -769,6 +769,23 @@ impl Gen<'_> {
         }
     }
 
+    /// The (start, bound) context fields of the two regions an access is tested against —
+    /// `addr - start < bound` (unsigned) for the stack window and the first region — the
+    /// likelier first: the stack when the base may derive from r10.
+    fn region_order(&self, pc: usize, n: usize, access: Access) -> [(i32, i32); 2] {
+        let stack = (CTX_STACK_LOW, ctx_stack_bound(n));
+        let input = (CTX_MEM_START, ctx_bound(n, access));
+        let stack_first = self
+            .program
+            .insn_at(pc)
+            .is_none_or(|i| self.program.may_address_stack(i));
+        if stack_first {
+            [stack, input]
+        } else {
+            [input, stack]
+        }
+    }
+
     /// Emits the checks of a memory access and returns the operand to access.
     fn access(
         &mut self,
@@ -796,24 +813,32 @@ impl Gen<'_> {
         if in_frame && !(aligned && n > 1) {
             return Mem::new(b, off);
         }
+        if !in_frame && !(aligned && n > 1) {
+            // The common case: the first region's test computes the address in TMP itself, and
+            // the access uses `[base + off]`; ADDR, which the second test and the runtime
+            // function read, is only computed once the first test failed.
+            let [first, second] = self.region_order(pc, n, access);
+            let a = &mut self.a;
+            let ok = a.new_label();
+            a.lea(TMP, Mem::new(b, off));
+            a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, first.0));
+            a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, first.1));
+            a.jcc_short(Cond::B, ok);
+            a.lea(ADDR, Mem::new(b, off));
+            a.mov_rr(true, TMP, ADDR);
+            a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, second.0));
+            a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, second.1));
+            a.jcc_short(Cond::B, ok);
+            self.runtime(rt::info(rt::BOUNDS, pc, n, access));
+            self.a.bind(ok);
+            return Mem::new(b, off);
+        }
         let a = &mut self.a;
         a.lea(ADDR, Mem::new(b, off));
         if !in_frame {
             let ok = a.new_label();
-            // addr - start < bound (unsigned) for the stack window and the first region, the
-            // likelier first: the stack when the base may derive from r10.
-            let stack = (CTX_STACK_LOW, ctx_stack_bound(n));
-            let input = (CTX_MEM_START, ctx_bound(n, access));
-            let stack_first = self
-                .program
-                .insn_at(pc)
-                .is_none_or(|i| self.program.may_address_stack(i));
-            let order = if stack_first {
-                [stack, input]
-            } else {
-                [input, stack]
-            };
-            for (start, bound) in order {
+            for (start, bound) in self.region_order(pc, n, access) {
+                let a = &mut self.a;
                 a.mov_rr(true, TMP, ADDR);
                 a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, start));
                 a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, bound));
@@ -1120,6 +1145,24 @@ mod tests {
                 "ret"
             ]
         );
+    }
+
+    #[test]
+    fn a_checked_input_access_tests_its_first_region_in_four_instructions() {
+        let insns = crate::asm::assemble_program("ldxb %r0, [%r1+3]\nexit")
+            .unwrap()
+            .insns()
+            .to_vec();
+        let l = listing(&gen_code(insns, true));
+        let start = l.iter().rposition(|s| s == "xor r15d, r15d").unwrap() + 1;
+        let body = &l[start..];
+        // lea, sub, cmp, jb to the access; the second region and the runtime call only after.
+        assert_eq!(body[0], "lea r10, [rdi+3]");
+        assert!(body[1].starts_with("sub r10, [r12+"), "{body:?}");
+        assert!(body[2].starts_with("cmp r10, [r12+"), "{body:?}");
+        assert!(body[3].starts_with("jb "), "{body:?}");
+        assert_eq!(body[4], "lea r11, [rdi+3]");
+        assert_eq!(body[body.len() - 2], "movzx eax, byte ptr [rdi+3]");
     }
 
     #[test]
