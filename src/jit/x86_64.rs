@@ -810,10 +810,11 @@ impl Gen<'_> {
                 .program
                 .insn_at(pc)
                 .is_some_and(|i| self.program.in_frame(i));
-        if in_frame && !(aligned && n > 1) {
+        let alignment_checked = aligned && n > 1;
+        if in_frame && !alignment_checked {
             return Mem::new(b, off);
         }
-        if !in_frame && !(aligned && n > 1) {
+        if !in_frame && !alignment_checked {
             // The common case: the first region's test computes the address in TMP itself, and
             // the access uses `[base + off]`; ADDR, which the second test and the runtime
             // function read, is only computed once the first test failed.
@@ -847,7 +848,7 @@ impl Gen<'_> {
             self.runtime(rt::info(rt::BOUNDS, pc, n, access));
             self.a.bind(ok);
         }
-        if aligned && n > 1 {
+        if alignment_checked {
             let a = &mut self.a;
             let ok = a.new_label();
             a.test_r8_imm(ADDR, (n - 1) as u8);
