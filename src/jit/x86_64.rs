@@ -280,15 +280,27 @@ pub fn generate_with(
 /// ARCHITECTURE, jit: placement moved loops by up to 1.6x).
 const LOOP_ALIGN: usize = 32;
 
-/// Which instructions a backward jump targets (the heads of loops).
+/// Which instructions a backward jump lands on (the heads of loops): its target, or the
+/// instruction after the target when the jump is rotated ([`rotated_test`]).
 fn loop_heads(program: &Program) -> Vec<bool> {
     let mut heads = vec![false; program.insns().len()];
     for j in 0..program.insns().len() {
         if let Some(t) = program.target_of(j).filter(|&t| t <= j) {
-            heads[t] = true;
+            heads[rotated_test(program, j).map_or(t, |test| test + 1)] = true;
         }
     }
     heads
+}
+
+/// When instruction `i` is an unconditional backward jump to a conditional jump (a loop that
+/// tests at its top), that test: the JIT runs it at `i` instead (see `Insn::Ja` in `insn`).
+fn rotated_test(program: &Program, i: usize) -> Option<usize> {
+    if !matches!(program.insns()[i], Insn::Ja { .. } | Insn::Ja32 { .. }) {
+        return None;
+    }
+    let test = program.target_of(i).filter(|&t| t < i)?;
+    (matches!(program.insns()[test], Insn::Jump { .. }) && test + 1 < program.insns().len())
+        .then_some(test)
 }
 
 struct Gen<'a> {
@@ -501,7 +513,30 @@ impl Gen<'_> {
             Insn::Ja { .. } | Insn::Ja32 { .. } => {
                 let t = self.target(i)?;
                 self.count_back_edge(i, pc);
-                self.a.jmp(t);
+                match rotated_test(self.program, i) {
+                    // Jumping back to a loop's test: run that test here instead, inverted, to the
+                    // loop's body (one taken branch per iteration instead of two), and leave
+                    // the loop where the test would have. No register changes in between, so
+                    // the outcome is the test's.
+                    Some(test) => {
+                        let Insn::Jump {
+                            width,
+                            cond,
+                            dst,
+                            src,
+                            ..
+                        } = self.program.insns()[test]
+                        else {
+                            unreachable!("rotated_test returns a conditional jump")
+                        };
+                        let (exit, body) = (self.target(test)?, self.insn_labels[test + 1]);
+                        self.jump(width == Width::W64, cond, map(dst), src, body, true);
+                        if self.program.target_of(test) != Some(i + 1) {
+                            self.a.jmp(exit);
+                        }
+                    }
+                    None => self.a.jmp(t),
+                }
             }
             Insn::Jump {
                 width,
@@ -512,7 +547,7 @@ impl Gen<'_> {
             } => {
                 let t = self.target(i)?;
                 self.count_back_edge(i, pc);
-                self.jump(width == Width::W64, cond, map(dst), src, t);
+                self.jump(width == Width::W64, cond, map(dst), src, t, false);
             }
             Insn::Call { id } => match self.helpers.lookup(id as u64) {
                 Some(Helper::Plain(f)) => self.call_helper(Some(f as usize as u64), false),
@@ -930,7 +965,16 @@ impl Gen<'_> {
         }
     }
 
-    fn jump(&mut self, w64: bool, cond: JmpCond, d: Gpr, src: Source, target: Label) {
+    /// A conditional jump to `target`; with `negated`, to `target` when the condition fails.
+    fn jump(
+        &mut self,
+        w64: bool,
+        cond: JmpCond,
+        d: Gpr,
+        src: Source,
+        target: Label,
+        negated: bool,
+    ) {
         let a = &mut self.a;
         match (cond, src) {
             (JmpCond::Set, Source::Reg(s)) => a.test_rr(w64, d, map(s)),
@@ -952,7 +996,7 @@ impl Gen<'_> {
             JmpCond::Slt => Cond::L,
             JmpCond::Sle => Cond::Le,
         };
-        a.jcc(cc, target);
+        a.jcc(if negated { cc.negate() } else { cc }, target);
     }
 
     /// Calls a helper at a known address, or at the address in r10 (from a `callx` lookup).
@@ -1105,6 +1149,33 @@ mod tests {
         let head = add_at.expect("the loop body's add");
         assert_eq!(head, nops_before, "the padding ends where the loop starts");
         assert_eq!(head as usize % LOOP_ALIGN, 0);
+    }
+
+    #[test]
+    fn a_loop_tested_at_its_top_is_tested_again_at_its_bottom() {
+        // i = 9; loop: if i == 0 goto done; i -= 1; goto loop; done: exit
+        let program = crate::asm::assemble_program(
+            "mov %r0, 9\nloop:\njeq %r0, 0, done\nsub %r0, 1\nja loop\ndone:\nexit",
+        )
+        .unwrap();
+        assert_eq!(rotated_test(&program, 3), Some(1));
+        assert_eq!(rotated_test(&program, 1), None);
+        assert_eq!(loop_heads(&program), [false, false, true, false, false]);
+        let l = listing(&gen_code(program.insns().to_vec(), true));
+        let start = l.iter().rposition(|s| s == "xor r15d, r15d").unwrap() + 1;
+        let body: Vec<&str> = l[start..]
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !s.starts_with("nop"))
+            .collect();
+        // The bottom's test goes back to the body (`sub`) when i != 0 and falls into `exit`;
+        // no jump to the top's test remains.
+        assert_eq!(body.len(), 7, "{body:?}");
+        assert_eq!(&body[..2], ["mov eax, 9", "test rax, rax"]);
+        assert!(body[2].starts_with("je "), "{body:?}");
+        assert_eq!(&body[3..5], ["sub rax, 1", "test rax, rax"]);
+        assert!(body[5].starts_with("jne "), "{body:?}");
+        assert_eq!(body[6], "ret");
     }
 
     #[test]

@@ -176,6 +176,25 @@ pub enum Cond {
     G = 0xf,
 }
 
+impl Cond {
+    /// The condition that holds exactly when `self` does not (x86 condition codes come in
+    /// pairs differing in the low bit).
+    pub fn negate(self) -> Cond {
+        match self {
+            Cond::B => Cond::Ae,
+            Cond::Ae => Cond::B,
+            Cond::E => Cond::Ne,
+            Cond::Ne => Cond::E,
+            Cond::Be => Cond::A,
+            Cond::A => Cond::Be,
+            Cond::L => Cond::Ge,
+            Cond::Ge => Cond::L,
+            Cond::Le => Cond::G,
+            Cond::G => Cond::Le,
+        }
+    }
+}
+
 /// A branch target inside the code being assembled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Label(usize);
