@@ -89,7 +89,7 @@ use crate::exec::tail::{JitTail, TailCode};
 use crate::exec::{Access, DirectTailCall, ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
 pub use crate::exec::{HelperContext, JitStack, RunContext};
 use crate::helpers::{Helper, Helpers};
-use crate::isa::Program;
+use crate::isa::{Insn, Program};
 use crate::maps::DirectSites;
 use crate::text::{Allocation, CodeArena, Registry, TextError};
 
@@ -271,6 +271,19 @@ pub(crate) mod rt {
         };
         ((pc & MAX_PC) as u32) << 8 | request << 4 | access << 2 | size.trailing_zeros() & 3
     }
+}
+
+/// When instruction `i` is an unconditional backward jump to a conditional jump (a loop that
+/// tests at its top), that test: both backends run it at `i` instead, inverted, back to the
+/// loop's body, and leave where the test would have: one taken branch per iteration instead of
+/// two, with the same outcome (no register changes in between).
+pub(crate) fn rotated_test(program: &Program, i: usize) -> Option<usize> {
+    if !matches!(program.insns()[i], Insn::Ja { .. } | Insn::Ja32 { .. }) {
+        return None;
+    }
+    let test = program.target_of(i).filter(|&t| t < i)?;
+    (matches!(program.insns()[test], Insn::Jump { .. }) && test + 1 < program.insns().len())
+        .then_some(test)
 }
 
 /// The one Rust function generated code calls (through its register-saving thunk). Returns

@@ -281,26 +281,15 @@ pub fn generate_with(
 const LOOP_ALIGN: usize = 32;
 
 /// Which instructions a backward jump lands on (the heads of loops): its target, or the
-/// instruction after the target when the jump is rotated ([`rotated_test`]).
+/// instruction after the target when the jump is rotated ([`super::rotated_test`]).
 fn loop_heads(program: &Program) -> Vec<bool> {
     let mut heads = vec![false; program.insns().len()];
     for j in 0..program.insns().len() {
         if let Some(t) = program.target_of(j).filter(|&t| t <= j) {
-            heads[rotated_test(program, j).map_or(t, |test| test + 1)] = true;
+            heads[super::rotated_test(program, j).map_or(t, |test| test + 1)] = true;
         }
     }
     heads
-}
-
-/// When instruction `i` is an unconditional backward jump to a conditional jump (a loop that
-/// tests at its top), that test: the JIT runs it at `i` instead (see `Insn::Ja` in `insn`).
-fn rotated_test(program: &Program, i: usize) -> Option<usize> {
-    if !matches!(program.insns()[i], Insn::Ja { .. } | Insn::Ja32 { .. }) {
-        return None;
-    }
-    let test = program.target_of(i).filter(|&t| t < i)?;
-    (matches!(program.insns()[test], Insn::Jump { .. }) && test + 1 < program.insns().len())
-        .then_some(test)
 }
 
 struct Gen<'a> {
@@ -513,7 +502,7 @@ impl Gen<'_> {
             Insn::Ja { .. } | Insn::Ja32 { .. } => {
                 let t = self.target(i)?;
                 self.count_back_edge(i, pc);
-                match rotated_test(self.program, i) {
+                match super::rotated_test(self.program, i) {
                     // Jumping back to a loop's test: run that test here instead, inverted, to the
                     // loop's body (one taken branch per iteration instead of two), and leave
                     // the loop where the test would have. No register changes in between, so
@@ -1158,8 +1147,8 @@ mod tests {
             "mov %r0, 9\nloop:\njeq %r0, 0, done\nsub %r0, 1\nja loop\ndone:\nexit",
         )
         .unwrap();
-        assert_eq!(rotated_test(&program, 3), Some(1));
-        assert_eq!(rotated_test(&program, 1), None);
+        assert_eq!(crate::jit::rotated_test(&program, 3), Some(1));
+        assert_eq!(crate::jit::rotated_test(&program, 1), None);
         assert_eq!(loop_heads(&program), [false, false, true, false, false]);
         let l = listing(&gen_code(program.insns().to_vec(), true));
         let start = l.iter().rposition(|s| s == "xor r15d, r15d").unwrap() + 1;

@@ -649,7 +649,27 @@ impl Gen<'_> {
             Insn::Ja { .. } | Insn::Ja32 { .. } => {
                 let t = self.target(i)?;
                 self.count_back_edge(i, pc);
-                self.e.branch(Fix::B, t);
+                match crate::jit::rotated_test(self.program, i) {
+                    // Back to a loop's test: that test here, inverted, to the loop's body.
+                    Some(test) => {
+                        let Insn::Jump {
+                            width,
+                            cond,
+                            dst,
+                            src,
+                            ..
+                        } = self.program.insns()[test]
+                        else {
+                            unreachable!("rotated_test returns a conditional jump")
+                        };
+                        let (exit, body) = (self.target(test)?, self.insn_labels[test + 1]);
+                        self.jump(width == Width::W64, cond, map(dst), src, body, true);
+                        if self.program.target_of(test) != Some(i + 1) {
+                            self.e.branch(Fix::B, exit);
+                        }
+                    }
+                    None => self.e.branch(Fix::B, t),
+                }
             }
             Insn::Jump {
                 width,
@@ -660,7 +680,7 @@ impl Gen<'_> {
             } => {
                 let t = self.target(i)?;
                 self.count_back_edge(i, pc);
-                self.jump(width == Width::W64, cond, map(dst), src, t);
+                self.jump(width == Width::W64, cond, map(dst), src, t, false);
             }
             Insn::Call { id } => match self.helpers.lookup(id as u64) {
                 Some(Helper::Plain(f)) => self.call_helper(Some(f as usize as u64), false),
@@ -1069,7 +1089,16 @@ impl Gen<'_> {
         }
     }
 
-    fn jump(&mut self, w64: bool, cond: JmpCond, d: Gpr, src: Source, target: Label) {
+    /// A conditional jump to `target`; with `negated`, to `target` when the condition fails.
+    fn jump(
+        &mut self,
+        w64: bool,
+        cond: JmpCond,
+        d: Gpr,
+        src: Source,
+        target: Label,
+        negated: bool,
+    ) {
         let value = |v: i32| {
             if w64 {
                 v as i64 as u64
@@ -1078,9 +1107,13 @@ impl Gen<'_> {
             }
         };
         // Equality with zero needs no compare: `cbz`/`cbnz` (same ±1 MiB reach as `b.cond`).
-        match (cond, src) {
-            (JmpCond::Eq, Source::Imm(0)) => return self.e.branch(Fix::Cbz(w64, d), target),
-            (JmpCond::Ne, Source::Imm(0)) => return self.e.branch(Fix::Cbnz(w64, d), target),
+        match (cond, src, negated) {
+            (JmpCond::Eq, Source::Imm(0), false) | (JmpCond::Ne, Source::Imm(0), true) => {
+                return self.e.branch(Fix::Cbz(w64, d), target);
+            }
+            (JmpCond::Ne, Source::Imm(0), false) | (JmpCond::Eq, Source::Imm(0), true) => {
+                return self.e.branch(Fix::Cbnz(w64, d), target);
+            }
             _ => {}
         }
         match (cond, src) {
@@ -1121,7 +1154,8 @@ impl Gen<'_> {
             JmpCond::Slt => Cond::Lt,
             JmpCond::Sle => Cond::Le,
         };
-        self.e.branch(Fix::BCond(c), target);
+        self.e
+            .branch(Fix::BCond(if negated { c.invert() } else { c }), target);
     }
 
     /// Calls a helper at a known address, or at the address in x10 (from a `callx` lookup).
