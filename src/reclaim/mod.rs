@@ -221,31 +221,21 @@ pub struct ReadGuard {
 
 impl ReadGuard {
     /// Goes online (or deeper, when already online). The common case inlines into the run path:
-    /// one thread-local load and the section's plain stores.
+    /// one thread-local load and the section's plain stores (`with_local`'s fast path).
     #[inline(always)]
     pub fn new() -> ReadGuard {
-        let local = LOCAL_PTR.get();
-        if !local.is_null() {
-            // SAFETY: as in `with_local`: non-null only while `LOCAL` lives, which does not move.
-            let l = unsafe { &*local };
-            l.reader.read_lock(l.domain);
+        if with_local(|l| l.reader.read_lock(l.domain)).is_some() {
             return ReadGuard {
                 fallback: std::ptr::null_mut(),
             };
         }
-        ReadGuard::new_slow()
+        ReadGuard::new_fallback()
     }
 
-    /// The first section of a thread, or one run from a thread-local destructor.
+    /// A section run from a thread-local destructor: a registration for its length.
     #[cold]
     #[inline(never)]
-    fn new_slow() -> ReadGuard {
-        if with_local_slow(|l| l.reader.read_lock(l.domain)).is_some() {
-            return ReadGuard {
-                fallback: std::ptr::null_mut(),
-            };
-        }
-        // Running from a thread-local destructor: register for the length of this section.
+    fn new_fallback() -> ReadGuard {
         let reader = DOMAIN.register(current_tid());
         reader.read_lock(&DOMAIN);
         ReadGuard {
@@ -256,7 +246,7 @@ impl ReadGuard {
     #[cold]
     #[inline(never)]
     fn drop_fallback(reader: *mut Reader) {
-        // SAFETY: made by `Box::into_raw` in `new_slow`, freed only here, once.
+        // SAFETY: made by `Box::into_raw` in `new_fallback`, freed only here, once.
         let reader = unsafe { Box::from_raw(reader) };
         reader.read_unlock();
         DOMAIN.unregister(&reader);
