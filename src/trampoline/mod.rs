@@ -941,36 +941,35 @@ struct TraceLocal {
 
 impl TraceLocal {
     /// Claims `slot`'s guard and this level's stack: `None` when the program is already running
-    /// on this thread. The common case (guard table and stack already there) stays inline; the
-    /// first run of a program or level on a thread grows them.
+    /// on this thread. The first run of a program or level on a thread grows the tables, out of
+    /// line.
     #[inline]
     fn claim(&mut self, slot: usize) -> Option<*mut JitStack> {
-        if slot < self.active.len() && self.depth < self.stacks.len() {
-            if std::mem::replace(&mut self.active[slot], true) {
-                return None;
+        loop {
+            if let (Some(active), Some(stack)) =
+                (self.active.get_mut(slot), self.stacks.get_mut(self.depth))
+            {
+                if std::mem::replace(active, true) {
+                    return None;
+                }
+                let stack = &mut **stack as *mut JitStack;
+                self.depth += 1;
+                return Some(stack);
             }
-            let stack = &mut *self.stacks[self.depth] as *mut JitStack;
-            self.depth += 1;
-            return Some(stack);
+            self.grow(slot);
         }
-        self.claim_growing(slot)
     }
 
+    /// Makes room for `slot`'s guard and this level's stack.
     #[cold]
     #[inline(never)]
-    fn claim_growing(&mut self, slot: usize) -> Option<*mut JitStack> {
+    fn grow(&mut self, slot: usize) {
         if self.active.len() <= slot {
             self.active.resize(slot + 1, false);
-        }
-        if std::mem::replace(&mut self.active[slot], true) {
-            return None;
         }
         while self.stacks.len() <= self.depth {
             self.stacks.push(Box::new(JitStack::new()));
         }
-        let stack = &mut *self.stacks[self.depth] as *mut JitStack;
-        self.depth += 1;
-        Some(stack)
     }
 
     /// Undoes [`TraceLocal::claim`] for `slot`.
@@ -1011,8 +1010,9 @@ fn with_trace<R>(f: impl FnOnce(&mut TraceLocal) -> R) -> Option<R> {
     let trace = TRACE_PTR.get();
     if !trace.is_null() {
         // SAFETY: non-null only while `TRACE` lives (set below on its first access, cleared
-        // when its destructor starts), in this thread's storage, which does not move; the state is this thread's own and `f` never re-enters
-        // `with_trace` (its callers only touch plain fields), so this is the only reference.
+        // when its destructor starts), in this thread's storage, which does not move; the state
+        // is this thread's own and `f` never re-enters `with_trace` (its callers only touch
+        // plain fields), so this is the only reference.
         return Some(f(unsafe { &mut *trace }));
     }
     with_trace_slow(f)
