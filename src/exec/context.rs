@@ -88,6 +88,19 @@ impl Grants {
         }
     }
 
+    /// Writes an empty `Grants` at `dst`, as `dst.write(Grants::new())` would, without storing
+    /// the inline slots, which are uninitialised by design (a whole-struct write stores them).
+    ///
+    /// # Safety
+    /// `dst` is valid and aligned for a `Grants`; old contents are overwritten, not dropped.
+    unsafe fn init_in_place(dst: *mut Grants) {
+        // SAFETY: per the contract; `len` and `spill` are the fields that must be initialised.
+        unsafe {
+            std::ptr::addr_of_mut!((*dst).len).write(0);
+            std::ptr::addr_of_mut!((*dst).spill).write(Vec::new());
+        }
+    }
+
     /// The inline grants in use.
     fn used(&self) -> &[Grant] {
         // SAFETY: the first `len` elements are initialised (`add` and `remove` keep it so), and
@@ -931,11 +944,7 @@ unsafe fn start_from<'c>(
             dst.cast::<u8>(),
             PLAIN,
         );
-        // `Grants::new` field by field: its inline slots are uninitialised by design, and a
-        // whole-struct write would store all of them anyway.
-        let grants = std::ptr::addr_of_mut!((*dst).grants);
-        std::ptr::addr_of_mut!((*grants).len).write(0);
-        std::ptr::addr_of_mut!((*grants).spill).write(Vec::new());
+        Grants::init_in_place(std::ptr::addr_of_mut!((*dst).grants));
         std::ptr::addr_of_mut!((*dst).error).write(None);
         &mut *dst
     };
