@@ -89,7 +89,7 @@ use crate::exec::tail::{JitTail, TailCode};
 use crate::exec::{Access, DirectTailCall, ExecError, MemRegion, RunEnv, TailCaller, TailTarget};
 pub use crate::exec::{HelperContext, JitStack, RunContext};
 use crate::helpers::{Helper, Helpers};
-use crate::isa::{Insn, Program};
+use crate::isa::{Insn, JmpCond, Program, Reg, Source, Width};
 use crate::maps::DirectSites;
 use crate::text::{Allocation, CodeArena, Registry, TextError};
 
@@ -273,17 +273,63 @@ pub(crate) mod rt {
     }
 }
 
+/// The test of a loop that tests at its top, as a backward `ja` at its bottom re-runs it
+/// ([`rotated_test`]).
+pub(crate) struct LoopTest {
+    /// The test's instruction index; the loop's body starts at the next one.
+    pub index: usize,
+    pub w64: bool,
+    pub cond: JmpCond,
+    pub dst: Reg,
+    pub src: Source,
+}
+
 /// When instruction `i` is an unconditional backward jump to a conditional jump (a loop that
 /// tests at its top), that test: both backends run it at `i` instead, inverted, back to the
 /// loop's body, and leave where the test would have: one taken branch per iteration instead of
 /// two, with the same outcome (no register changes in between).
-pub(crate) fn rotated_test(program: &Program, i: usize) -> Option<usize> {
+pub(crate) fn rotated_test(program: &Program, i: usize) -> Option<LoopTest> {
     if !matches!(program.insns()[i], Insn::Ja { .. } | Insn::Ja32 { .. }) {
         return None;
     }
-    let test = program.target_of(i).filter(|&t| t < i)?;
-    (matches!(program.insns()[test], Insn::Jump { .. }) && test + 1 < program.insns().len())
-        .then_some(test)
+    let index = program.target_of(i).filter(|&t| t < i)?;
+    match program.insns()[index] {
+        Insn::Jump {
+            width,
+            cond,
+            dst,
+            src,
+            ..
+        } => Some(LoopTest {
+            index,
+            w64: width == Width::W64,
+            cond,
+            dst,
+            src,
+        }),
+        _ => None,
+    }
+}
+
+/// The (start, bound) context fields of the two regions a checked access outside the frame is
+/// tested against — `addr - start < bound` (unsigned) for the stack window and the first region
+/// — the likelier first: the stack when the base may derive from r10 (both backends).
+pub(crate) fn region_order(
+    program: &Program,
+    pc: usize,
+    size: usize,
+    access: Access,
+) -> [(i32, i32); 2] {
+    let stack = (CTX_STACK_LOW, ctx_stack_bound(size));
+    let input = (CTX_MEM_START, ctx_bound(size, access));
+    let stack_first = program
+        .insn_at(pc)
+        .is_none_or(|i| program.may_address_stack(i));
+    if stack_first {
+        [stack, input]
+    } else {
+        [input, stack]
+    }
 }
 
 /// The one Rust function generated code calls (through its register-saving thunk). Returns

@@ -103,8 +103,8 @@ pub mod asm;
 use asm::{AluOp as X, Asm, Cond, Gpr, Label, Mem, OpSize, ShiftOp};
 
 use super::{
-    CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_MEM_START,
-    CTX_STACK_BASE, CTX_STACK_LOW, CTX_TAIL_CALLS, JitError, ctx_bound, ctx_stack_bound, rt,
+    CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_STACK_BASE,
+    CTX_STACK_LOW, CTX_TAIL_CALLS, JitError, rt,
 };
 use crate::exec::MAX_TAIL_CALL_CNT;
 use crate::exec::{Access, STACK_SIZE, TOTAL_STACK};
@@ -286,10 +286,19 @@ fn loop_heads(program: &Program) -> Vec<bool> {
     let mut heads = vec![false; program.insns().len()];
     for j in 0..program.insns().len() {
         if let Some(t) = program.target_of(j).filter(|&t| t <= j) {
-            heads[super::rotated_test(program, j).map_or(t, |test| test + 1)] = true;
+            heads[super::rotated_test(program, j).map_or(t, |test| test.index + 1)] = true;
         }
     }
     heads
+}
+
+/// Jumps to `ok` when the address in ADDR lies in the region whose (start, bound) context
+/// fields are `region` (`addr - start < bound`, unsigned; TMP is clobbered).
+fn region_test(a: &mut Asm, (start, bound): (i32, i32), ok: Label) {
+    a.mov_rr(true, TMP, ADDR);
+    a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, start));
+    a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, bound));
+    a.jcc_short(Cond::B, ok);
 }
 
 struct Gen<'a> {
@@ -508,19 +517,10 @@ impl Gen<'_> {
                     // the loop where the test would have. No register changes in between, so
                     // the outcome is the test's.
                     Some(test) => {
-                        let Insn::Jump {
-                            width,
-                            cond,
-                            dst,
-                            src,
-                            ..
-                        } = self.program.insns()[test]
-                        else {
-                            unreachable!("rotated_test returns a conditional jump")
-                        };
-                        let (exit, body) = (self.target(test)?, self.insn_labels[test + 1]);
-                        self.jump(width == Width::W64, cond, map(dst), src, body, true);
-                        if self.program.target_of(test) != Some(i + 1) {
+                        let exit = self.target(test.index)?;
+                        let body = self.insn_labels[test.index + 1];
+                        self.jump(test.w64, test.cond, map(test.dst), test.src, body, true);
+                        if self.program.target_of(test.index) != Some(i + 1) {
                             self.a.jmp(exit);
                         }
                     }
@@ -793,23 +793,6 @@ impl Gen<'_> {
         }
     }
 
-    /// The (start, bound) context fields of the two regions an access is tested against —
-    /// `addr - start < bound` (unsigned) for the stack window and the first region — the
-    /// likelier first: the stack when the base may derive from r10.
-    fn region_order(&self, pc: usize, n: usize, access: Access) -> [(i32, i32); 2] {
-        let stack = (CTX_STACK_LOW, ctx_stack_bound(n));
-        let input = (CTX_MEM_START, ctx_bound(n, access));
-        let stack_first = self
-            .program
-            .insn_at(pc)
-            .is_none_or(|i| self.program.may_address_stack(i));
-        if stack_first {
-            [stack, input]
-        } else {
-            [input, stack]
-        }
-    }
-
     /// Emits the checks of a memory access and returns the operand to access.
     fn access(
         &mut self,
@@ -842,7 +825,7 @@ impl Gen<'_> {
             // The common case: the first region's test computes the address in TMP itself, and
             // the access uses `[base + off]`; ADDR, which the second test and the runtime
             // function read, is only computed once the first test failed.
-            let [first, second] = self.region_order(pc, n, access);
+            let [first, second] = super::region_order(self.program, pc, n, access);
             let a = &mut self.a;
             let ok = a.new_label();
             a.lea(TMP, Mem::new(b, off));
@@ -850,10 +833,7 @@ impl Gen<'_> {
             a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, first.1));
             a.jcc_short(Cond::B, ok);
             a.lea(ADDR, Mem::new(b, off));
-            a.mov_rr(true, TMP, ADDR);
-            a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, second.0));
-            a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, second.1));
-            a.jcc_short(Cond::B, ok);
+            region_test(a, second, ok);
             self.runtime(rt::info(rt::BOUNDS, pc, n, access));
             self.a.bind(ok);
             return Mem::new(b, off);
@@ -862,12 +842,8 @@ impl Gen<'_> {
         a.lea(ADDR, Mem::new(b, off));
         if !in_frame {
             let ok = a.new_label();
-            for (start, bound) in self.region_order(pc, n, access) {
-                let a = &mut self.a;
-                a.mov_rr(true, TMP, ADDR);
-                a.alu_rm(X::Sub, true, TMP, Mem::new(CTX, start));
-                a.alu_rm(X::Cmp, true, TMP, Mem::new(CTX, bound));
-                a.jcc_short(Cond::B, ok);
+            for region in super::region_order(self.program, pc, n, access) {
+                region_test(&mut self.a, region, ok);
             }
             self.runtime(rt::info(rt::BOUNDS, pc, n, access));
             self.a.bind(ok);
@@ -1147,8 +1123,11 @@ mod tests {
             "mov %r0, 9\nloop:\njeq %r0, 0, done\nsub %r0, 1\nja loop\ndone:\nexit",
         )
         .unwrap();
-        assert_eq!(crate::jit::rotated_test(&program, 3), Some(1));
-        assert_eq!(crate::jit::rotated_test(&program, 1), None);
+        assert_eq!(
+            crate::jit::rotated_test(&program, 3).map(|t| t.index),
+            Some(1)
+        );
+        assert!(crate::jit::rotated_test(&program, 1).is_none());
         assert_eq!(loop_heads(&program), [false, false, true, false, false]);
         let l = listing(&gen_code(program.insns().to_vec(), true));
         let start = l.iter().rposition(|s| s == "xor r15d, r15d").unwrap() + 1;

@@ -114,8 +114,8 @@ use crate::isa::{
     AluOp, AtomicOp, Endian, Insn, JmpCond, Program, Reg, Size, Source, StackReach, Width,
 };
 use crate::jit::{
-    CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_MEM_START,
-    CTX_STACK_BASE, CTX_STACK_LOW, JitError, ctx_bound, ctx_stack_bound, rt,
+    CTX_ARG2, CTX_BUDGET_LEFT, CTX_CALL_PC, CTX_FAILED, CTX_FP_LIMIT, CTX_HELPERS, CTX_STACK_BASE,
+    CTX_STACK_LOW, JitError, rt,
 };
 
 /// Bytes per instruction.
@@ -652,19 +652,10 @@ impl Gen<'_> {
                 match crate::jit::rotated_test(self.program, i) {
                     // Back to a loop's test: that test here, inverted, to the loop's body.
                     Some(test) => {
-                        let Insn::Jump {
-                            width,
-                            cond,
-                            dst,
-                            src,
-                            ..
-                        } = self.program.insns()[test]
-                        else {
-                            unreachable!("rotated_test returns a conditional jump")
-                        };
-                        let (exit, body) = (self.target(test)?, self.insn_labels[test + 1]);
-                        self.jump(width == Width::W64, cond, map(dst), src, body, true);
-                        if self.program.target_of(test) != Some(i + 1) {
+                        let exit = self.target(test.index)?;
+                        let body = self.insn_labels[test.index + 1];
+                        self.jump(test.w64, test.cond, map(test.dst), test.src, body, true);
+                        if self.program.target_of(test.index) != Some(i + 1) {
                             self.e.branch(Fix::B, exit);
                         }
                     }
@@ -977,19 +968,7 @@ impl Gen<'_> {
         if !in_frame {
             let ok = self.e.new_label();
             let e = &mut self.e;
-            // addr - start < bound (unsigned) for the stack window and the input, the likelier
-            // first: the stack when the base may derive from r10.
-            let stack = (CTX_STACK_LOW, ctx_stack_bound(n));
-            let input = (CTX_MEM_START, ctx_bound(n, access));
-            let stack_first = self
-                .program
-                .insn_at(pc)
-                .is_none_or(|i| self.program.may_address_stack(i));
-            let [first, second] = if stack_first {
-                [stack, input]
-            } else {
-                [input, stack]
-            };
+            let [first, second] = crate::jit::region_order(self.program, pc, n, access);
             e.emit(ldr_ctx(TMP, first.0));
             e.emit(enc::sub_reg(true, TMP, ADDR, TMP));
             e.emit(ldr_ctx(IMM, first.1));
