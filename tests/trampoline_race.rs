@@ -57,17 +57,14 @@ extern "C" fn block_quiescent(r1: u64, _: u64, _: u64, _: u64, _: u64) -> u64 {
     r1
 }
 
-/// The scenarios in one test: they share the process-wide hook and observer.
-#[test]
-fn retired_images_outlive_every_thread_that_can_be_inside() {
-    reclaim::set_observer(Some(retire::observe));
-    set_enter_hook(Some(hold_before_reference));
-    let tracer = load("mov %r0, 0\nexit", &Helpers::new());
-
-    // Scenario 1: held between the branch and the reference.
-    let target = load("mov %r0, %r1\nadd %r0, %r2\nexit", &Helpers::new());
-    let baseline = live_images();
-    let link = attach(AttachKind::Fexit, &target, &tracer, 0).unwrap();
+/// A runner of `target` (attached `kind` by `tracer`) is held between the branch into the image
+/// and the image's reference; the link is detached meanwhile. The image must stay through grace
+/// period 1 until the runner goes on, which must then finish with 42 (it calls with 20, 22).
+fn held_before_reference(kind: AttachKind, target: &Prog, tracer: &Prog, baseline: usize) {
+    retire::clear();
+    HELD_IMAGE.store(0, Ordering::SeqCst);
+    RELEASE_ENTRY.store(false, Ordering::SeqCst);
+    let link = attach(kind, target, tracer, 0).unwrap();
     let image = target.trampoline_image().unwrap();
     let runner = {
         let target = target.clone();
@@ -85,22 +82,28 @@ fn retired_images_outlive_every_thread_that_can_be_inside() {
     retire::assert_stays_retired(image, baseline + 1, RetireState::Gp1);
     RELEASE_ENTRY.store(true, Ordering::SeqCst);
     assert_eq!(runner.join().unwrap(), Ok(42));
-    reclaim::flush().expect("flush outside a run");
-    assert_eq!(live_images(), baseline);
-    assert_eq!(
-        retire::states_of(image),
-        [RetireState::Gp1, RetireState::Draining, RetireState::Gp2]
-    );
+    finished(image, baseline);
+}
 
-    // Scenario 2: blocked in a helper inside the original, holding the reference.
-    let mut helpers = Helpers::new();
-    helpers.register(13, block_quiescent);
-    let target = load("call 13\nadd %r0, 1\nexit", &helpers);
-    let link = attach(AttachKind::Fexit, &target, &tracer, 0).unwrap();
+/// A runner of `target` (attached `kind` by `tracer`) with `args` holds the image's reference and
+/// is blocked, quiescent, in helper 13 (`block_quiescent`); the link is detached meanwhile.
+/// Grace period 1 passes, the reference keeps the image until the helper returns, and the run
+/// ends with 42.
+fn blocked_in_helper(
+    kind: AttachKind,
+    target: &Prog,
+    tracer: &Prog,
+    args: [u64; 5],
+    baseline: usize,
+) {
+    retire::clear();
+    HELPER_ENTERED.store(false, Ordering::SeqCst);
+    RELEASE_HELPER.store(false, Ordering::SeqCst);
+    let link = attach(kind, target, tracer, 0).unwrap();
     let image = target.trampoline_image().unwrap();
     let runner = {
         let target = target.clone();
-        std::thread::spawn(move || target.call([41, 0, 0, 0, 0]))
+        std::thread::spawn(move || target.call(args))
     };
     while !HELPER_ENTERED.load(Ordering::SeqCst) {
         std::thread::yield_now();
@@ -111,68 +114,51 @@ fn retired_images_outlive_every_thread_that_can_be_inside() {
     retire::assert_stays_retired(image, baseline + 1, RetireState::Draining);
     RELEASE_HELPER.store(true, Ordering::SeqCst);
     assert_eq!(runner.join().unwrap(), Ok(42));
-    reclaim::flush().expect("flush outside a run");
-    assert_eq!(live_images(), baseline);
+    finished(image, baseline);
+}
 
-    // Scenarios 3 and 4, in an fentry-only image (which returns into the body rather than
-    // calling it): 3, held between the branch and the reference; 4, blocked in a helper of the
-    // fentry program.
-    let target = load(
-        "mov %r0, %r1
-add %r0, %r2
-exit",
-        &Helpers::new(),
-    );
-    let link = attach(AttachKind::Fentry, &target, &tracer, 0).unwrap();
-    let image = target.trampoline_image().unwrap();
-    HELD_IMAGE.store(0, Ordering::SeqCst);
-    RELEASE_ENTRY.store(false, Ordering::SeqCst);
-    let runner = {
-        let target = target.clone();
-        std::thread::spawn(move || {
-            HOLD_ME.with(|h| h.set(true));
-            target.call([20, 22, 0, 0, 0])
-        })
-    };
-    while HELD_IMAGE.load(Ordering::SeqCst) == 0 {
-        std::thread::yield_now();
-    }
-    assert_eq!(HELD_IMAGE.load(Ordering::SeqCst), image);
-    link.detach().unwrap();
-    retire::assert_stays_retired(image, baseline + 1, RetireState::Gp1);
-    RELEASE_ENTRY.store(true, Ordering::SeqCst);
-    assert_eq!(runner.join().unwrap(), Ok(42));
-    reclaim::flush().expect("flush outside a run");
-    assert_eq!(live_images(), baseline);
-
-    HELPER_ENTERED.store(false, Ordering::SeqCst);
-    RELEASE_HELPER.store(false, Ordering::SeqCst);
-    let blocking_tracer = load(
-        "mov %r1, 7
-call 13
-mov %r0, 0
-exit",
-        &helpers,
-    );
-    let link = attach(AttachKind::Fentry, &target, &blocking_tracer, 0).unwrap();
-    let image = target.trampoline_image().unwrap();
-    let runner = {
-        let target = target.clone();
-        std::thread::spawn(move || target.call([40, 2, 0, 0, 0]))
-    };
-    while !HELPER_ENTERED.load(Ordering::SeqCst) {
-        std::thread::yield_now();
-    }
-    link.detach().unwrap();
-    retire::wait_for_state(image, RetireState::Draining, "grace period 1 never ended");
-    retire::assert_stays_retired(image, baseline + 1, RetireState::Draining);
-    RELEASE_HELPER.store(true, Ordering::SeqCst);
-    assert_eq!(runner.join().unwrap(), Ok(42));
+/// After a scenario: the image is freed, having gone through the three steps in order.
+fn finished(image: usize, baseline: usize) {
     reclaim::flush().expect("flush outside a run");
     assert_eq!(live_images(), baseline);
     assert_eq!(
         retire::states_of(image),
         [RetireState::Gp1, RetireState::Draining, RetireState::Gp2]
+    );
+}
+
+/// The scenarios in one test: they share the process-wide hook and observer.
+#[test]
+fn retired_images_outlive_every_thread_that_can_be_inside() {
+    reclaim::set_observer(Some(retire::observe));
+    set_enter_hook(Some(hold_before_reference));
+    let tracer = load("mov %r0, 0\nexit", &Helpers::new());
+    let adder = load("mov %r0, %r1\nadd %r0, %r2\nexit", &Helpers::new());
+    let mut helpers = Helpers::new();
+    helpers.register(13, block_quiescent);
+    let baseline = live_images();
+
+    // 1: held between the branch and the reference.
+    held_before_reference(AttachKind::Fexit, &adder, &tracer, baseline);
+    // 2: blocked in a helper inside the original, holding the reference.
+    let blocking_target = load("call 13\nadd %r0, 1\nexit", &helpers);
+    blocked_in_helper(
+        AttachKind::Fexit,
+        &blocking_target,
+        &tracer,
+        [41, 0, 0, 0, 0],
+        baseline,
+    );
+    // 3 and 4, in an fentry-only image (which returns into the body rather than calling it):
+    // held before the reference; blocked in a helper of the fentry program.
+    held_before_reference(AttachKind::Fentry, &adder, &tracer, baseline);
+    let blocking_tracer = load("mov %r1, 7\ncall 13\nmov %r0, 0\nexit", &helpers);
+    blocked_in_helper(
+        AttachKind::Fentry,
+        &adder,
+        &blocking_tracer,
+        [40, 2, 0, 0, 0],
+        baseline,
     );
     set_enter_hook(None);
     reclaim::set_observer(None);
