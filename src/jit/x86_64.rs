@@ -1088,6 +1088,14 @@ mod tests {
         out
     }
 
+    /// The listing of `src`'s body: what follows the tail entry's last register clear.
+    fn body_listing(src: &str, checked: bool) -> Vec<String> {
+        let insns = crate::asm::assemble_program(src).unwrap().insns().to_vec();
+        let l = listing(&gen_code(insns, checked));
+        let start = l.iter().rposition(|s| s == "xor r15d, r15d").unwrap() + 1;
+        l[start..].to_vec()
+    }
+
     #[test]
     fn loop_heads_start_aligned_and_padding_decodes_as_nops() {
         let program = crate::asm::assemble_program(
@@ -1119,19 +1127,16 @@ mod tests {
     #[test]
     fn a_loop_tested_at_its_top_is_tested_again_at_its_bottom() {
         // i = 9; loop: if i == 0 goto done; i -= 1; goto loop; done: exit
-        let program = crate::asm::assemble_program(
-            "mov %r0, 9\nloop:\njeq %r0, 0, done\nsub %r0, 1\nja loop\ndone:\nexit",
-        )
-        .unwrap();
+        const SRC: &str = "mov %r0, 9\nloop:\njeq %r0, 0, done\nsub %r0, 1\nja loop\ndone:\nexit";
+        let program = crate::asm::assemble_program(SRC).unwrap();
         assert_eq!(
             crate::jit::rotated_test(&program, 3).map(|t| t.index),
             Some(1)
         );
         assert!(crate::jit::rotated_test(&program, 1).is_none());
         assert_eq!(loop_heads(&program), [false, false, true, false, false]);
-        let l = listing(&gen_code(program.insns().to_vec(), true));
-        let start = l.iter().rposition(|s| s == "xor r15d, r15d").unwrap() + 1;
-        let body: Vec<&str> = l[start..]
+        let listed = body_listing(SRC, true);
+        let body: Vec<&str> = listed
             .iter()
             .map(String::as_str)
             .filter(|s| !s.starts_with("nop"))
@@ -1167,14 +1172,7 @@ mod tests {
 
     #[test]
     fn zero_constants_and_compares_with_zero_use_the_short_forms() {
-        let insns = crate::asm::assemble_program("mov %r0, 0\njeq %r1, 0, +1\nmov32 %r0, 0\nexit")
-            .unwrap()
-            .insns()
-            .to_vec();
-        let l = listing(&gen_code(insns, false));
-        // The body follows the tail entry's last register clear.
-        let start = l.iter().rposition(|s| s == "xor r15d, r15d").unwrap() + 1;
-        let body = &l[start..];
+        let body = body_listing("mov %r0, 0\njeq %r1, 0, +1\nmov32 %r0, 0\nexit", false);
         assert_eq!(
             body,
             [
@@ -1189,13 +1187,7 @@ mod tests {
 
     #[test]
     fn a_checked_input_access_tests_its_first_region_in_four_instructions() {
-        let insns = crate::asm::assemble_program("ldxb %r0, [%r1+3]\nexit")
-            .unwrap()
-            .insns()
-            .to_vec();
-        let l = listing(&gen_code(insns, true));
-        let start = l.iter().rposition(|s| s == "xor r15d, r15d").unwrap() + 1;
-        let body = &l[start..];
+        let body = body_listing("ldxb %r0, [%r1+3]\nexit", true);
         // lea, sub, cmp, jb to the access; the second region and the runtime call only after.
         assert_eq!(body[0], "lea r10, [rdi+3]");
         assert!(body[1].starts_with("sub r10, [r12+"), "{body:?}");
