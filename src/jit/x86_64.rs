@@ -961,7 +961,7 @@ impl Gen<'_> {
             JmpCond::Slt => Cond::L,
             JmpCond::Sle => Cond::Le,
         };
-        a.jcc(if negated { cc.negate() } else { cc }, target);
+        a.jcc(if negated { cc.invert() } else { cc }, target);
     }
 
     /// Calls a helper at a known address, or at the address in r10 (from a `callx` lookup).

@@ -179,7 +179,7 @@ pub enum Cond {
 impl Cond {
     /// The condition that holds exactly when `self` does not (x86 condition codes come in
     /// pairs differing in the low bit).
-    pub fn negate(self) -> Cond {
+    pub fn invert(self) -> Cond {
         match self {
             Cond::B => Cond::Ae,
             Cond::Ae => Cond::B,
@@ -987,6 +987,16 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn each_condition_inverts_to_its_pair() {
+        use Cond::*;
+        for c in [B, Ae, E, Ne, Be, A, L, Ge, Le, G] {
+            // The x86 encoding: a condition and its opposite differ in the low bit only.
+            assert_eq!(c.invert() as u8, c as u8 ^ 1, "{c:?}");
+            assert_eq!(c.invert().invert(), c);
         }
     }
 
