@@ -43,6 +43,14 @@ fn differential(program: &Program, mem: &[u8], trusted_ok: bool) -> Result<u64, 
     progen::differential(program, mem, &helpers(), &modes)
 }
 
+/// A program the interpreter finds faulting on the very buffer `differential` runs it over is
+/// never run trusted, even when the caller allows trusted modes (see `progen::differential`).
+#[test]
+fn trusted_modes_skip_a_program_that_faults_on_the_buffer() {
+    let r = differential(&asm("stxdw [r1+8], r1\nmov r0, 1\nexit"), &[0; 8], true);
+    assert!(matches!(r, Err(ExecError::OutOfBounds { .. })), "{r:?}");
+}
+
 fn check(src: &str, mem: &[u8], expected: Result<u64, ExecError>) {
     let got = differential(&asm(src), mem, expected.is_ok());
     assert_eq!(got, expected, "{src}");
